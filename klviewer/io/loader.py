@@ -1,0 +1,116 @@
+"""Open whatever a user points at: DICOM files, folders, DICOMDIRs, arrays and sinograms.
+
+Folders are walked recursively. Every file either lands in the catalog or in `Catalog.skipped`
+with the reason, so a bad file never hides the rest of a study.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from klviewer.errors import KlviewerInputError
+from klviewer.io.arrays import ARRAY_SUFFIXES, read_array_image
+from klviewer.io.dicom import read_dicom_files
+from klviewer.io.sidecar import read_json_sidecar
+from klviewer.io.sinogram import RAW_SUFFIXES, is_sinogram_sidecar, read_sinogram
+from klviewer.io.study import Catalog, SkippedFile
+
+
+def _walk(folder: Path) -> list[Path]:
+    found: list[Path] = []
+    for root, dirs, files in os.walk(folder, onerror=None, followlinks=False):
+        dirs.sort()
+        found.extend(Path(root) / name for name in sorted(files))
+    return found
+
+
+def _expand(paths: Sequence[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            contents = _walk(path)
+            if not contents:
+                raise KlviewerInputError(path, "folder contains no files")
+            files.extend(contents)
+        elif path.is_file():
+            files.append(path)
+        elif path.exists():
+            raise KlviewerInputError(path, "is neither a file nor a folder")
+        else:
+            raise KlviewerInputError(path, "does not exist")
+    unique: dict[Path, Path] = {}
+    for f in files:
+        unique.setdefault(f.resolve(), f)
+    return list(unique.values())
+
+
+def _sinogram_sidecars(files: Iterable[Path], catalog: Catalog) -> tuple[list[Path], set[Path]]:
+    """Find sinogram sidecars, and the data files they claim, so those are not read as images."""
+    sidecars: list[Path] = []
+    claimed: set[Path] = set()
+    for f in files:
+        if f.suffix.lower() != ".json":
+            continue
+        try:
+            doc = read_json_sidecar(f)
+        except KlviewerInputError as exc:
+            catalog.skipped.append(SkippedFile(f, exc.problem))
+            claimed.add(f.resolve())
+            continue
+        if not is_sinogram_sidecar(doc):
+            continue
+        sidecars.append(f)
+        claimed.add(f.resolve())
+        data = doc.get("data")
+        named = data.get("file") if isinstance(data, dict) else None
+        if isinstance(named, str):
+            claimed.add((f.parent / named).resolve())
+        for suffix in (*ARRAY_SUFFIXES, *RAW_SUFFIXES):
+            claimed.add(f.with_suffix(suffix).resolve())
+    return sidecars, claimed
+
+
+def open_paths(paths: Sequence[str | Path]) -> Catalog:
+    """Load everything under `paths` into one catalog. Raises only when a path itself is unusable."""
+    files = _expand(paths)
+    catalog = Catalog()
+    sidecars, claimed = _sinogram_sidecars(files, catalog)
+    array_files = [f for f in files if f.suffix.lower() in ARRAY_SUFFIXES and f.resolve() not in claimed]
+    array_sidecars = {f.with_suffix(".json").resolve() for f in array_files}
+    dicom_candidates: list[Path] = []
+
+    for f in files:
+        key = f.resolve()
+        suffix = f.suffix.lower()
+        if key in claimed or key in array_sidecars or suffix in ARRAY_SUFFIXES:
+            continue
+        if suffix == ".json":
+            catalog.skipped.append(SkippedFile(f, "JSON file with no matching array or sinogram data"))
+        elif suffix in RAW_SUFFIXES:
+            catalog.skipped.append(SkippedFile(f, "raw data without a sinogram sidecar (<name>.json)"))
+        else:
+            dicom_candidates.append(f)
+
+    for loader, inputs in ((read_sinogram, sidecars), (read_array_image, array_files)):
+        for f in inputs:
+            try:
+                catalog.merge(loader(f))
+            except KlviewerInputError as exc:
+                catalog.skipped.append(SkippedFile(exc.path or f, exc.problem))
+    if dicom_candidates:
+        catalog.merge(read_dicom_files(dicom_candidates))
+    return catalog
+
+
+def open_images(paths: Sequence[str | Path]) -> Catalog:
+    """Like `open_paths`, but an input with nothing loadable is an error that lists why."""
+    catalog = open_paths(paths)
+    if not catalog.all_series():
+        reasons = "; ".join(f"{s.path.name}: {s.reason}" for s in catalog.skipped[:5])
+        more = f" (and {len(catalog.skipped) - 5} more)" if len(catalog.skipped) > 5 else ""
+        where = paths[0] if len(paths) == 1 else None
+        raise KlviewerInputError(where, f"no loadable images found. {reasons}{more}")
+    return catalog

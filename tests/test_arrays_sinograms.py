@@ -187,3 +187,14 @@ def test_nan_in_sinogram_is_refused(tmp_path: Path) -> None:
     (tmp_path / "scan.json").write_text(json.dumps(_sinogram_sidecar()))
     with pytest.raises(KlviewerInputError, match=r"scan\.npy: array holds 1 NaN/inf"):
         read_sinogram(tmp_path / "scan.json")
+
+
+def test_phantom_npz_reads_as_an_image_with_its_spacing(tmp_path: Path) -> None:
+    from klviewer.phantoms import make_phantom, save_phantom_npz
+
+    phantom = make_phantom("lesion", 64, seed=4)
+    save_phantom_npz(phantom, tmp_path / "p.npz")
+    series = read_array_image(tmp_path / "p.npz").all_series()[0]
+    np.testing.assert_array_equal(series.slices[0].hu, phantom.hu)
+    assert series.pixel_spacing_mm == (phantom.pixel_spacing_mm, phantom.pixel_spacing_mm)
+    assert series.warnings == []

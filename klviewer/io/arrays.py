@@ -6,6 +6,7 @@ the pixel spacing and, when present, is checked against the data.
 
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,25 @@ ARRAY_SIDECAR_KEYS = {
 MAX_ARRAY_BYTES = 4 << 30
 
 
+def npz_embedded_spacing(path: Path) -> float | None:
+    """Pixel spacing from an npz's `meta` JSON string (klviewer phantoms carry one), if any."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "meta" not in archive.files or archive["meta"].dtype.kind != "U" or archive["meta"].ndim != 0:
+                return None
+            doc = json.loads(str(archive["meta"]))
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+    value = doc.get("pixel_spacing_mm") if isinstance(doc, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+
 def load_numeric_array(path: Path, preferred_keys: tuple[str, ...]) -> np.ndarray:
     """Load a numeric array from .npy or .npz without ever unpickling."""
     try:
         if path.suffix.lower() == ".npz":
             with np.load(path, allow_pickle=False) as archive:
-                names = list(archive.files)
+                names = [n for n in archive.files if n != "meta"] if "meta" in archive.files and len(archive.files) > 1 else list(archive.files)
                 key = next((k for k in preferred_keys if k in names), None)
                 if key is None:
                     if len(names) != 1:
@@ -94,6 +108,9 @@ def read_array_image(path: Path) -> Catalog:
     if sidecar_path:
         _check_sidecar(path, sidecar_path, doc, volume)
     spacing = spacing_pair(sidecar_path, doc, "pixel_spacing_mm") if "pixel_spacing_mm" in doc else None
+    if spacing is None and path.suffix.lower() == ".npz":
+        embedded = npz_embedded_spacing(path)
+        spacing = None if embedded is None else (embedded, embedded)
     thickness = number(sidecar_path, doc, "slice_thickness_mm") if "slice_thickness_mm" in doc else None
     window = None
     if "window" in doc:

@@ -11,6 +11,16 @@ from typing import BinaryIO
 from klviewer.errors import KlviewerError
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by the owner only; outputs should get the usual permissions.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 class OutputExistsError(KlviewerError, FileExistsError):
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -28,6 +38,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, overwrite: bo
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()

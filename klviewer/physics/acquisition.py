@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerInputError
 from klviewer.io.study import Sinogram
 from klviewer.physics.noise import GaussianNoise, NoiseModel, PoissonNoise, from_counts
@@ -61,13 +62,6 @@ class Acquisition:
             "seed": self.seed,
             "mu_water_per_mm": self.mu_water_per_mm,
         }
-
-
-def resolve_device(device: torch.device | str) -> torch.device:
-    """``"auto"`` picks cuda when present, else cpu; anything else is taken as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def simulate_measurement(

@@ -1,0 +1,1 @@
+"""Detection and localisation metrics, baselines and benchmark reports."""

@@ -1,0 +1,206 @@
+"""`klviewer analyze`: analyse every requested slice of every input and write the results folder.
+
+Layout of DIR (the analysis contract):
+    DIR/summary.json         run settings, prior, and one row per slice
+    DIR/summary.csv          the same rows as a table
+    DIR/<case>/<slice>.npz   per-slice arrays (see SliceResult.save_npz)
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from klviewer import __version__
+from klviewer.devices import resolve_device
+from klviewer.errors import KlviewerInputError
+from klviewer.inference.analysis import AnalysisSettings, SliceResult, analyze_prepared, prepare_slice
+from klviewer.inference.calibration import flag_threshold_for
+from klviewer.io.loader import open_images
+from klviewer.io.safe_write import OutputExistsError, atomic_write_text
+from klviewer.io.study import Catalog, Series
+from klviewer.priors.checkpoint import DEFAULT_PRIOR, WEIGHTS_FILE, load_prior, resolve_prior_path
+
+CSV_COLUMNS = [
+    "input", "case", "slice_index", "score", "total_kl", "flagged", "views", "dose_i0", "noise_sigma",
+    "steps", "samples", "patch", "sigma_lo", "sigma_hi", "seed", "prior", "seconds", "file",
+]
+
+
+def parse_slices(spec: str, n: int) -> tuple[list[int], list[int]]:
+    """Slices picked by `spec` from a series of n: (valid indices, requested indices it lacks).
+
+    'all', 'mid', or comma-separated 0-based indices and ranges ('0,3,5-7'); a negative index
+    counts from the end.
+    """
+    spec = spec.strip().lower()
+    if spec == "all":
+        return list(range(n)), []
+    if spec == "mid":
+        return [n // 2], []
+    picked: set[int] = set()
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(-?\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise KlviewerInputError(None, f"slice spec {spec!r}: cannot read {part!r} (use all, mid, or e.g. 0,3,5-7)")
+        lo = int(m.group(1))
+        lo = lo + n if lo < 0 else lo
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise KlviewerInputError(None, f"slice spec {spec!r}: range {part.strip()!r} runs backwards")
+        picked.update(range(lo, hi + 1))
+    valid = sorted(i for i in picked if 0 <= i < n)
+    return valid, sorted(picked - set(valid))
+
+
+def case_name(series: Series, taken: set[str]) -> str:
+    source = series.files[0] if series.files else Path(series.uid)
+    stem = series.description or source.stem
+    if series.source_kind == "dicom" and series.number is not None:
+        stem = f"S{series.number:03d}-{stem}"
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:60] or "case"
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base}-{k}", k + 1
+    taken.add(name)
+    return name
+
+
+def prior_fingerprint(prior_path: Path) -> str:
+    weights = prior_path / WEIGHTS_FILE
+    digest = hashlib.sha256()
+    with open(weights, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def check_output_folder(out: Path, inputs: Sequence[str | Path]) -> None:
+    """Results never go into (or over) an input folder."""
+    for raw in inputs:
+        src = Path(raw)
+        folder = src if src.is_dir() else src.parent
+        if _inside(out, folder) or (src.is_dir() and _inside(folder, out)):
+            raise KlviewerInputError(out, f"output folder overlaps the input {src}; choose a folder outside the inputs")
+
+
+@dataclass
+class AnalysisRun:
+    out: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def run_analysis(
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    settings: AnalysisSettings,
+    *,
+    prior: str | Path = DEFAULT_PRIOR,
+    slices: str = "all",
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
+    on_slice: Callable[[dict[str, Any], SliceResult], None] | None = None,
+) -> AnalysisRun:
+    """Analyse inputs and write the results folder; returns the summary rows."""
+    out = Path(out)
+    check_output_folder(out, inputs)
+    if (out / "summary.json").exists() and not overwrite:
+        raise OutputExistsError(out / "summary.json")
+    device = resolve_device(settings.device)
+    catalog: Catalog = open_images(inputs)
+    prior_path = resolve_prior_path(prior)
+    model = load_prior(prior_path, device=device)
+    threshold = flag_threshold_for(prior_path, settings)
+    fingerprint = prior_fingerprint(prior_path)
+
+    run = AnalysisRun(out=out, skipped=[{"path": str(s.path), "reason": s.reason} for s in catalog.skipped])
+    plan: list[tuple[Series, str, list[int]]] = []
+    taken: set[str] = set()
+    for series in catalog.all_series():
+        refusal = series.analysis_refusal()
+        if refusal:
+            run.skipped.append({"path": str(series.files[0] if series.files else series.uid), "reason": refusal})
+            continue
+        indices, missing = parse_slices(slices, series.n_slices)
+        source = str(series.files[0] if series.files else series.uid)
+        if missing:
+            run.skipped.append({"path": source, "reason": f"has {series.n_slices} slice(s); no slice {missing}"})
+        if indices:
+            plan.append((series, case_name(series, taken), indices))
+    if not plan:
+        raise KlviewerInputError(None, "nothing to analyse: " + "; ".join(s["reason"] for s in run.skipped[:3]))
+
+    steps_per_slice = settings.steps * settings.samples
+    total = steps_per_slice * sum(len(idx) for _, _, idx in plan)
+    done_before = 0
+    for series, case, indices in plan:
+        source = str(series.files[0]) if series.files else series.uid
+        for index in indices:
+            prepared = prepare_slice(series, index, model, settings, device)
+            base = done_before
+
+            def slice_progress(done: int, _total: int, base: int = base) -> None:
+                if progress is not None:
+                    progress(base + done, total)
+
+            result = analyze_prepared(prepared, model, settings, prior_name=prior_path.name, flag_threshold=threshold,
+                                      progress=slice_progress, cancel=cancel)
+            done_before += steps_per_slice
+            target = out / case / f"{index:04d}.npz"
+            result.save_npz(target, overwrite=overwrite)
+            row = _row(source, case, index, result, target.relative_to(out))
+            run.rows.append(row)
+            if on_slice is not None:
+                on_slice(row, result)
+    _write_summary(run, settings, prior_path, fingerprint, threshold, overwrite)
+    return run
+
+
+def _row(source: str, case: str, index: int, result: SliceResult, file: Path) -> dict[str, Any]:
+    s = result.settings
+    lo, hi = result.kl_map.sigma_window
+    return {
+        "input": source, "case": case, "slice_index": index, "score": round(result.score, 6),
+        "total_kl": round(result.total_kl, 6), "flagged": result.flagged, "views": s.views,
+        "dose_i0": s.dose_i0, "noise_sigma": s.noise_sigma, "steps": s.steps, "samples": s.samples,
+        "patch": result.kl_map.patch, "sigma_lo": lo, "sigma_hi": hi, "seed": s.seed,
+        "prior": result.prior_name, "seconds": round(result.seconds, 3), "file": str(file),
+    }
+
+
+def _write_summary(run: AnalysisRun, settings: AnalysisSettings, prior_path: Path, fingerprint: str,
+                   threshold: float | None, overwrite: bool) -> None:
+    summary = {
+        "klviewer_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "prior": {"name": prior_path.name, "path": str(prior_path), "sha256": fingerprint},
+        "settings": settings.to_dict(),
+        "flag_threshold": threshold,
+        "rows": run.rows,
+        "skipped": run.skipped,
+    }
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(run.rows)
+    atomic_write_text(run.out / "summary.csv", buffer.getvalue(), overwrite=overwrite)
+    atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=2), overwrite=overwrite)

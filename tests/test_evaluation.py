@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from klviewer.errors import KlviewerInputError
+from klviewer.evaluation.detection import DetectionCase, run_cases, score_method
+from klviewer.evaluation.metrics import auroc, psnr_hu, roc_curve
+from klviewer.inference.analysis import AnalysisSettings, SliceResult
+from klviewer.inference.energy import EnergyField, patch_sums
+from klviewer.priors import EDMUNetPrior, PriorConfig
+
+
+def test_auroc_equals_pairwise_probability_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, 60).astype(float)
+    labels = rng.random(60) < 0.4
+    pos, neg = scores[labels], scores[~labels]
+    brute = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+    assert auroc(scores, labels) == pytest.approx(brute)
+    assert auroc([1, 2, 3], [False, False, False]) != auroc([1, 2, 3], [False, False, False])  # NaN
+    fpr, tpr = roc_curve(scores, labels)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(brute)
+
+
+def test_psnr_uses_the_fixed_hu_range() -> None:
+    a = np.zeros((8, 8))
+    assert psnr_hu(a, a + 20.0) == pytest.approx(10 * np.log10(2000**2 / 400))
+
+
+def _case(kind: str, energy_map: np.ndarray, ood: np.ndarray, seed: int) -> DetectionCase:
+    h, w = energy_map.shape
+    field = EnergyField(energy_map[None].astype(np.float32), np.array([0.001, 10.0]))
+    zero = np.zeros((h, w), np.float32)
+    rng = np.random.default_rng(seed)
+    result = SliceResult(
+        recon_hu=zero, posterior_std_hu=rng.random((h, w)).astype(np.float32), fbp_hu=zero,
+        residual_backprojection=zero, energy=field, kl_map=patch_sums(energy_map, 4), score=0.0, total_kl=0.0,
+        total_kl_all_sigma=0.0, flagged=False, flag_threshold=None, pixel_spacing_mm=1.0,
+        settings=AnalysisSettings(), prior_name="x", seconds=0.0,
+    )
+    body = np.zeros((h, w), bool)
+    body[2:-2, 2:-2] = True
+    return DetectionCase(kind, seed, body, ood, zero, result)
+
+
+def test_a_map_that_lights_up_the_lesion_scores_perfectly() -> None:
+    cases = []
+    for i in range(6):
+        ood = np.zeros((32, 32), bool)
+        if i >= 3:
+            ood[8 + i:14 + i, 10:16] = True
+        cases.append(_case("healthy" if i < 3 else "lesion", 0.01 + ood.astype(float), ood, i))
+    klip = score_method(cases, "klip", 4, None)
+    assert klip.dataset_auroc == 1.0 and klip.localisation_auroc == 1.0
+    assert len(klip.per_image_localisation) == 3
+    noise = score_method(cases, "posterior_std", 4, None)
+    assert noise.localisation_auroc < 0.9
+
+
+def test_run_cases_caches_and_refuses_a_stale_cache(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    prior = EDMUNetPrior(PriorConfig(name="tiny", architecture="edm-unet", image_size=(32, 32),
+                                     arch={"channels": [8, 16], "emb_dim": 16, "fourier_features": 8, "groups": 4}))
+    settings = AnalysisSettings(steps=3, patch=8, device="cpu")
+    first = run_cases(prior, settings, n_id=1, n_ood=1, cache=tmp_path)
+    assert sorted(p.name.split("_")[0] for p in tmp_path.iterdir()) == ["healthy", "lesion"]
+    again = run_cases(prior, settings, n_id=1, n_ood=1, cache=tmp_path)
+    assert np.array_equal(first[1].result.energy.energy, again[1].result.energy.energy)
+    assert first[1].ood_mask.any() and not first[0].ood_mask.any()
+    with pytest.raises(KlviewerInputError, match="other settings"):
+        run_cases(prior, AnalysisSettings(steps=4, patch=8, device="cpu"), n_id=1, n_ood=0, cache=tmp_path)

@@ -27,7 +27,3 @@ def resolve_device(device: str | torch.device) -> torch.device:
         )
     return torch.device(device)
 
-
-def available_devices() -> list[str]:
-    """What the device pickers offer: always auto and cpu, cuda when present."""
-    return ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -4,7 +4,28 @@ import os
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("PYQTGRAPH_QT_LIB", "PySide6")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TINY_PRIOR_SIZE = 32
+
+
+@pytest.fixture(scope="session")
+def tiny_prior(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small untrained EDM-UNet prior (32x32) saved as a checkpoint folder, for fast end-to-end runs."""
+    from klviewer.priors import EDMUNetPrior, PriorConfig, save_prior
+
+    torch.manual_seed(0)
+    config = PriorConfig(name="tiny-test", architecture="edm-unet", image_size=(TINY_PRIOR_SIZE, TINY_PRIOR_SIZE),
+                         pixel_spacing_mm=400 / TINY_PRIOR_SIZE,
+                         arch={"channels": [8, 16], "emb_dim": 16, "fourier_features": 8, "groups": 4})
+    prior = EDMUNetPrior(config)
+    with torch.no_grad():  # the output layer starts at zero; give the untrained net a real response
+        for p in prior.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return save_prior(prior, tmp_path_factory.mktemp("priors") / "tiny-test")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_PRIOR_SIZE
 
 from klviewer.cli import main
 from klviewer.errors import KlviewerError, KlviewerInputError
@@ -15,21 +16,8 @@ from klviewer.inference.analysis import AnalysisSettings, load_slice_result
 from klviewer.inference.runner import parse_slices, run_analysis
 from klviewer.io.safe_write import OutputExistsError
 from klviewer.phantoms import make_phantom, save_phantom_npz
-from klviewer.priors import EDMUNetPrior, PriorConfig, save_prior
 
-SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def tiny_prior(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    config = PriorConfig(name="tiny-test", architecture="edm-unet", image_size=(SIZE, SIZE), pixel_spacing_mm=400 / SIZE,
-                         arch={"channels": [8, 16], "emb_dim": 16, "fourier_features": 8, "groups": 4})
-    prior = EDMUNetPrior(config)
-    with torch.no_grad():  # the output layer starts at zero; give the untrained net a real response
-        for p in prior.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return save_prior(prior, tmp_path_factory.mktemp("priors") / "tiny-test")
+SIZE = TINY_PRIOR_SIZE
 
 
 @pytest.fixture()

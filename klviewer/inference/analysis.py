@@ -56,11 +56,14 @@ class AnalysisSettings:
     seed: int = 0
     device: str = "auto"
     guidance: str = "dc"
+    dps_step: float = SamplerSettings.dps_step
+    """Step size of `dps` guidance (see SamplerSettings)."""
     flag_threshold: float | None = None
     """Image score (nats) above which a slice is flagged; None = the prior's calibrated value."""
 
     def sampler(self, slice_seed: int) -> SamplerSettings:
-        return SamplerSettings(steps=self.steps, samples=self.samples, seed=slice_seed, guidance=self.guidance)  # type: ignore[arg-type]
+        return SamplerSettings(steps=self.steps, samples=self.samples, seed=slice_seed, guidance=self.guidance,  # type: ignore[arg-type]
+                               dps_step=self.dps_step)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -286,5 +289,3 @@ def analyze_prepared(
         notes=prepared.notes + run.notes,
     )
 
-
-require_device = resolve_device  # TEMPORARY alias while the app moves to klviewer.devices; removed before commit

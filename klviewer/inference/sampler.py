@@ -50,8 +50,10 @@ class SamplerSettings:
     """Log-spaced sigma bins of the EnergyField; 10 keeps it 10x smaller than a 100-step record."""
     cg_iters: int = 2
     """Conjugate-gradient iterations per step for `dc` guidance."""
-    dps_step: float = 1.0
-    """Step size zeta of `dps` guidance, in prior units per unit of the whitened residual norm."""
+    dps_step: float = 0.03
+    """Step size zeta of `dps` guidance, in prior units per unit of the whitened residual norm.
+    0.03 gave the best PSNR of {3e-4, 3e-3, 0.03, 0.3} on a 256² lesion phantom at 24 views
+    with the shipped prior; 0.3 diverges."""
     max_batch: int | None = None
     """Most posterior samples per forward pass; None = all at once."""
 

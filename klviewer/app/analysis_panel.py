@@ -1,0 +1,307 @@
+"""The analysis panel: prior, device, acquisition and sampler settings, Run / Cancel and progress."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from klviewer.app.display import MapSettings
+from klviewer.app.messages import Notifier
+from klviewer.app.settings import Preferences
+from klviewer.errors import KlviewerError
+from klviewer.inference.analysis import AnalysisSettings
+from klviewer.priors.checkpoint import DEFAULT_PRIOR, list_priors, load_prior, priors_dir, read_prior_config
+
+NOISE_MODES = {"none": "Noise-free", "dose": "Poisson: photons per ray (I0)", "gaussian": "Gaussian: σ of line integrals"}
+NOISE_DEFAULTS = {"none": 0.0, "dose": 1e5, "gaussian": 0.01}
+
+
+class AnalysisPanel(QWidget):
+    run_slice = Signal()
+    run_series = Signal()
+    cancel = Signal()
+    prior_changed = Signal()
+
+    def __init__(self, prefs: Preferences, notifier: Notifier, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self._prefs = prefs
+        self._notifier = notifier
+        self._started = 0.0
+        self._noise_values = dict(NOISE_DEFAULTS)
+
+        self.prior_combo = QComboBox()
+        self.prior_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.prior_combo.setMinimumContentsLength(14)
+        self.prior_combo.currentIndexChanged.connect(self._prior_picked)
+        add = QToolButton(text="Add…")
+        add.setToolTip("Add a prior folder (config.json + model.safetensors)")
+        add.clicked.connect(self._browse_prior)
+        self.prior_info = QLabel()
+        self.prior_info.setWordWrap(True)
+        self.prior_info.setStyleSheet("color: #a0a0a0;")
+        self.device_combo = QComboBox()
+        cuda = torch.cuda.is_available()
+        self.device_combo.addItem(f"Auto ({'CUDA' if cuda else 'CPU'})", "auto")
+        self.device_combo.addItem("CPU", "cpu")
+        self.device_combo.addItem("CUDA" if cuda else "CUDA (not available)", "cuda")
+        self.device_combo.model().item(2).setEnabled(cuda)
+
+        self.views = _spin(1, 1440, 24, "Projection angles simulated from an image input")
+        self.noise_mode = QComboBox()
+        for key, label in NOISE_MODES.items():
+            self.noise_mode.addItem(label, key)
+        self.noise_value = QDoubleSpinBox()
+        self.noise_value.setDecimals(4)
+        self.noise_value.setRange(0.0001, 1e9)
+        self.noise_mode.currentIndexChanged.connect(self._noise_mode_picked)
+        self.noise_value.valueChanged.connect(self._noise_value_edited)
+        self.steps = _spin(2, 5000, 100, "Reverse-diffusion steps per posterior sample")
+        self.samples = _spin(1, 64, 1, "Posterior samples (more: smoother KL and a posterior std)")
+        self.seed = _spin(0, 2**31 - 1, 0, "Random seed: same seed, same device, same result")
+
+        self.run_slice_button = QPushButton("Run slice")
+        self.run_slice_button.setToolTip("Analyse the slice on screen")
+        self.run_series_button = QPushButton("Run series")
+        self.run_series_button.setToolTip("Analyse every slice of the series not yet analysed with these settings")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.run_slice_button.clicked.connect(self.run_slice)
+        self.run_series_button.clicked.connect(self.run_series)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setTextVisible(True)
+        self.eta = QLabel("Idle")
+        self.eta.setStyleSheet("color: #a0a0a0;")
+        self.summary = QLabel()
+        self.summary.setWordWrap(True)
+
+        prior_row = QHBoxLayout()
+        prior_row.addWidget(self.prior_combo, 1)
+        prior_row.addWidget(add)
+        prior_box = QGroupBox("Prior")
+        prior_form = QFormLayout(prior_box)
+        prior_form.addRow(prior_row)
+        prior_form.addRow(self.prior_info)
+        prior_form.addRow("Device", self.device_combo)
+        acq_box = QGroupBox("Acquisition")
+        acq_form = QFormLayout(acq_box)
+        acq_form.addRow("Views", self.views)
+        acq_form.addRow("Noise", self.noise_mode)
+        acq_form.addRow(self.noise_value)
+        sampler_box = QGroupBox("Sampler")
+        sampler_form = QFormLayout(sampler_box)
+        sampler_form.addRow("Steps", self.steps)
+        sampler_form.addRow("Samples", self.samples)
+        sampler_form.addRow("Seed", self.seed)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_slice_button)
+        buttons.addWidget(self.run_series_button)
+        buttons.addWidget(self.cancel_button)
+
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(6, 6, 6, 6)
+        for box in (prior_box, acq_box, sampler_box):
+            layout.addWidget(box)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.eta)
+        layout.addWidget(self.summary)
+        self._fill_priors()
+        self.restore()
+
+    # ----- priors ------------------------------------------------------------------------
+
+    def _fill_priors(self, select: str | None = None) -> None:
+        self.prior_combo.blockSignals(True)
+        self.prior_combo.clear()
+        for name in list_priors():
+            self.prior_combo.addItem(name, str(priors_dir() / name))
+        for folder in self._prefs.get_list("priors/user"):
+            if self.prior_combo.findData(folder) < 0:
+                self.prior_combo.addItem(f"{Path(folder).name} (added)", folder)
+                self.prior_combo.setItemData(self.prior_combo.count() - 1, folder, Qt.ItemDataRole.ToolTipRole)
+        if self.prior_combo.count() == 0:
+            self.prior_combo.addItem(f"{DEFAULT_PRIOR} (not installed)", "")
+        wanted = select or self._prefs.get("priors/current", "") or str(priors_dir() / DEFAULT_PRIOR)
+        row = self.prior_combo.findData(wanted)
+        self.prior_combo.setCurrentIndex(max(row, 0))
+        self.prior_combo.blockSignals(False)
+        self._describe_prior()
+
+    def prior_path(self) -> Path | None:
+        data = self.prior_combo.currentData()
+        return Path(data) if data else None
+
+    def prior_name(self) -> str:
+        path = self.prior_path()
+        return path.name if path else "none"
+
+    def add_prior_folder(self, folder: Path) -> bool:
+        """Check that the folder loads as a prior, then remember it and select it."""
+        try:
+            load_prior(folder, "cpu")
+        except KlviewerError as exc:
+            self._notifier.error("Cannot use this prior", str(exc))
+            return False
+        text = str(Path(folder).resolve())
+        folders = [text] + [f for f in self._prefs.get_list("priors/user") if f != text]
+        self._prefs.set("priors/user", folders)
+        self._fill_priors(select=text)
+        self._prior_picked()
+        return True
+
+    def _browse_prior(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Add prior folder", self._prefs.get("priors/last_dir", ""))
+        if folder:
+            self._prefs.set("priors/last_dir", folder)
+            self.add_prior_folder(Path(folder))
+
+    def _prior_picked(self, _row: int = 0) -> None:
+        path = self.prior_path()
+        self._prefs.set("priors/current", str(path) if path else "")
+        self._describe_prior()
+        self.prior_changed.emit()
+
+    def _describe_prior(self) -> None:
+        path = self.prior_path()
+        if path is None:
+            self.prior_info.setText("No prior installed: add a prior folder to analyse.")
+            return
+        try:
+            config = read_prior_config(path)
+        except KlviewerError as exc:
+            self.prior_info.setText(f"Unreadable: {exc}")
+            return
+        h, w = config.image_size
+        spacing = f", {config.pixel_spacing_mm:.2f} mm/px" if config.pixel_spacing_mm else ""
+        self.prior_info.setText(f"{config.name}: {config.architecture}, {w}×{h}{spacing}")
+        self.prior_info.setToolTip(str(path))
+
+    def prior_image_size(self) -> tuple[int, int] | None:
+        path = self.prior_path()
+        if path is None:
+            return None
+        try:
+            return read_prior_config(path).image_size
+        except KlviewerError:
+            return None
+
+    # ----- settings ------------------------------------------------------------------------
+
+    def _noise_mode_picked(self, _row: int) -> None:
+        mode = self.noise_mode.currentData()
+        self.noise_value.setVisible(mode != "none")
+        self.noise_value.blockSignals(True)
+        self.noise_value.setDecimals(0 if mode == "dose" else 4)
+        self.noise_value.setValue(self._noise_values[mode] if mode != "none" else 0)
+        self.noise_value.blockSignals(False)
+
+    def _noise_value_edited(self, value: float) -> None:
+        self._noise_values[self.noise_mode.currentData()] = value
+
+    def settings(self, map_settings: MapSettings) -> AnalysisSettings:
+        mode = self.noise_mode.currentData()
+        value = float(self.noise_value.value())
+        return AnalysisSettings(
+            views=self.views.value(), dose_i0=value if mode == "dose" else None,
+            noise_sigma=value if mode == "gaussian" else None, steps=self.steps.value(),
+            samples=self.samples.value(), patch=map_settings.patch, sigma_window=map_settings.sigma_window,
+            seed=self.seed.value(), device=self.device_combo.currentData(),
+        )
+
+    def apply(self, settings: AnalysisSettings) -> None:
+        self.views.setValue(settings.views)
+        mode = "dose" if settings.dose_i0 is not None else "gaussian" if settings.noise_sigma is not None else "none"
+        if mode != "none":
+            self._noise_values[mode] = float(settings.dose_i0 if mode == "dose" else settings.noise_sigma)
+        self.noise_mode.setCurrentIndex(self.noise_mode.findData(mode))
+        self._noise_mode_picked(0)
+        self.steps.setValue(settings.steps)
+        self.samples.setValue(settings.samples)
+        self.seed.setValue(settings.seed)
+        row = self.device_combo.findData(settings.device)
+        if row >= 0 and self.device_combo.model().item(row).isEnabled():
+            self.device_combo.setCurrentIndex(row)
+
+    def restore(self) -> None:
+        d = AnalysisSettings()
+        p = self._prefs
+        mode = p.get("analysis/noise_mode", "none")
+        value = p.get("analysis/noise_value", NOISE_DEFAULTS.get(mode, 0.0))
+        self.apply(replace(
+            d, views=p.get("analysis/views", d.views), steps=p.get("analysis/steps", d.steps),
+            samples=p.get("analysis/samples", d.samples), seed=p.get("analysis/seed", d.seed),
+            device=p.get("analysis/device", d.device), dose_i0=value if mode == "dose" else None,
+            noise_sigma=value if mode == "gaussian" else None,
+        ))
+
+    def save(self) -> None:
+        p = self._prefs
+        mode = self.noise_mode.currentData()
+        p.set("analysis/views", self.views.value())
+        p.set("analysis/noise_mode", mode)
+        p.set("analysis/noise_value", self._noise_values.get(mode, 0.0))
+        p.set("analysis/steps", self.steps.value())
+        p.set("analysis/samples", self.samples.value())
+        p.set("analysis/seed", self.seed.value())
+        p.set("analysis/device", self.device_combo.currentData())
+
+    # ----- running -------------------------------------------------------------------------
+
+    def set_running(self, running: bool, what: str = "") -> None:
+        self.run_slice_button.setEnabled(not running)
+        self.run_series_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        if running:
+            self._started = time.monotonic()
+            self.progress.setRange(0, 0)  # busy until the first step reports
+            self.eta.setText(what or "Starting…")
+
+    def show_progress(self, done: int, total: int) -> None:
+        self.progress.setRange(0, max(total, 1))
+        self.progress.setValue(done)
+        elapsed = time.monotonic() - self._started
+        if 0 < done < total:
+            eta = elapsed * (total - done) / done
+            self.eta.setText(f"Step {done} / {total} · {_clock(elapsed)} elapsed · ETA {_clock(eta)}")
+        else:
+            self.eta.setText(f"Step {done} / {total} · {_clock(elapsed)} elapsed")
+
+    def show_idle(self, text: str, complete: bool) -> None:
+        self.progress.setRange(0, 1)
+        self.progress.setValue(1 if complete else 0)
+        self.eta.setText(text)
+
+
+def _spin(low: int, high: int, value: int, tip: str) -> QSpinBox:
+    spin = QSpinBox()
+    spin.setRange(low, high)
+    spin.setValue(value)
+    spin.setToolTip(tip)
+    return spin
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"

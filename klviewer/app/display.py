@@ -1,0 +1,206 @@
+"""What the viewer shows, as plain data: window/level, base images, and the KL overlay.
+
+No Qt here: the viewer widgets render these values, and tests check them without a window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from klviewer.inference.analysis import SliceResult
+from klviewer.inference.energy import EnergyField, KLMap
+from klviewer.io.study import Series
+
+
+@dataclass(frozen=True)
+class WindowLevel:
+    """A display window in HU: `width` wide, centred on `level`."""
+
+    width: float
+    level: float
+
+    MIN_WIDTH = 1.0
+
+    @property
+    def levels(self) -> tuple[float, float]:
+        return self.level - self.width / 2, self.level + self.width / 2
+
+    def dragged(self, dx: float, dy: float) -> WindowLevel:
+        """Left-drag by (dx, dy) screen pixels: right widens, down raises the level (as in OHIF).
+
+        The step grows with the width so a bone window and a brain window both take a few
+        hundred pixels of drag to change noticeably.
+        """
+        step = max(self.width, 20.0) / 250.0
+        return WindowLevel(max(self.MIN_WIDTH, self.width + dx * step), self.level + dy * step)
+
+    def label(self) -> str:
+        return f"W {self.width:.0f}  L {self.level:.0f}"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    window: WindowLevel
+
+
+PRESETS: tuple[Preset, ...] = (
+    Preset("Soft tissue", WindowLevel(400, 40)),
+    Preset("Lung", WindowLevel(1500, -600)),
+    Preset("Liver", WindowLevel(150, 90)),
+    Preset("Bone", WindowLevel(2500, 480)),
+    Preset("Brain", WindowLevel(80, 40)),
+)
+"""Keys 1-5, in this order (OHIF's defaults)."""
+
+
+def initial_window(series: Series | None) -> WindowLevel:
+    """The series' own DICOM window when it has one, else soft tissue."""
+    if series is not None and series.window is not None:
+        center, width = series.window
+        if math.isfinite(center) and math.isfinite(width) and width > 0:
+            return WindowLevel(float(width), float(center))
+    return PRESETS[0].window
+
+
+BASE_IMAGES: dict[str, str] = {
+    "original": "Original",
+    "fbp": "FBP",
+    "mean": "Posterior mean",
+    "std": "Posterior std",
+}
+"""Base image keys and their labels; all but `original` exist only once a slice is analysed."""
+
+
+def base_image(kind: str, series: Series, index: int, result: SliceResult | None) -> np.ndarray | None:
+    """The (H, W) HU image to show, or None when this kind is not available for the slice.
+
+    An analysed slice shows every layer on the analysis grid, so the overlay lines up with the
+    base image pixel for pixel; before analysis the native slice is shown.
+    """
+    if result is not None:
+        images = {"original": result.original_hu, "fbp": result.fbp_hu, "mean": result.recon_hu,
+                  "std": result.posterior_std_hu}
+        return images.get(kind)
+    if kind == "original" and series.slices and 0 <= index < len(series.slices):
+        return series.slices[index].hu
+    return None
+
+
+def available_bases(series: Series, index: int, result: SliceResult | None) -> list[str]:
+    return [k for k in BASE_IMAGES if base_image(k, series, index, result) is not None]
+
+
+@dataclass(frozen=True)
+class MapSettings:
+    """The KL-map sliders: none of them needs a new sampling run."""
+
+    patch: int = 8
+    sigma_window: tuple[float, float] = (0.01, 0.5)
+    threshold_fraction: float = 0.2
+    """Patches below this fraction of the slice's largest patch are transparent."""
+    opacity: float = 0.6
+    visible: bool = True
+
+    def clamped(self, image_shape: tuple[int, int]) -> MapSettings:
+        """Patch no larger than the image, and a window with low <= high."""
+        lo, hi = sorted(self.sigma_window)
+        return replace(self, patch=int(min(max(self.patch, 1), max(image_shape))), sigma_window=(lo, hi))
+
+
+@dataclass
+class OverlayFrame:
+    """One rendering of the KL overlay for a slice."""
+
+    kl_map: KLMap
+    pixels: np.ndarray
+    """(H, W) float32 KL per covering patch, NaN where below the display threshold."""
+    raw_pixels: np.ndarray
+    """(H, W) float32, unmasked: what the probe reports."""
+    levels: tuple[float, float]
+    display_threshold: float
+    flag_threshold: float | None
+    boxes: list[tuple[int, int, int, int]]
+    """(r0, r1, c0, c1) of the outlined patches."""
+
+    @property
+    def score(self) -> float:
+        return self.kl_map.score
+
+    @property
+    def flagged(self) -> bool:
+        return self.flag_threshold is not None and self.score > self.flag_threshold
+
+    @property
+    def outline_reason(self) -> str:
+        if self.flag_threshold is not None:
+            return f"patches above the flag threshold {self.flag_threshold:.3g} nats"
+        return f"top {len(self.boxes)} patches (no calibrated threshold for these settings)"
+
+
+TOP_PATCHES = 3
+"""Patches outlined when no calibrated threshold applies."""
+
+
+def flagged_patches(kl_map: KLMap, flag_threshold: float | None, top: int = TOP_PATCHES) -> list[tuple[int, int, int, int]]:
+    values = kl_map.values
+    if flag_threshold is not None:
+        rows, cols = np.nonzero(values > flag_threshold)
+    else:
+        order = np.argsort(values, axis=None)[::-1][:top]
+        order = order[values.flat[order] > 0]
+        rows, cols = np.unravel_index(order, values.shape)
+    return [kl_map.patch_box(int(r), int(c)) for r, c in zip(rows, cols)]
+
+
+def overlay_frame(energy: EnergyField, settings: MapSettings, flag_threshold: float | None) -> OverlayFrame:
+    """Cut the KL map for the slider settings out of the cached energy field (no sampling).
+
+    Colours span 0 to twice the flag threshold when one applies, so slices compare at a glance
+    (anything saturated is well above it); otherwise 0 to the slice's own maximum.
+    """
+    settings = settings.clamped(energy.image_shape)
+    kl_map = energy.kl_map(settings.patch, settings.sigma_window)
+    raw = kl_map.to_pixels().astype(np.float32)
+    peak = float(kl_map.values.max()) if kl_map.values.size else 0.0
+    upper = 2.0 * flag_threshold if flag_threshold is not None else peak
+    if not upper > 0:
+        upper = 1.0
+    cut = settings.threshold_fraction * peak
+    pixels = raw.copy()
+    pixels[(raw < cut) | (raw <= 0)] = np.nan
+    return OverlayFrame(kl_map=kl_map, pixels=pixels, raw_pixels=raw, levels=(0.0, upper), display_threshold=cut,
+                        flag_threshold=flag_threshold, boxes=flagged_patches(kl_map, flag_threshold))
+
+
+@dataclass(frozen=True)
+class LogScale:
+    """Integer slider positions 0..steps mapped log-uniformly onto [low, high]."""
+
+    low: float
+    high: float
+    steps: int = 1000
+
+    def value(self, position: int) -> float:
+        t = min(max(position, 0), self.steps) / self.steps
+        return float(math.exp(math.log(self.low) + t * (math.log(self.high) - math.log(self.low))))
+
+    def position(self, value: float) -> int:
+        v = min(max(value, self.low), self.high)
+        t = (math.log(v) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
+        return int(round(t * self.steps))
+
+
+def format_nats(value: float) -> str:
+    """KL values for people: whole numbers from 100 on, three significant digits below."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def round_sig(value: float, digits: int = 3) -> float:
+    """Slider values shown and used with `digits` significant digits, so what is shown is what is used."""
+    if value == 0 or not math.isfinite(value):
+        return value
+    return float(f"{value:.{digits}g}")

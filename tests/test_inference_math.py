@@ -171,3 +171,26 @@ def test_nan_measurement_is_refused() -> None:
     y[0, 0, 0, 2] = float("nan")
     with pytest.raises(KlviewerInputError, match="NaN"):
         MeasurementModel(RandomProjections(5, 0), y, 1.0, torch.tensor(0.1))
+
+
+def test_out_of_memory_halves_the_batch_and_says_so() -> None:
+    """A prior that runs out of memory for batches above 2 still yields the run, in smaller batches."""
+    prior = _smooth_gaussian_prior()
+    model = _measure(prior, RandomProjections(40, seed=1), 0.05)
+    real_denoise = prior.denoise
+    batch_sizes: list[int] = []
+
+    def denoise(x: torch.Tensor, sigma):
+        batch_sizes.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real_denoise(x, sigma)
+
+    prior.denoise = denoise
+    settings = SamplerSettings(steps=8, samples=4, seed=2)
+    run = posterior_sample(prior, model, settings)
+    prior.denoise = real_denoise
+    reference = posterior_sample(prior, model, SamplerSettings(steps=8, samples=4, seed=2, max_batch=2))
+    assert run.notes == ["out of GPU memory: retried with 2 posterior sample(s) per batch"]
+    assert batch_sizes[0] == 4 and set(batch_sizes[1:]) == {2}
+    np.testing.assert_allclose(run.energy.energy, reference.energy.energy, rtol=1e-6)

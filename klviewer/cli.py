@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # pydicom warns about every non-conforming value it reads (hashed UIDs, odd VRs); the reader
+    # reports what actually stops a file from loading, so the rest is noise on a terminal.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

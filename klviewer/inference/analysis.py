@@ -21,7 +21,6 @@ import torch
 from skimage.transform import resize
 
 from klviewer import __version__
-from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.energy import EnergyField, KLMap
 from klviewer.inference.likelihood import MeasurementModel

@@ -112,9 +112,6 @@ class SliceResult:
     original_hu: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
 
-    def recompute_map(self, patch: int, sigma_window: tuple[float, float] | None, stride: int | None = None) -> KLMap:
-        return self.energy.kl_map(patch, sigma_window, stride)
-
     def save_npz(self, path: Path, overwrite: bool = False) -> Path:
         """Write atomically; an existing file is kept unless `overwrite`."""
         arrays: dict[str, Any] = {

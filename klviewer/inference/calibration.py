@@ -12,7 +12,6 @@ from typing import Any
 
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.analysis import AnalysisSettings
-from klviewer.io.safe_write import atomic_write_text
 
 CALIBRATION_FILE = "calibration.json"
 SCALE_KEYS = ("views", "dose_i0", "noise_sigma", "steps", "samples", "patch", "sigma_window", "guidance")
@@ -45,10 +44,3 @@ def flag_threshold_for(prior_path: Path, settings: AnalysisSettings) -> float | 
             return float(entry["threshold"])
     return None
 
-
-def write_calibration(prior_path: Path, settings: AnalysisSettings, threshold: float, evidence: dict[str, Any]) -> Path:
-    """Add or replace the calibration for these settings."""
-    key = calibration_key(settings)
-    entries = [e for e in read_calibrations(prior_path) if e.get("settings") != key]
-    entries.append({"settings": key, "threshold": threshold, **evidence})
-    return atomic_write_text(prior_path / CALIBRATION_FILE, json.dumps({"calibrations": entries}, indent=2) + "\n", overwrite=True)

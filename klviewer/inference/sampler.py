@@ -28,6 +28,7 @@ from klviewer.inference.likelihood import (
     exact_gaussian_score,
     tweedie_dc_score,
 )
+from klviewer.priors.sampling import karras_sigmas
 
 Guidance = Literal["dc", "dps", "exact"]
 GUIDANCES: tuple[str, ...] = ("dc", "dps", "exact")
@@ -82,13 +83,6 @@ class PosteriorRun:
     seconds: float
     device: str
     notes: list[str] = field(default_factory=list)
-
-
-def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
-    """n noise levels from sigma_max down to sigma_min, then a final 0."""
-    ramp = np.linspace(0.0, 1.0, n)
-    inv_max, inv_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return np.append((inv_max + ramp * (inv_min - inv_max)) ** rho, 0.0)
 
 
 def _likelihood_score(prior, model: MeasurementModel, settings: SamplerSettings, x: torch.Tensor,
@@ -159,7 +153,7 @@ def posterior_sample(
     """
     settings.validate()
     device = torch.device(device)
-    sigmas = karras_sigmas(settings.steps, settings.sigma_min, settings.sigma_max, settings.rho)
+    sigmas = karras_sigmas(settings.steps, settings.sigma_min, settings.sigma_max, settings.rho).numpy()
     edges = log_sigma_edges(settings.sigma_min, settings.sigma_max, settings.energy_bins)
     notes: list[str] = []
     batch = min(settings.max_batch or settings.samples, settings.samples)

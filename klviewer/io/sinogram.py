@@ -32,11 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from klviewer.errors import KlviewerInputError, SidecarMismatchError
 from klviewer.io.arrays import load_numeric_array, require_finite
 from klviewer.io.sidecar import number, read_json_sidecar, spacing_pair
 from klviewer.io.study import Catalog, Patient, Series, Sinogram, Study
+from klviewer.physics.noise import from_counts
 
 SCHEMA_KEY = "klviewer_sinogram"
 DATA_SUFFIXES = (".npy", ".npz", ".raw", ".bin")
@@ -123,11 +125,6 @@ def _validate_against_data(sidecar_path: Path, data: dict[str, Any], values: np.
         raise SidecarMismatchError(sidecar_path, "data.dtype", data["dtype"], str(values.dtype))
 
 
-def counts_to_line_integrals(counts: np.ndarray, i0: float) -> np.ndarray:
-    """-log(counts / I0); rays with zero counts are taken at half a count, because log(0) has no value."""
-    return -np.log(np.maximum(counts, 0.5) / i0).astype(np.float32)
-
-
 def read_sinogram(sidecar_path: Path) -> Catalog:
     """Read a sinogram described by its sidecar; the sidecar may name its data file."""
     doc = read_json_sidecar(sidecar_path)
@@ -176,7 +173,7 @@ def read_sinogram(sidecar_path: Path) -> Catalog:
         if (stack < 0).any():
             raise KlviewerInputError(data_path, "counts must not be negative")
         counts = stack.astype(np.float32)
-        line_integrals = counts_to_line_integrals(counts, i0)
+        line_integrals = from_counts(torch.from_numpy(counts), i0).numpy()
     else:
         line_integrals = stack.astype(np.float32)
 

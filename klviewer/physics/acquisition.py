@@ -16,7 +16,7 @@ import torch
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerInputError
 from klviewer.io.study import Sinogram
-from klviewer.physics.noise import GaussianNoise, NoiseModel, PoissonNoise, from_counts
+from klviewer.physics.noise import GaussianNoise, NoiseModel, PoissonNoise
 from klviewer.physics.radon import ParallelBeamCT, sparse_view_angles
 from klviewer.physics.units import MU_WATER_PER_MM, hu_to_mu
 
@@ -117,7 +117,7 @@ def acquisition_from_sinogram(
     """Acquisition for measured slices of ``sino`` (all slices when ``slice_index`` is None).
 
     Noise: ``noise_sigma`` when given; else Poisson at the file's I0 when it states one; else
-    Gaussian with DEFAULT_SINOGRAM_SIGMA. Raw counts are converted with ``from_counts``.
+    Gaussian with DEFAULT_SINOGRAM_SIGMA. Raw counts were converted with ``from_counts`` on loading.
     """
     rows, cols = sino.grid_pixel_spacing_mm
     if not math.isclose(rows, cols, rel_tol=1e-6):
@@ -129,10 +129,7 @@ def acquisition_from_sinogram(
         raise KlviewerInputError(None, f"slice index {slice_index} is outside the sinogram's {sino.n_slices} slices")
 
     dev = resolve_device(device)
-    if sino.counts is not None and sino.i0 is not None:
-        y = from_counts(torch.from_numpy(np.asarray(sino.counts[indices], dtype=np.float32)), sino.i0)
-    else:
-        y = torch.from_numpy(np.asarray(sino.line_integrals[indices], dtype=np.float32))
+    y = torch.from_numpy(np.asarray(sino.line_integrals[indices], dtype=np.float32))
     if not bool(torch.isfinite(y).all()):
         raise KlviewerInputError(None, "sinogram contains NaN or infinite values")
     try:

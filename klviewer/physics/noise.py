@@ -15,7 +15,7 @@ import torch
 ZERO_COUNT_FLOOR = 0.5
 """Counts below this are read as this many counts before taking the log, because log(0) has no
 value. Half a count sits between the two smallest possible observations (0 and 1), caps a line
-integral at log(2 * I0), and matches ``klviewer.io.sinogram.counts_to_line_integrals``."""
+integral at log(2 * I0); raw-count sinograms are read through ``from_counts`` too."""
 
 
 class NoiseModel(Protocol):

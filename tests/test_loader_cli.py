@@ -89,3 +89,14 @@ def test_console_script_and_module_entry_points() -> None:
     helptext = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("info", "phantoms", "demo"):
         assert command in helptext
+
+
+def test_info_describes_a_sinogram(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    np.save(tmp_path / "scan.npy", np.zeros((24, 10), np.float32))
+    (tmp_path / "scan.json").write_text(json.dumps({
+        "klviewer_sinogram": 1, "geometry": "parallel", "angles": {"unit": "deg", "start": 0, "stop": 180, "count": 24},
+        "detector": {"count": 10, "spacing_mm": 1.5}, "data": {"kind": "line_integrals"},
+        "grid": {"size": [8, 8], "pixel_spacing_mm": 1.5},
+    }))
+    assert main(["info", str(tmp_path / "scan.json")]) == 0
+    assert "sinogram: 24 angles over 180 deg, 10 detectors at 1.5 mm, line_integrals" in capsys.readouterr().out

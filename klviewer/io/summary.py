@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
+
 from klviewer.io.study import Catalog, Series
+from klviewer.physics.radon import arc_rad
 
 
 def _round(value: float | None, digits: int = 4) -> float | None:
@@ -36,7 +40,7 @@ def series_summary(series: Series) -> dict[str, Any]:
             "angles": sino.n_angles,
             "detectors": sino.n_detectors,
             "detector_spacing_mm": _round(sino.detector_spacing_mm),
-            "arc_deg": _round(float((sino.angles_rad.max() - sino.angles_rad.min()) * 180.0 / 3.141592653589793), 2),
+            "arc_deg": _round(math.degrees(arc_rad(torch.from_numpy(sino.angles_rad))), 2),
             "data": "counts" if sino.counts is not None else "line_integrals",
             "i0": sino.i0,
             "line_integral_range": [_round(float(sino.line_integrals.min())), _round(float(sino.line_integrals.max()))],

@@ -144,3 +144,17 @@ def test_bad_settings_and_devices(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(DeviceUnavailableError, match="CUDA was requested"):
             train_prior(tiny_config(tmp_path / "c", device="cuda"))
+
+
+def test_init_from_starts_at_a_saved_prior_and_refuses_another_architecture(tmp_path: Path) -> None:
+    first = train_prior(tiny_config(tmp_path / "first", steps=3))
+    start = load_prior(first)
+    # A vanishing learning rate leaves the weights where they started, so the result must be `first`.
+    again = train_prior(tiny_config(tmp_path / "again", steps=1, lr=1e-12, init_from=str(first)))
+    continued = load_prior(again)
+    for (name, a), (_, b) in zip(start.state_dict().items(), continued.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert continued.config.training["init_from"] == str(first)
+    wide = dict(ARCH_PRESETS["tiny"], channels=[16, 32])
+    with pytest.raises(KlviewerError, match="missing tensors|wrong shapes"):
+        train_prior(tiny_config(tmp_path / "other", steps=1, arch=wide, init_from=str(first)))

@@ -28,7 +28,15 @@ from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError, KlviewerInputError
 from klviewer.io.safe_write import OutputExistsError, atomic_write, atomic_write_text
 from klviewer.priors.base import PriorConfig
-from klviewer.priors.checkpoint import CONFIG_FILE, read_weights, save_prior, state_bytes
+from klviewer.priors.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    check_state_dict,
+    read_weights,
+    resolve_prior_path,
+    save_prior,
+    state_bytes,
+)
 from klviewer.priors.data import ImagePool, load_pool
 from klviewer.priors.unet import DEFAULT_ARCH, EDMUNetPrior
 
@@ -38,7 +46,7 @@ RESUME_STATE = "state.json"
 TRAINING_DIR = "training"
 # Settings that must not change when a run is resumed (steps may grow, to train longer).
 FIXED_ON_RESUME = ("data", "size", "patch", "batch", "lr", "seed", "n_phantoms", "ema", "warmup",
-                   "p_mean", "p_std", "sigma_data", "hu_offset", "hu_scale", "arch")
+                   "p_mean", "p_std", "sigma_data", "hu_offset", "hu_scale", "arch", "init_from")
 
 
 class TrainingError(KlviewerError):
@@ -85,6 +93,9 @@ class TrainConfig:
     checkpoint_every: int = 250
     command: str | None = None
     report: bool = True
+    init_from: str | None = None
+    """A prior (name or folder) of the same architecture whose weights start the run, so a
+    shipped prior can be trained further without its resume state."""
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -133,12 +144,23 @@ def _new_prior(cfg: TrainConfig, pool: ImagePool) -> EDMUNetPrior:
         return EDMUNetPrior(config)
 
 
+def _load_initial_weights(model: EDMUNetPrior, name_or_path: str) -> None:
+    folder = resolve_prior_path(name_or_path)
+    weights_path = folder / WEIGHTS_FILE
+    tensors = read_weights(weights_path)
+    check_state_dict(model, tensors, weights_path)
+    model.load_state_dict(tensors)
+
+
 class _Trainer:
     """The mutable state of one run: model, EMA, optimiser, RNG, loss history."""
 
     def __init__(self, cfg: TrainConfig, pool: ImagePool, device: torch.device) -> None:
         self.cfg, self.pool, self.device = cfg, pool, device
-        self.model = _new_prior(cfg, pool).to(device).train()
+        self.model = _new_prior(cfg, pool)
+        if cfg.init_from is not None:
+            _load_initial_weights(self.model, cfg.init_from)
+        self.model = self.model.to(device).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -288,6 +310,7 @@ def train_prior(cfg: TrainConfig, progress: Callable[[TrainProgress], None] | No
     tail = trainer.losses[-min(len(trainer.losses), 200):]
     final.config.training = {
         "command": cfg.command,
+        "init_from": cfg.init_from,
         # Every invocation that contributed, in order (a resumed run lists the original first).
         "commands": trainer.commands,
         "data": pool.description,

@@ -25,7 +25,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out=Path(args.out), data=args.data, size=args.size, patch=args.patch, steps=args.steps, batch=args.batch,
         lr=args.lr, warmup=args.warmup, device=args.device, resume=args.resume, seed=args.seed,
         n_phantoms=args.n_phantoms, ema=args.ema, p_mean=args.p_mean, p_std=args.p_std, arch=dict(ARCH_PRESETS[args.arch]), name=args.name,
-        checkpoint_every=args.checkpoint_every, report=not args.no_report,
+        checkpoint_every=args.checkpoint_every, report=not args.no_report, init_from=args.init_from,
         command=shlex.join(["klviewer", *sys.argv[1:]]),
     )
     with tqdm(total=cfg.steps, desc="train", unit="step", dynamic_ncols=True) as bar:
@@ -65,4 +65,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="prior name recorded in config.json (default: the --out folder name)")
     p.add_argument("--checkpoint-every", type=int, default=250, help="steps between resume checkpoints")
     p.add_argument("--no-report", action="store_true", help="skip TRAINING.md (samples and held-out denoising error)")
+    p.add_argument("--init-from", metavar="PRIOR",
+                   help="start from this prior's weights (name or folder, same architecture), e.g. to train a shipped prior further")
     p.set_defaults(func=_cmd_train)

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from skimage.transform import resize
 
 from klviewer import __version__
 from klviewer.errors import KlviewerInputError
@@ -34,6 +33,7 @@ from klviewer.physics.acquisition import (
     simulate_measurement,
 )
 from klviewer.physics.units import MU_WATER_PER_MM
+from klviewer.priors.data import resize_square
 
 MEASUREMENT_SIGMA_FLOOR = DEFAULT_SINOGRAM_SIGMA
 """Smallest line-integral noise std the likelihood assumes. Even a noise-free simulation has
@@ -180,11 +180,12 @@ def load_slice_result(path: Path) -> SliceResult:
 
 
 def _resampled(hu: np.ndarray, size: tuple[int, int], spacing: float, notes: list[str]) -> tuple[np.ndarray, float]:
+    """The slice on the prior's grid, prepared exactly as training slices are (`resize_square`)."""
     if hu.shape == size:
         return hu.astype(np.float32), spacing
     notes.append(f"resampled {hu.shape[0]}x{hu.shape[1]} to the prior's {size[0]}x{size[1]} grid")
-    out = resize(hu.astype(np.float64), size, order=1, anti_aliasing=True, preserve_range=True)
-    return out.astype(np.float32), spacing * hu.shape[0] / size[0]
+    out = resize_square(torch.from_numpy(hu.astype(np.float32))[None], size[0])[0]
+    return out.numpy(), spacing * max(hu.shape) / size[0]
 
 
 def prepare_slice(series: Series, index: int, prior, settings: AnalysisSettings, device: torch.device) -> PreparedSlice:

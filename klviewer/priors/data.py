@@ -62,7 +62,10 @@ def phantom_pool(n: int, size: int, seed: int, hu_offset: float, hu_scale: float
 
 
 def resize_square(hu: torch.Tensor, size: int) -> torch.Tensor:
-    """(S, H, W) -> (S, size, size): centre-pad to square with air, then resample (antialiased)."""
+    """(S, H, W) -> (S, size, size): centre-pad to square with air, then resample (antialiased).
+
+    Training slices and analysed slices both go through here, so the prior sees one geometry.
+    """
     _, h, w = hu.shape
     side = max(h, w)
     if h != w:

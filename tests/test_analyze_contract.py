@@ -13,7 +13,8 @@ from klviewer.cli import main
 from klviewer.errors import KlviewerError, KlviewerInputError
 from klviewer.devices import resolve_device
 from klviewer.inference.analysis import AnalysisSettings, load_slice_result
-from klviewer.inference.runner import parse_slices, run_analysis
+from klviewer.inference.measurements import parse_slices
+from klviewer.inference.runner import run_analysis
 from klviewer.io.safe_write import OutputExistsError
 from klviewer.phantoms import make_phantom, save_phantom_npz
 

@@ -12,7 +12,6 @@ import csv
 import hashlib
 import io
 import json
-import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,54 +24,16 @@ from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.analysis import AnalysisSettings, SliceResult, analyze_prepared, prepare_slice
 from klviewer.inference.calibration import flag_threshold_for
+from klviewer.inference.measurements import plan_series
 from klviewer.io.loader import open_images
 from klviewer.io.safe_write import OutputExistsError, atomic_write_text
-from klviewer.io.study import Catalog, Series
 from klviewer.priors.checkpoint import DEFAULT_PRIOR, WEIGHTS_FILE, load_prior, resolve_prior_path
 
 CSV_COLUMNS = [
     "input", "case", "slice_index", "score", "total_kl", "flagged", "views", "dose_i0", "noise_sigma",
     "steps", "samples", "patch", "sigma_lo", "sigma_hi", "seed", "prior", "seconds", "file",
+    "source_kind", "series_uid", "source_file", "sop_instance_uid",
 ]
-
-
-def parse_slices(spec: str, n: int) -> tuple[list[int], list[int]]:
-    """Slices picked by `spec` from a series of n: (valid indices, requested indices it lacks).
-
-    'all', 'mid', or comma-separated 0-based indices and ranges ('0,3,5-7'); a negative index
-    counts from the end.
-    """
-    spec = spec.strip().lower()
-    if spec == "all":
-        return list(range(n)), []
-    if spec == "mid":
-        return [n // 2], []
-    picked: set[int] = set()
-    for part in spec.split(","):
-        m = re.fullmatch(r"\s*(-?\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not m:
-            raise KlviewerInputError(None, f"slice spec {spec!r}: cannot read {part!r} (use all, mid, or e.g. 0,3,5-7)")
-        lo = int(m.group(1))
-        lo = lo + n if lo < 0 else lo
-        hi = int(m.group(2)) if m.group(2) is not None else lo
-        if hi < lo:
-            raise KlviewerInputError(None, f"slice spec {spec!r}: range {part.strip()!r} runs backwards")
-        picked.update(range(lo, hi + 1))
-    valid = sorted(i for i in picked if 0 <= i < n)
-    return valid, sorted(picked - set(valid))
-
-
-def case_name(series: Series, taken: set[str]) -> str:
-    source = series.files[0] if series.files else Path(series.uid)
-    stem = series.description or source.stem
-    if series.source_kind == "dicom" and series.number is not None:
-        stem = f"S{series.number:03d}-{stem}"
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:60] or "case"
-    name, k = base, 2
-    while name in taken:
-        name, k = f"{base}-{k}", k + 1
-    taken.add(name)
-    return name
 
 
 def prior_fingerprint(prior_path: Path) -> str:
@@ -126,36 +87,19 @@ def run_analysis(
     if (out / "summary.json").exists() and not overwrite:
         raise OutputExistsError(out / "summary.json")
     device = resolve_device(settings.device)
-    catalog: Catalog = open_images(inputs)
     prior_path = resolve_prior_path(prior)
     model = load_prior(prior_path, device=device)
     threshold = flag_threshold_for(prior_path, settings)
     fingerprint = prior_fingerprint(prior_path)
 
-    run = AnalysisRun(out=out, skipped=[{"path": str(s.path), "reason": s.reason} for s in catalog.skipped])
-    plan: list[tuple[Series, str, list[int]]] = []
-    taken: set[str] = set()
-    for series in catalog.all_series():
-        refusal = series.analysis_refusal()
-        if refusal:
-            run.skipped.append({"path": str(series.files[0] if series.files else series.uid), "reason": refusal})
-            continue
-        indices, missing = parse_slices(slices, series.n_slices)
-        source = str(series.files[0] if series.files else series.uid)
-        if missing:
-            run.skipped.append({"path": source, "reason": f"has {series.n_slices} slice(s); no slice {missing}"})
-        if indices:
-            plan.append((series, case_name(series, taken), indices))
-    if not plan:
-        raise KlviewerInputError(None, "nothing to analyse: " + "; ".join(s["reason"] for s in run.skipped[:3]))
-
+    plan = plan_series(open_images(inputs), slices)
+    run = AnalysisRun(out=out, skipped=plan.skipped)
     steps_per_slice = settings.steps * settings.samples
-    total = steps_per_slice * sum(len(idx) for _, _, idx in plan)
+    total = steps_per_slice * plan.n_slices
     done_before = 0
-    for series, case, indices in plan:
-        source = str(series.files[0]) if series.files else series.uid
-        for index in indices:
-            prepared = prepare_slice(series, index, model, settings, device)
+    for planned in plan.series:
+        for index in planned.indices:
+            prepared = prepare_slice(planned.series, index, model, settings, device)
             base = done_before
 
             def slice_progress(done: int, _total: int, base: int = base) -> None:
@@ -165,9 +109,10 @@ def run_analysis(
             result = analyze_prepared(prepared, model, settings, prior_name=prior_path.name, flag_threshold=threshold,
                                       progress=slice_progress, cancel=cancel)
             done_before += steps_per_slice
-            target = out / case / f"{index:04d}.npz"
+            target = out / planned.case / f"{index:04d}.npz"
             result.save_npz(target, overwrite=overwrite)
-            row = _row(source, case, index, result, target.relative_to(out))
+            row = _row(planned.source, planned.case, index, result, target.relative_to(out))
+            row.update(planned.slice_source(index))
             run.rows.append(row)
             if on_slice is not None:
                 on_slice(row, result)

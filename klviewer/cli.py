@@ -116,6 +116,24 @@ def _cmd_evaluate_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from klviewer.evaluation.calibrate import calibrate_prior
+
+    with tqdm(total=args.n, unit="slice", file=sys.stderr, dynamic_ncols=True) as bar:
+        cal = calibrate_prior(
+            args.prior, _settings_from_args(args), n=args.n, fpr=args.fpr, seed=args.seed,
+            cache=Path(args.cache) if args.cache else None, write=not args.dry_run, overwrite=args.overwrite,
+            command="klviewer " + " ".join(sys.argv[1:]), progress=lambda d, t: bar.update(d - bar.n),
+        )
+    s = cal.entry["healthy_scores"]
+    print(f"healthy scores (nats): min {s['min']:.4g}, median {s['median']:.4g}, max {s['max']:.4g} over {cal.scores.size} slices")
+    print(f"threshold {cal.threshold:.6g} nats: {cal.entry['healthy_exceeding']} of {cal.scores.size} healthy slices above it")
+    print(f"written to {cal.path}" if cal.path else "not written (--dry-run)")
+    return 0
+
+
 def _cmd_gui(args: argparse.Namespace) -> int:
     from klviewer.app.launch import GuiOptions, run_gui
 
@@ -178,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--cache", help="folder keeping per-slice results, so re-runs and sweeps skip sampling")
     _add_analysis_options(det)
     det.set_defaults(func=_cmd_evaluate_detect)
+
+    cal = sub.add_parser("calibrate", help="set a prior's flag threshold from held-out healthy phantoms (calibration.json)")
+    cal.add_argument("-n", type=_positive_int, default=20, help="healthy phantoms to score (default 20)")
+    cal.add_argument("--fpr", type=float, default=0.05, help="false-positive rate allowed on them (default 0.05)")
+    cal.add_argument("--cache", help="folder keeping per-slice results, so re-runs skip sampling")
+    cal.add_argument("--overwrite", action="store_true", help="replace the threshold already stored for these settings")
+    cal.add_argument("--dry-run", action="store_true", help="print the threshold without writing calibration.json")
+    _add_analysis_options(cal)
+    cal.set_defaults(func=_cmd_calibrate)
 
     gui = sub.add_parser("gui", help="open the desktop app (the default when no command is given)")
     gui.add_argument("paths", nargs="*", metavar="PATH", help="studies to open (default: the demo study)")

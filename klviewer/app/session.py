@@ -12,7 +12,7 @@ from typing import Any
 
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.analysis import AnalysisSettings, SliceResult
-from klviewer.inference.calibration import calibration_key, read_calibrations
+from klviewer.inference.calibration import calibration_key, current_calibrations
 
 MAP_ONLY_KEYS = ("patch", "sigma_window", "flag_threshold")
 
@@ -77,8 +77,8 @@ class FlagThresholds:
     def _load(self, prior_path: Path) -> list[dict[str, Any]]:
         if prior_path not in self._entries:
             try:
-                self._entries[prior_path] = read_calibrations(prior_path)
-            except KlviewerInputError:
+                self._entries[prior_path] = current_calibrations(prior_path)
+            except (KlviewerInputError, OSError):
                 self._entries[prior_path] = []  # an unreadable calibration means: not calibrated
         return self._entries[prior_path]
 

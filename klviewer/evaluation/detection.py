@@ -35,6 +35,8 @@ from klviewer.phantoms import Phantom, make_phantom
 METHODS = ("klip", "posterior_std", "fbp_minus_mean", "residual_backprojection")
 EVAL_SEED_BASE = 1_000_000
 """Phantom seeds for evaluation start here, far from the seeds priors are trained on."""
+CALIBRATION_SEED_BASE = 2_000_000
+"""Healthy slices for flag thresholds: disjoint from training and from evaluation."""
 
 
 @dataclass
@@ -63,6 +65,7 @@ def run_cases(
     n_ood: int,
     ood_kind: str = "lesion",
     seed: int = 0,
+    seed_base: int = EVAL_SEED_BASE,
     cache: Path | None = None,
     device: torch.device = torch.device("cpu"),
     progress: Callable[[int, int], None] | None = None,
@@ -70,8 +73,8 @@ def run_cases(
 ) -> list[DetectionCase]:
     """Healthy and OOD phantoms at the prior's size, analysed (or read back from `cache`)."""
     size = prior.config.image_size[0]
-    plan = [("healthy", EVAL_SEED_BASE + seed * 10_000 + i) for i in range(n_id)]
-    plan += [(ood_kind, EVAL_SEED_BASE + seed * 10_000 + 5_000 + i) for i in range(n_ood)]
+    plan = [("healthy", seed_base + seed * 10_000 + i) for i in range(n_id)]
+    plan += [(ood_kind, seed_base + seed * 10_000 + 5_000 + i) for i in range(n_ood)]
     cases = []
     for done, (kind, phantom_seed) in enumerate(plan):
         phantom = make_phantom(kind, size, phantom_seed)

@@ -10,8 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from klviewer.errors import KlviewerInputError
+from klviewer.errors import KlviewerError, KlviewerInputError
 from klviewer.inference.analysis import AnalysisSettings
+from klviewer.io.safe_write import atomic_write_text
+from klviewer.priors.checkpoint import prior_fingerprint
 
 CALIBRATION_FILE = "calibration.json"
 SCALE_KEYS = ("views", "dose_i0", "noise_sigma", "steps", "samples", "patch", "sigma_window", "guidance")
@@ -36,11 +38,40 @@ def read_calibrations(prior_path: Path) -> list[dict[str, Any]]:
     return entries
 
 
+def current_calibrations(prior_path: Path) -> list[dict[str, Any]]:
+    """The entries that apply to the prior's weights as they are now.
+
+    A threshold measured with other weights (a prior retrained in place) does not apply.
+    Entries without a recorded weights hash are taken as they are.
+    """
+    entries = read_calibrations(prior_path)
+    if not any("prior_sha256" in e for e in entries):
+        return entries
+    fingerprint = prior_fingerprint(prior_path)
+    return [e for e in entries if e.get("prior_sha256", fingerprint) == fingerprint]
+
+
 def flag_threshold_for(prior_path: Path, settings: AnalysisSettings) -> float | None:
     """The calibrated threshold for these settings, or None when there is none."""
     key = calibration_key(settings)
-    for entry in read_calibrations(prior_path):
+    for entry in current_calibrations(prior_path):
         if entry.get("settings") == key:
             return float(entry["threshold"])
     return None
 
+
+
+def write_calibration(prior_path: Path, entry: dict[str, Any], overwrite: bool = False) -> Path:
+    """Add `entry` (with its "settings" key) to the prior's calibration.json, atomically.
+
+    Entries for other settings are kept. An entry for the same settings is replaced only with
+    `overwrite`, because a threshold in use should not change silently.
+    """
+    entries = read_calibrations(prior_path)
+    same = [e for e in entries if e.get("settings") == entry["settings"]]
+    if same and not overwrite:
+        raise KlviewerError(f"{prior_path / CALIBRATION_FILE}: already holds a threshold ({same[0].get('threshold')}) "
+                            "for these settings; pass overwrite to replace it")
+    kept = [e for e in entries if e.get("settings") != entry["settings"]]
+    doc = {"calibrations": [*kept, entry]}
+    return atomic_write_text(prior_path / CALIBRATION_FILE, json.dumps(doc, indent=2) + "\n", overwrite=True)

@@ -9,7 +9,6 @@ Layout of DIR (the analysis contract):
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import threading
@@ -27,22 +26,13 @@ from klviewer.inference.calibration import flag_threshold_for
 from klviewer.inference.measurements import plan_series
 from klviewer.io.loader import open_images
 from klviewer.io.safe_write import OutputExistsError, atomic_write_text
-from klviewer.priors.checkpoint import DEFAULT_PRIOR, WEIGHTS_FILE, load_prior, resolve_prior_path
+from klviewer.priors.checkpoint import DEFAULT_PRIOR, load_prior, prior_fingerprint, resolve_prior_path
 
 CSV_COLUMNS = [
     "input", "case", "slice_index", "score", "total_kl", "flagged", "views", "dose_i0", "noise_sigma",
     "steps", "samples", "patch", "sigma_lo", "sigma_hi", "seed", "prior", "seconds", "file",
     "source_kind", "series_uid", "source_file", "sop_instance_uid",
 ]
-
-
-def prior_fingerprint(prior_path: Path) -> str:
-    weights = prior_path / WEIGHTS_FILE
-    digest = hashlib.sha256()
-    with open(weights, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _inside(child: Path, parent: Path) -> bool:

@@ -6,6 +6,8 @@ checkpoint from an untrusted source cannot run code.
 
 from __future__ import annotations
 
+import hashlib
+
 import os
 from pathlib import Path
 
@@ -152,3 +154,12 @@ def state_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | Non
     """Serialise tensors (moved to the CPU) as safetensors bytes."""
     return save_safetensors_bytes({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()},
                                   metadata=metadata)
+
+
+def prior_fingerprint(prior_path: Path) -> str:
+    """SHA-256 of the prior's weights file: what reports and calibrations record as its identity."""
+    digest = hashlib.sha256()
+    with open(Path(prior_path) / WEIGHTS_FILE, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

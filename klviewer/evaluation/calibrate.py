@@ -1,0 +1,84 @@
+"""`klviewer calibrate`: a flag threshold for one prior and one set of analysis settings.
+
+The threshold is the score that at most a fraction `fpr` of held-out healthy phantoms exceed.
+Healthy slices come from their own seed range (CALIBRATION_SEED_BASE), so they overlap neither
+the training pool nor the detection benchmark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from klviewer.devices import resolve_device
+from klviewer.errors import KlviewerError
+from klviewer.evaluation.detection import CALIBRATION_SEED_BASE, run_cases
+from klviewer.inference.analysis import AnalysisSettings
+from klviewer.inference.calibration import calibration_key, write_calibration
+from klviewer.priors.checkpoint import load_prior, prior_fingerprint, resolve_prior_path
+
+
+@dataclass
+class Calibration:
+    threshold: float
+    fpr: float
+    scores: np.ndarray
+    """Healthy image scores (nats), in phantom order."""
+    entry: dict[str, Any]
+    """What was written to calibration.json."""
+    path: Path | None
+
+
+def threshold_at_fpr(healthy_scores: np.ndarray, fpr: float) -> float:
+    """The smallest observed score that at most `fpr` of the healthy scores exceed (flag: score > threshold)."""
+    if not 0 <= fpr < 1:
+        raise KlviewerError(f"false-positive rate must be in [0, 1), got {fpr}")
+    if healthy_scores.size == 0 or not np.isfinite(healthy_scores).all():
+        raise KlviewerError("calibration needs finite scores from at least one healthy slice")
+    ordered = np.sort(healthy_scores)
+    allowed = int(np.floor(fpr * ordered.size))
+    return float(ordered[ordered.size - 1 - allowed])
+
+
+def calibrate_prior(
+    prior: str | Path,
+    settings: AnalysisSettings,
+    *,
+    n: int = 20,
+    fpr: float = 0.05,
+    seed: int = 0,
+    cache: Path | None = None,
+    write: bool = True,
+    overwrite: bool = False,
+    command: str = "",
+    progress: Callable[[int, int], None] | None = None,
+) -> Calibration:
+    """Score `n` healthy phantoms with `settings` and set the threshold at false-positive rate `fpr`."""
+    device = resolve_device(settings.device)
+    prior_path = resolve_prior_path(prior)
+    model = load_prior(prior_path, device=device)
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    cases = run_cases(model, settings, n_id=n, n_ood=0, seed=seed, seed_base=CALIBRATION_SEED_BASE, cache=cache,
+                      device=device, progress=progress)
+    scores = np.array([c.result.score for c in cases])
+    threshold = threshold_at_fpr(scores, fpr)
+    entry = {
+        "settings": calibration_key(settings),
+        "threshold": threshold,
+        "fpr": fpr,
+        "n_healthy": int(scores.size),
+        "healthy_exceeding": int((scores > threshold).sum()),
+        "healthy_scores": {"min": float(scores.min()), "median": float(np.median(scores)), "max": float(scores.max())},
+        "phantom_seeds": [c.seed for c in cases],
+        "prior_sha256": prior_fingerprint(prior_path),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+    }
+    path = write_calibration(prior_path, entry, overwrite=overwrite) if write else None
+    return Calibration(threshold, fpr, scores, entry, path)

@@ -186,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_train(sub)
 
+    from klviewer.export.export_cli import register as register_export
+
+    register_export(sub)
+
     ev = sub.add_parser("evaluate", help="benchmarks on generated phantoms")
     ev_sub = ev.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     det = ev_sub.add_parser("detect", help="KLIP vs. baselines: dataset-level and localisation AUROC, ROC plots")

@@ -25,7 +25,7 @@ class PlannedSeries:
     series: Series
     case: str
     source: str
-    """The series' first file (or its uid when it has no file): what reports call the input."""
+    """The series' first file as an absolute path (or its uid when it has no file): what reports call the input."""
     indices: list[int]
 
     def slice_source(self, index: int) -> dict[str, str | None]:
@@ -34,7 +34,7 @@ class PlannedSeries:
         return {
             "source_kind": self.series.source_kind,
             "series_uid": self.series.uid,
-            "source_file": str(sl.source) if sl is not None and sl.source is not None else self.source,
+            "source_file": str(Path(sl.source).resolve()) if sl is not None and sl.source is not None else self.source,
             "sop_instance_uid": sl.sop_instance_uid if sl is not None else None,
         }
 
@@ -97,7 +97,7 @@ def plan_series(catalog: Catalog, slices: str = "all") -> SeriesPlan:
     plan = SeriesPlan(skipped=[{"path": str(s.path), "reason": s.reason} for s in catalog.skipped])
     taken: set[str] = set()
     for series in catalog.all_series():
-        source = str(series.files[0] if series.files else series.uid)
+        source = str(series.files[0].resolve()) if series.files else series.uid
         refusal = series.analysis_refusal()
         if refusal:
             plan.skipped.append({"path": source, "reason": refusal})

@@ -1,0 +1,451 @@
+"""`export_results`: flagged (or all) cases of a results folder -> one folder per case, plus tables.
+
+Safety rules, in the order they are checked:
+1. the results folder is read and checked completely before anything is written;
+2. the export folder may not overlap the results folder or any source folder;
+3. existing case folders and tables are refused up front unless `overwrite`;
+4. each case is written into a hidden staging folder inside the export folder and renamed into
+   place only when complete, so a full disk or a permission error leaves no half-written case;
+   the failure is recorded against that case (`CaseExport.error`) and the other cases go on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from klviewer import __version__
+from klviewer.errors import KlviewerError, KlviewerInputError
+from klviewer.export.deidentify import Pseudonymizer, mark_deidentified
+from klviewer.export.dicom_objects import (
+    DicomSkip,
+    load_sources,
+    parametric_map,
+    secondary_capture,
+    segmentation,
+    source_hu,
+    source_window,
+)
+from klviewer.export.geometry import to_source_grid
+from klviewer.export.images import (
+    SOFT_TISSUE_WINDOW,
+    OverlayStyle,
+    add_colorbar,
+    grey_uint8,
+    overlay_rgb,
+    write_png,
+)
+from klviewer.export.pdf_report import ReportContext, write_report_pdf
+from klviewer.export.results import CaseEntry, ResultsFolder, SliceEntry, read_results
+from klviewer.export.tables import CASES_CSV, CASES_JSON, write_case_tables
+from klviewer.inference.analysis import SliceResult, load_slice_result
+from klviewer.io.safe_write import OutputExistsError, atomic_write
+
+EXPORT_FORMATS = ("dicom", "png", "pdf", "csv")
+CASE_FORMATS = ("dicom", "png", "pdf")
+"""Formats written into a case folder; `csv` only writes the tables beside the case folders."""
+REPORT_FILE = "report.pdf"
+
+
+@dataclass
+class CaseExport:
+    """What happened to one case: its folder and files, the parts left out and why, or the error."""
+
+    case: str
+    folder: Path | None
+    files: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class ExportReport:
+    out: Path
+    cases: list[CaseExport]
+    table_files: list[Path]
+    cancelled: bool = False
+    """The cancel event stopped the export between cases; `cases` holds those finished before."""
+
+    @property
+    def failed(self) -> list[CaseExport]:
+        return [c for c in self.cases if c.error is not None]
+
+
+@dataclass
+class _Job:
+    """One export's resolved settings, shared by every case."""
+
+    results: ResultsFolder
+    out: Path
+    formats: frozenset[str]
+    threshold: float | None
+    threshold_source: str
+    selection_threshold: float | None
+    """The export's own threshold (None: use the analysis' flags)."""
+    pseudonyms: Pseudonymizer | None
+    overwrite: bool
+    notes: dict[str, str]
+    date: str
+
+
+def export_results(
+    results_dir: str | Path,
+    out: str | Path,
+    *,
+    flagged_only: bool = True,
+    formats: Sequence[str] = EXPORT_FORMATS,
+    flag_threshold: float | None = None,
+    deidentify: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    notes: dict[str, str] | None = None,
+    cases: Sequence[str] | None = None,
+    cancel: threading.Event | None = None,
+) -> ExportReport:
+    """Export cases of a `klviewer analyze` results folder into `out`, one folder per case.
+
+    A case is flagged when any of its slices is: score above `flag_threshold` (nats) when given,
+    else as the analysis flagged it. `cases` names the cases to export explicitly (e.g. those
+    flagged by hand in the app) and then overrides `flagged_only`. `notes` maps case names to
+    free text for the PDF and the tables. Refusals raise KlviewerError before anything is
+    written; a case that fails while being written is reported in `ExportReport.failed`.
+    Setting `cancel` stops between cases: finished cases stay, and the tables list them.
+    """
+    chosen = _check_formats([formats] if isinstance(formats, str) else formats)
+    if flag_threshold is not None and not (math.isfinite(flag_threshold) and flag_threshold > 0):
+        raise KlviewerInputError(None, f"flag threshold must be a positive number of nats, got {flag_threshold!r}")
+    results = read_results(results_dir)
+    out = Path(out)
+    if flag_threshold is not None:
+        threshold, source = float(flag_threshold), "export --flag-threshold"
+    else:
+        threshold, source = results.analysis_threshold
+    if cases is not None:
+        selection = "named cases"
+        selected = [results.case(name) for name in dict.fromkeys(cases)]
+    elif flagged_only:
+        selection = "flagged cases"
+        selected = [c for c in results.cases if c.flagged_slices(flag_threshold)]
+    else:
+        selection = "all cases"
+        selected = list(results.cases)
+    _check_target(out, results, selected, chosen, overwrite)
+    if not selected:
+        return ExportReport(out, [], [])
+    _prepare_folder(out)
+    job = _Job(results, out, chosen, threshold, source, flag_threshold, Pseudonymizer() if deidentify else None,
+               overwrite, dict(notes or {}), datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    exports: list[CaseExport] = []
+    records: list[dict[str, Any]] = []
+    if progress is not None:
+        progress(0, len(selected))
+    cancelled = False
+    for done, case in enumerate(selected, start=1):
+        if cancel is not None and cancel.is_set():
+            cancelled = True
+            break
+        export, record = _export_case(job, case)
+        exports.append(export)
+        records.append(record)
+        if progress is not None:
+            progress(done, len(selected))
+    tables = write_case_tables(out, _table_header(job, selection), records, overwrite=overwrite) if "csv" in chosen else []
+    return ExportReport(out, exports, tables, cancelled)
+
+
+def _check_formats(formats: Sequence[str]) -> frozenset[str]:
+    """The chosen formats; a single comma-separated string ("dicom,pdf") is accepted too."""
+    chosen = frozenset(f.strip().lower() for item in formats for f in item.split(",") if f.strip())
+    unknown = sorted(chosen - set(EXPORT_FORMATS))
+    if unknown or not chosen:
+        raise KlviewerInputError(None, f"export formats must be some of {', '.join(EXPORT_FORMATS)}; got {list(formats)}")
+    return chosen
+
+
+def _check_target(out: Path, results: ResultsFolder, selected: Sequence[CaseEntry], formats: frozenset[str],
+                  overwrite: bool) -> None:
+    # Relative source paths from another working folder would resolve against ours: only
+    # paths that are absolute or exist here say anything about where the sources are.
+    sources = {Path(s.source_file) for c in results.cases for s in c.slices if s.source_file}
+    folders = {results.path, *(p.parent for p in sources if p.is_absolute() or p.exists())}
+    for folder in sorted(folders):
+        # Both directions: a source folder inside the export could be taken for a case folder
+        # and replaced under overwrite.
+        if _within(out, folder) or _within(folder, out):
+            raise KlviewerInputError(out, f"export folder overlaps the input {folder}; choose a folder outside "
+                                          "the results and source folders")
+    if out.exists() and not out.is_dir():
+        raise KlviewerInputError(out, "export target exists and is not a folder")
+    if overwrite:
+        return
+    folders = [out / c.name for c in selected] if formats & set(CASE_FORMATS) else []
+    targets = folders + ([out / CASES_CSV, out / CASES_JSON] if "csv" in formats and selected else [])
+    existing = next((t for t in targets if t.exists() or t.is_symlink()), None)
+    if existing is not None:
+        raise OutputExistsError(existing)
+
+
+def _within(child: Path, parent: Path) -> bool:
+    return child.resolve().is_relative_to(parent.resolve())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_DIR_MODE = 0o777 & ~_umask()
+
+
+def _prepare_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=".klviewer-write-test-", dir=out)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise KlviewerInputError(out, f"cannot write the export here ({exc.strerror or exc})") from exc
+
+
+def _export_case(job: _Job, case: CaseEntry) -> tuple[CaseExport, dict[str, Any]]:
+    skipped: list[str] = []
+    if not job.formats & set(CASE_FORMATS):
+        # Tables only: no case folder, but the tables still say who the patient is.
+        export = CaseExport(case.name, None)
+        return export, _record(job, case, export, {"patient": _sources(job, case, skipped).patient})
+    staging: Path | None = None
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{case.name}.", suffix=".partial", dir=job.out))
+        os.chmod(staging, _DIR_MODE)  # mkdtemp makes it owner-only; a published case gets the usual mode
+        written, info = _write_case(job, case, staging, skipped)
+        folder = _publish(staging, job.out / case.name, job.overwrite)
+    except (OSError, KlviewerError) as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        export = CaseExport(case.name, None, [], skipped, f"{type(exc).__name__}: {exc}")
+        return export, _record(job, case, export, {})
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    export = CaseExport(case.name, folder, [folder / p.relative_to(staging) for p in written], skipped)
+    return export, _record(job, case, export, info)
+
+
+def _publish(staging: Path, target: Path, overwrite: bool) -> Path:
+    """Move the finished staging folder to `target`; an old target is replaced only under overwrite."""
+    if not (target.exists() or target.is_symlink()):
+        os.rename(staging, target)
+        return target
+    if not overwrite:
+        raise OutputExistsError(target)
+    backup = target.with_name(f".{target.name}.{secrets.token_hex(4)}.replaced")
+    os.rename(target, backup)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        os.rename(backup, target)
+        raise
+    if backup.is_dir() and not backup.is_symlink():
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        backup.unlink()
+    return target
+
+
+@dataclass
+class _Sources:
+    datasets: list[Dataset] | None
+    patient: str
+    window: tuple[float, float]
+
+
+def _sources(job: _Job, case: CaseEntry, skipped: list[str]) -> _Sources:
+    """The case's DICOM sources (pseudonymised when asked), who the patient is, and the display window."""
+    want_dicom = "dicom" in job.formats
+    try:
+        datasets = load_sources(case.slices, pixels=want_dicom)
+    except DicomSkip as exc:
+        if want_dicom:
+            skipped.append(f"dicom: {exc}")
+        no_patient = "not recorded (array or sinogram input)" if case.source_kind != "dicom" else f"unknown ({exc})"
+        return _Sources(None, no_patient, SOFT_TISSUE_WINDOW)
+    if job.pseudonyms is not None:
+        datasets = [job.pseudonyms.apply(ds) for ds in datasets]
+    first = datasets[0]
+    date = str(first.get("StudyDate", "") or "")
+    date = f"{date[:4]}-{date[4:6]}-{date[6:8]}" if len(date) == 8 and date.isdigit() else date
+    patient = f"{first.get('PatientName', '')} (ID {first.get('PatientID', '')})" + (f", study date {date}" if date else "")
+    return _Sources(datasets if want_dicom else None, patient, source_window(first) or SOFT_TISSUE_WINDOW)
+
+
+def _caption(entry: SliceEntry, flagged: bool, threshold: float | None) -> str:
+    """The line burned into overlays: no patient data, so it is safe under de-identification too."""
+    flag = "FLAGGED" if flagged else "not flagged"
+    limit = f" (> {threshold:.4g})" if flagged and threshold is not None else ""
+    return f"slice {entry.slice_index}   score {entry.score:.4g} nats   {flag}{limit}"
+
+
+def _write_case(job: _Job, case: CaseEntry, staging: Path, skipped: list[str]) -> tuple[list[Path], dict[str, Any]]:
+    """Everything of one case into `staging`.
+
+    The Parametric Map and Segmentation cover every analysed slice; pictures (PNG, Secondary
+    Capture) are made for the flagged slices, or for the top-scoring slice when none is flagged,
+    so a 300-slice series does not turn into 300 pictures per format.
+    """
+    written: list[Path] = []
+
+    def save(relative: str, write: Callable[[Any], None]) -> None:
+        written.append(atomic_write(staging / relative, write))
+
+    sources = _sources(job, case, skipped)
+    flagged = {s.slice_index for s in case.flagged_slices(job.selection_threshold)}
+    top = case.top
+    pictured = flagged or {top.slice_index}
+    on_source: list[np.ndarray] = []
+    top_result: SliceResult | None = None
+    sc_series, sc_number = generate_uid(), 0
+    for number, entry in enumerate(case.slices):
+        if sources.datasets is None and entry.slice_index not in pictured and entry is not top:
+            continue
+        result = load_slice_result(entry.file)
+        kl = result.kl_map.to_pixels().astype(np.float32)
+        style = OverlayStyle.for_map(kl, job.threshold)
+        caption = _caption(entry, entry.slice_index in flagged, job.threshold)
+        stem = f"{entry.slice_index:04d}"
+        if "png" in job.formats and entry.slice_index in pictured:
+            _save_pngs(save, stem, result, kl, style, sources.window, caption)
+        if sources.datasets is not None:
+            ds = sources.datasets[number]
+            hu = source_hu(ds)
+            kl_source = to_source_grid(kl, hu.shape)
+            on_source.append(kl_source)
+            if entry.slice_index in pictured:
+                sc_number += 1
+                rgb = add_colorbar(overlay_rgb(hu, kl_source, sources.window, style), style, caption)
+                sc = secondary_capture(ds, rgb, series_uid=sc_series, instance_number=sc_number)
+                save(f"dicom/secondary_capture_{stem}.dcm", lambda f, sc=sc: _save_dicom(job, sc, f))
+        if entry is top:
+            top_result = result
+    if sources.datasets is not None:
+        _save_maps(job, case, sources.datasets, np.stack(on_source), save, skipped)
+    if "pdf" in job.formats and top_result is not None:
+        ctx = _report_context(job, case, sources.patient, flagged)
+        kl = top_result.kl_map.to_pixels().astype(np.float32)
+        style = OverlayStyle.for_map(kl, job.threshold)
+        save(REPORT_FILE, lambda f: write_report_pdf(f, ctx, _panels(top_result, kl, style, sources.window), style))
+    return written, {"patient": sources.patient}
+
+
+def _save_pngs(save: Callable[[str, Callable[[Any], None]], None], stem: str, result: SliceResult, kl: np.ndarray,
+               style: OverlayStyle, window: tuple[float, float], caption: str) -> None:
+    overlay = add_colorbar(overlay_rgb(result.recon_hu, kl, window, style), style, caption)
+    images = {"overlay": overlay, "reconstruction": grey_uint8(result.recon_hu, window),
+              "fbp": grey_uint8(result.fbp_hu, window)}
+    if result.original_hu is not None:
+        images["original"] = grey_uint8(result.original_hu, window)
+    for name, image in images.items():
+        save(f"png/{stem}_{name}.png", lambda f, image=image: write_png(f, image))
+
+
+def _save_maps(job: _Job, case: CaseEntry, datasets: list[Dataset], kl_maps: np.ndarray,
+               save: Callable[[str, Callable[[Any], None]], None], skipped: list[str]) -> None:
+    threshold = job.threshold
+    upper = 2.0 * threshold if threshold is not None else float(kl_maps.max())
+    pm = parametric_map(datasets, kl_maps, levels=(0.0, upper if upper > 0 else 1.0),
+                        description=f"KL per {case.slices[0].row.get('patch', '?')} px patch, nats")
+    save("dicom/parametric_map.dcm", lambda f: _save_dicom(job, pm, f))
+    if threshold is None:
+        skipped.append("dicom segmentation: no flag threshold (none calibrated for these settings; pass a flag threshold)")
+        return
+    masks = kl_maps > threshold
+    if not masks.any():
+        skipped.append(f"dicom segmentation: no patch above the flag threshold {threshold:.4g} nats")
+        return
+    seg = segmentation(datasets, masks, threshold=threshold, patch=int(case.slices[0].row.get("patch") or 0),
+                       prior_sha256=str(job.results.prior.get("sha256", "")))
+    save("dicom/segmentation.dcm", lambda f: _save_dicom(job, seg, f))
+
+
+def _save_dicom(job: _Job, ds: Dataset, handle: Any) -> None:
+    if job.pseudonyms is not None:
+        mark_deidentified(ds)
+    ds.save_as(handle, enforce_file_format=True)
+
+
+def _panels(result: SliceResult, kl: np.ndarray, style: OverlayStyle,
+            window: tuple[float, float]) -> list[tuple[str, np.ndarray]]:
+    panels = [("Reconstruction (posterior mean) + KL", overlay_rgb(result.recon_hu, kl, window, style))]
+    if result.original_hu is not None:
+        panels.append(("Original (on the prior's grid)", grey_uint8(result.original_hu, window)))
+    panels.append(("FBP of the measurement", grey_uint8(result.fbp_hu, window)))
+    if result.original_hu is None:
+        spread = float(result.posterior_std_hu.max()) or 1.0
+        panels.append(("Posterior std (0 to max)", grey_uint8(result.posterior_std_hu, (spread / 2, spread))))
+    return panels
+
+
+def _report_context(job: _Job, case: CaseEntry, patient: str, flagged: set[int]) -> ReportContext:
+    summary = job.results.summary
+    return ReportContext(
+        case=case, patient=patient, flagged_slices=flagged, threshold=job.threshold, threshold_source=job.threshold_source,
+        note=job.notes.get(case.name, ""), settings=job.results.settings, prior=job.results.prior,
+        analysis_version=str(summary.get("klviewer_version", "unknown")), analysis_date=str(summary.get("created", "unknown")),
+        export_date=job.date,
+    )
+
+
+def _record(job: _Job, case: CaseEntry, export: CaseExport, info: dict[str, Any]) -> dict[str, Any]:
+    """The case's row in cases.csv / cases.json; identifiers are pseudonymised under de-identification."""
+    flagged = {s.slice_index for s in case.flagged_slices(job.selection_threshold)}
+    top = case.top
+
+    def uid(value: str | None) -> str:
+        if not value:
+            return ""
+        if job.pseudonyms is None:
+            return value
+        return job.pseudonyms.uid(value) if case.source_kind == "dicom" else ""
+
+    slices = []
+    for s in case.slices:
+        item: dict[str, Any] = {"slice_index": s.slice_index, "score": s.score, "total_kl": s.total_kl,
+                                "flagged": s.slice_index in flagged, "result_file": str(s.row["file"]),
+                                "sop_instance_uid": uid(s.sop_instance_uid)}
+        if job.pseudonyms is None:
+            item["source_file"] = s.source_file
+        slices.append(item)
+    return {
+        "case": case.name, "status": "failed" if export.error else "exported", "flagged": bool(flagged),
+        "score": top.score, "top_slice": top.slice_index, "total_kl": top.total_kl, "slices": slices,
+        "flagged_slices": len(flagged), "flag_threshold": job.threshold, "source_kind": case.source_kind or "",
+        "patient": info.get("patient", ""), "series_uid": uid(top.series_uid),
+        "folder": case.name if export.folder is not None else "",
+        "files": [str(p.relative_to(job.out)) for p in export.files], "skipped": export.skipped,
+        "error": export.error or "", "note": job.notes.get(case.name, ""),
+    }
+
+
+def _table_header(job: _Job, selection: str) -> dict[str, Any]:
+    summary = job.results.summary
+    return {
+        "klviewer_version": __version__, "exported": job.date, "results": str(job.results.path),
+        "analysis": {"klviewer_version": summary.get("klviewer_version"), "created": summary.get("created"),
+                     "settings": job.results.settings},
+        "prior": {k: job.results.prior.get(k) for k in ("name", "sha256")},
+        "flag_threshold": job.threshold, "flag_threshold_source": job.threshold_source,
+        "selection": selection, "formats": sorted(job.formats), "deidentified": job.pseudonyms is not None,
+    }

@@ -1,0 +1,120 @@
+"""Pictures of a result: windowed CT, the KL heat map blended over it, and a version with a colour bar.
+
+The overlay follows the app's conventions so an exported picture looks like the screen:
+inferno colours from 0 to twice the flag threshold (0 to the slice's peak without one),
+patches below a fifth of the peak left transparent, flagged patches outlined in cyan.
+Figures are drawn with matplotlib's Agg canvas directly (no pyplot), so exporting from a
+background thread of the app is safe.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image  # matplotlib's own image dependency
+
+SOFT_TISSUE_WINDOW = (40.0, 400.0)
+"""(center, width) in HU when the source has no window of its own."""
+OVERLAY_OPACITY = 0.6
+DISPLAY_FRACTION = 0.2
+"""Patches below this fraction of the slice's largest patch are not coloured (the app's default)."""
+OUTLINE_RGB = (0.0, 230 / 255, 1.0)
+COLORMAP = "inferno"
+_MIN_FIGURE_PIXELS = 384
+
+
+@dataclass(frozen=True)
+class OverlayStyle:
+    """How one slice's KL map is coloured."""
+
+    levels: tuple[float, float]
+    """Colour bar range in nats."""
+    cut: float
+    """KL below this is left transparent."""
+    threshold: float | None
+    """Patches above this are outlined."""
+
+    @classmethod
+    def for_map(cls, kl_pixels: np.ndarray, threshold: float | None) -> OverlayStyle:
+        peak = float(np.max(kl_pixels)) if kl_pixels.size else 0.0
+        upper = 2.0 * threshold if threshold is not None else peak
+        return cls(levels=(0.0, upper if upper > 0 else 1.0), cut=DISPLAY_FRACTION * peak, threshold=threshold)
+
+    def flagged_mask(self, kl_pixels: np.ndarray) -> np.ndarray:
+        if self.threshold is None:
+            return np.zeros(kl_pixels.shape, bool)
+        return kl_pixels > self.threshold
+
+
+def windowed(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """HU to 0..1 grey with a (center, width) window."""
+    center, width = window
+    return np.clip((np.asarray(hu, np.float64) - (center - width / 2.0)) / width, 0.0, 1.0)
+
+
+def grey_uint8(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    return np.round(windowed(hu, window) * 255).astype(np.uint8)
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels of `mask` with a 4-neighbour outside it (image borders count as outside)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~interior
+
+
+def overlay_rgb(base_hu: np.ndarray, kl_pixels: np.ndarray, window: tuple[float, float], style: OverlayStyle,
+                opacity: float = OVERLAY_OPACITY) -> np.ndarray:
+    """(H, W, 3) uint8: the windowed base image, the KL heat map blended in, flagged patches outlined."""
+    if base_hu.shape != kl_pixels.shape:
+        raise ValueError(f"base image {base_hu.shape} and KL map {kl_pixels.shape} differ in shape")
+    grey = windowed(base_hu, window)[..., None].repeat(3, axis=2)
+    lo, hi = style.levels
+    colours = matplotlib.colormaps[COLORMAP](np.clip((kl_pixels - lo) / (hi - lo), 0.0, 1.0))[..., :3]
+    shown = (kl_pixels > 0) & (kl_pixels >= style.cut)
+    alpha = np.where(shown, opacity, 0.0)[..., None]
+    rgb = grey * (1.0 - alpha) + colours * alpha
+    rgb[_outline(style.flagged_mask(kl_pixels))] = OUTLINE_RGB
+    return np.round(rgb * 255).astype(np.uint8)
+
+
+def add_colorbar(rgb: np.ndarray, style: OverlayStyle, caption: str) -> np.ndarray:
+    """The picture with a KL colour bar (nats) on its right and a caption line above, as uint8 RGB.
+
+    Small images are enlarged by a whole factor (nearest) so the text stays readable.
+    """
+    h, w = rgb.shape[:2]
+    scale = max(1, math.ceil(_MIN_FIGURE_PIXELS / max(h, w)))
+    image = np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
+    dpi = 100
+    bar_px, caption_px = 110, 28
+    fig_w, fig_h = w * scale + bar_px, h * scale + caption_px
+    fig = Figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi, facecolor="black")
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, 0, w * scale / fig_w, h * scale / fig_h))
+    ax.imshow(image, interpolation="nearest")
+    ax.set_axis_off()
+    cax = fig.add_axes(((w * scale + 14) / fig_w, 0.08, 18 / fig_w, 0.8 * h * scale / fig_h))
+    bar = fig.colorbar(ScalarMappable(Normalize(*style.levels), COLORMAP), cax=cax)
+    bar.set_label("KL (nats)", color="white")
+    bar.ax.yaxis.set_major_locator(MaxNLocator(6))
+    bar.ax.tick_params(colors="white", labelsize=8)
+    if style.threshold is not None and style.levels[0] <= style.threshold <= style.levels[1]:
+        bar.ax.axhline(style.threshold, color=OUTLINE_RGB, linewidth=1.5)
+    fig.text(0.01, 1 - 0.5 * caption_px / fig_h, caption, color="white", fontsize=9, va="center")
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def write_png(handle: BinaryIO, image: np.ndarray) -> None:
+    """Write a (H, W) grey or (H, W, 3) RGB uint8 image as PNG."""
+    Image.fromarray(image).save(handle, format="PNG")

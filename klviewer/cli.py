@@ -190,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_export(sub)
 
+    from klviewer.batch.batch_cli import register as register_batch
+
+    register_batch(sub)
+
     ev = sub.add_parser("evaluate", help="benchmarks on generated phantoms")
     ev_sub = ev.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     det = ev_sub.add_parser("detect", help="KLIP vs. baselines: dataset-level and localisation AUROC, ROC plots")

@@ -18,12 +18,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from klviewer import __version__
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.analysis import AnalysisSettings, SliceResult, analyze_prepared, prepare_slice
 from klviewer.inference.calibration import flag_threshold_for
-from klviewer.inference.measurements import plan_series
+from klviewer.inference.measurements import SeriesPlan, plan_series
 from klviewer.io.loader import open_images
 from klviewer.io.safe_write import OutputExistsError, atomic_write_text
 from klviewer.priors.checkpoint import DEFAULT_PRIOR, load_prior, prior_fingerprint, resolve_prior_path
@@ -59,6 +61,23 @@ class AnalysisRun:
     skipped: list[dict[str, str]] = field(default_factory=list)
 
 
+@dataclass
+class LoadedPrior:
+    """A prior loaded once, with what every results folder records about it."""
+
+    path: Path
+    model: Any
+    device: torch.device
+    threshold: float | None
+    fingerprint: str
+
+    @classmethod
+    def load(cls, prior: str | Path, settings: AnalysisSettings) -> "LoadedPrior":
+        device = resolve_device(settings.device)
+        path = resolve_prior_path(prior)
+        return cls(path, load_prior(path, device=device), device, flag_threshold_for(path, settings), prior_fingerprint(path))
+
+
 def run_analysis(
     inputs: Sequence[str | Path],
     out: str | Path,
@@ -76,28 +95,42 @@ def run_analysis(
     check_output_folder(out, inputs)
     if (out / "summary.json").exists() and not overwrite:
         raise OutputExistsError(out / "summary.json")
-    device = resolve_device(settings.device)
-    prior_path = resolve_prior_path(prior)
-    model = load_prior(prior_path, device=device)
-    threshold = flag_threshold_for(prior_path, settings)
-    fingerprint = prior_fingerprint(prior_path)
-
+    loaded = LoadedPrior.load(prior, settings)
     plan = plan_series(open_images(inputs), slices)
+    return analyze_plan(plan, out, settings, loaded, overwrite=overwrite, progress=progress, cancel=cancel,
+                        on_slice=on_slice)
+
+
+def analyze_plan(
+    plan: SeriesPlan,
+    out: Path,
+    settings: AnalysisSettings,
+    loaded: LoadedPrior,
+    *,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
+    on_slice: Callable[[dict[str, Any], SliceResult], None] | None = None,
+) -> AnalysisRun:
+    """Analyse every planned slice with an already loaded prior and write the results folder `out`.
+
+    `progress(done, total)` counts sampler steps over the whole plan.
+    """
     run = AnalysisRun(out=out, skipped=plan.skipped)
     steps_per_slice = settings.steps * settings.samples
     total = steps_per_slice * plan.n_slices
     done_before = 0
     for planned in plan.series:
         for index in planned.indices:
-            prepared = prepare_slice(planned.series, index, model, settings, device)
+            prepared = prepare_slice(planned.series, index, loaded.model, settings, loaded.device)
             base = done_before
 
             def slice_progress(done: int, _total: int, base: int = base) -> None:
                 if progress is not None:
                     progress(base + done, total)
 
-            result = analyze_prepared(prepared, model, settings, prior_name=prior_path.name, flag_threshold=threshold,
-                                      progress=slice_progress, cancel=cancel)
+            result = analyze_prepared(prepared, loaded.model, settings, prior_name=loaded.path.name,
+                                      flag_threshold=loaded.threshold, progress=slice_progress, cancel=cancel)
             done_before += steps_per_slice
             target = out / planned.case / f"{index:04d}.npz"
             result.save_npz(target, overwrite=overwrite)
@@ -106,7 +139,7 @@ def run_analysis(
             run.rows.append(row)
             if on_slice is not None:
                 on_slice(row, result)
-    _write_summary(run, settings, prior_path, fingerprint, threshold, overwrite)
+    _write_summary(run, settings, loaded.path, loaded.fingerprint, loaded.threshold, overwrite)
     return run
 
 

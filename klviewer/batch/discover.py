@@ -1,0 +1,188 @@
+"""Finding the studies under a batch's inputs, without reading any pixel data.
+
+A study is what the loaders make one: DICOM files sharing a (PatientID, StudyInstanceUID), and
+each array or sinogram file on its own (`read_array_image` and `read_sinogram` give every file
+its own study). Discovery reads only DICOM headers, JSON sidecars and npz directories, so it
+stays quick on an archive; each study is loaded in full only by the worker that analyses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import zipfile
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.uid import MediaStorageDirectoryStorage
+
+from klviewer.errors import KlviewerInputError
+from klviewer.io.arrays import ARRAY_SUFFIXES, NPZ_IMAGE_KEYS
+from klviewer.io.sidecar import read_json_sidecar
+from klviewer.io.sinogram import RAW_SUFFIXES, is_sinogram_sidecar
+
+_HEADER_TAGS = ["PatientID", "PatientName", "StudyInstanceUID", "StudyDate", "StudyDescription"]
+
+
+@dataclass(frozen=True)
+class StudyJob:
+    """One unit of batch work: the files of one study, analysed together into one folder."""
+
+    id: str
+    """Folder name under studies/ and key of the manifest: readable, filesystem-safe, stable."""
+    key: str
+    """What identifies the study across runs: 'dicom:<patient>|<study uid>' or 'file:<resolved path>'."""
+    kind: str
+    """'dicom', 'array' or 'sinogram'."""
+    inputs: tuple[str, ...]
+    patient_id: str = ""
+    study_uid: str = ""
+    description: str = ""
+    date: str = ""
+
+
+@dataclass
+class Discovery:
+    studies: list[StudyJob] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    """{"path", "reason"} for every file that belongs to no study."""
+
+
+def study_id(readable: str, key: str) -> str:
+    """`readable` made safe for a folder name, plus a hash of `key` so that ids never collide."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", readable).strip("._-")[:48] or "study"
+    return f"{stem}-{hashlib.sha1(key.encode('utf-8')).hexdigest()[:8]}"
+
+
+def _files_under(inputs: Sequence[str | Path]) -> list[Path]:
+    files: dict[str, Path] = {}
+    for raw in inputs:
+        path = Path(raw)
+        if not path.exists():
+            raise KlviewerInputError(path, "does not exist")
+        if path.is_file() and path.name.upper() == "DICOMDIR":
+            path = path.parent  # its records point into this folder, which is walked instead
+        if path.is_file():
+            files.setdefault(os.path.realpath(path), path)
+            continue
+        if not path.is_dir():
+            raise KlviewerInputError(path, "is neither a file nor a folder")
+        for root, dirs, names in os.walk(path, followlinks=False):
+            dirs.sort()
+            for name in sorted(names):
+                f = Path(root) / name
+                files.setdefault(os.path.realpath(f), f)
+    return list(files.values())
+
+
+def _not_dicom_reason(path: Path) -> tuple[str | None, bool]:
+    """(reason it is not DICOM or None, whether pydicom must force-read it), as the reader decides."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(132)
+    except OSError as exc:
+        return f"cannot open file ({exc.strerror or exc})", False
+    if len(head) == 132 and head[128:] == b"DICM":
+        return None, False
+    if head[:2] in (b"\x02\x00", b"\x08\x00"):
+        return None, True
+    return ("not a DICOM file (no 'DICM' marker and no DICOM header)" if head else "empty file"), False
+
+
+def _npz_refusal(path: Path) -> str | None:
+    """Why an npz holds no image (e.g. a mask file beside the images), read from its zip index only.
+
+    An npz that cannot be opened at all is left to the loader, so that it fails as a study and
+    the loader's own message says what is wrong.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            names = list(archive.files)
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+    if len(names) > 1 and "meta" in names:
+        names.remove("meta")
+    if len(names) == 1 or any(k in names for k in NPZ_IMAGE_KEYS):
+        return None
+    return f"npz holds {names or 'no arrays'}, none of them an image ({', '.join(NPZ_IMAGE_KEYS)} or a single array)"
+
+
+def discover_studies(inputs: Sequence[str | Path]) -> Discovery:
+    """Every study under `inputs` (folders are walked; files are taken as they are), sorted by id."""
+    files = _files_under(inputs)
+    found = Discovery()
+    claimed: set[str] = set()
+    array_stems = {f.with_suffix("") for f in files if f.suffix.lower() in ARRAY_SUFFIXES}
+
+    def skip(path: Path, reason: str) -> None:
+        found.skipped.append({"path": str(path), "reason": reason})
+
+    for f in files:
+        if f.suffix.lower() != ".json":
+            continue
+        try:
+            doc = read_json_sidecar(f)
+        except KlviewerInputError as exc:
+            skip(f, exc.problem)
+            continue
+        if is_sinogram_sidecar(doc):
+            data = doc.get("data")
+            named = data.get("file") if isinstance(data, dict) else None
+            claimed.update(os.path.realpath(f.with_suffix(s)) for s in (*ARRAY_SUFFIXES, *RAW_SUFFIXES))
+            if isinstance(named, str):
+                claimed.add(os.path.realpath(f.parent / named))
+            key = f"file:{os.path.realpath(f)}"
+            found.studies.append(StudyJob(study_id(f.stem, key), key, "sinogram", (str(f),), description=f.name))
+        elif f.with_suffix("") not in array_stems:
+            skip(f, "JSON file with no matching array or sinogram data")
+
+    dicom: dict[tuple[str, str], list[Path]] = defaultdict(list)
+    headers: dict[tuple[str, str], pydicom.Dataset] = {}
+    for f in files:
+        suffix = f.suffix.lower()
+        if suffix == ".json" or os.path.realpath(f) in claimed:
+            continue
+        if suffix in ARRAY_SUFFIXES:
+            refusal = _npz_refusal(f) if suffix == ".npz" else None
+            if refusal:
+                skip(f, refusal)
+                continue
+            key = f"file:{os.path.realpath(f)}"
+            found.studies.append(StudyJob(study_id(f.stem, key), key, "array", (str(f),), description=f.name))
+            continue
+        if suffix in RAW_SUFFIXES:
+            skip(f, "raw data without a sinogram sidecar (<name>.json)")
+            continue
+        reason, force = _not_dicom_reason(f)
+        if reason:
+            skip(f, reason)
+            continue
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=force)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged headers
+            skip(f, f"unreadable DICOM header ({type(exc).__name__}: {exc})")
+            continue
+        meta = getattr(ds, "file_meta", None)
+        if f.name.upper() == "DICOMDIR" or (meta is not None and meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage):
+            skip(f, "DICOMDIR: the files it lists are found by walking its folder")
+            continue
+        patient = str(ds.get("PatientID", "") or "") or str(ds.get("PatientName", "") or "") or "UNKNOWN"
+        uid = str(ds.get("StudyInstanceUID", "") or "") or f"no StudyInstanceUID, folder {f.parent}"
+        dicom[(patient, uid)].append(f)
+        headers.setdefault((patient, uid), ds)
+
+    for (patient, uid), members in dicom.items():
+        ds = headers[(patient, uid)]
+        date = str(ds.get("StudyDate", "") or "")
+        key = f"dicom:{patient}|{uid}"
+        found.studies.append(StudyJob(
+            study_id(f"{patient}_{date}" if date else patient, key), key, "dicom", tuple(str(m) for m in members),
+            patient_id=patient, study_uid=uid, description=str(ds.get("StudyDescription", "") or ""), date=date,
+        ))
+    found.studies.sort(key=lambda s: s.id)
+    return found

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from klviewer import __version__
+from klviewer.cli_options import add_analysis_options, positive_float, positive_int, settings_from_args
 from klviewer.errors import KlviewerError
 
 PHANTOM_KINDS = ("healthy", "lesion", "metal", "shift", "mixed")
@@ -39,7 +40,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     from klviewer.inference.runner import run_analysis
 
-    settings = _settings_from_args(args)
+    settings = settings_from_args(args)
     with tqdm(total=0, unit="step", file=sys.stderr, disable=args.quiet, dynamic_ncols=True) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
@@ -54,52 +55,6 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _add_analysis_options(p: argparse.ArgumentParser) -> None:
-    from klviewer.inference.analysis import AnalysisSettings
-    from klviewer.priors.checkpoint import DEFAULT_PRIOR
-
-    d = AnalysisSettings()
-    p.add_argument("--prior", default=DEFAULT_PRIOR, help=f"shipped prior name or prior folder (default {DEFAULT_PRIOR})")
-    p.add_argument("--views", type=_positive_int, default=d.views, help=f"projection views for image inputs (default {d.views})")
-    noise = p.add_mutually_exclusive_group()
-    noise.add_argument("--dose", type=_positive_float, metavar="I0", help="Poisson noise: unattenuated photons per ray")
-    noise.add_argument("--noise", type=_positive_float, metavar="SIGMA", help="Gaussian noise std on line integrals")
-    p.add_argument("--steps", type=_positive_int, default=d.steps, help=f"sampler steps (default {d.steps})")
-    p.add_argument("--samples", type=_positive_int, default=d.samples, help=f"posterior samples (default {d.samples})")
-    p.add_argument("--patch", type=_positive_int, default=d.patch, help=f"KL patch size in pixels (default {d.patch})")
-    p.add_argument("--sigma-window", type=_positive_float, nargs=2, metavar=("LO", "HI"), default=list(d.sigma_window),
-                   help=f"noise levels summed into the KL map (default {d.sigma_window[0]} {d.sigma_window[1]})")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
-    p.add_argument("--guidance", default=d.guidance, choices=("dc", "dps"), help=f"likelihood guidance (default {d.guidance})")
-    p.add_argument("--flag-threshold", type=_positive_float, metavar="NATS",
-                   help="flag slices whose score exceeds this (default: the prior's calibration for these settings)")
-
-
-def _settings_from_args(args: argparse.Namespace):
-    from klviewer.inference.analysis import AnalysisSettings
-
-    return AnalysisSettings(
-        views=args.views, dose_i0=args.dose, noise_sigma=args.noise, steps=args.steps, samples=args.samples,
-        patch=args.patch, sigma_window=tuple(args.sigma_window), seed=args.seed, device=args.device,
-        guidance=args.guidance, flag_threshold=args.flag_threshold,
-    )
-
-
 def _cmd_evaluate_detect(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -107,7 +62,7 @@ def _cmd_evaluate_detect(args: argparse.Namespace) -> int:
 
     with tqdm(total=args.n_id + args.n_ood, unit="slice", file=sys.stderr, dynamic_ncols=True) as bar:
         report = run_detection_benchmark(
-            Path(args.out), _settings_from_args(args), prior=args.prior, n_id=args.n_id, n_ood=args.n_ood,
+            Path(args.out), settings_from_args(args), prior=args.prior, n_id=args.n_id, n_ood=args.n_ood,
             ood_kind=args.ood_kind, seed=args.seed, cache=Path(args.cache) if args.cache else None,
             command="klviewer " + " ".join(sys.argv[1:]), progress=lambda d, t: bar.update(d - bar.n),
         )
@@ -123,7 +78,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     with tqdm(total=args.n, unit="slice", file=sys.stderr, dynamic_ncols=True) as bar:
         cal = calibrate_prior(
-            args.prior, _settings_from_args(args), n=args.n, fpr=args.fpr, seed=args.seed,
+            args.prior, settings_from_args(args), n=args.n, fpr=args.fpr, seed=args.seed,
             cache=Path(args.cache) if args.cache else None, write=not args.dry_run, overwrite=args.overwrite,
             command="klviewer " + " ".join(sys.argv[1:]), progress=lambda d, t: bar.update(d - bar.n),
         )
@@ -179,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--slices", default="all", help="'all', 'mid', or 0-based indices like 0,3,5-7 (default all)")
     an.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     an.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_analysis_options(an)
+    add_analysis_options(an)
     an.set_defaults(func=_cmd_analyze)
 
     from klviewer.priors.train_cli import register as register_train
@@ -198,28 +153,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev_sub = ev.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     det = ev_sub.add_parser("detect", help="KLIP vs. baselines: dataset-level and localisation AUROC, ROC plots")
     det.add_argument("--out", default="benchmarks/results", help="folder for the markdown table, JSON and ROC plot")
-    det.add_argument("--n-id", type=_positive_int, default=40, help="healthy phantoms (default 40)")
-    det.add_argument("--n-ood", type=_positive_int, default=40, help="OOD phantoms (default 40)")
+    det.add_argument("--n-id", type=positive_int, default=40, help="healthy phantoms (default 40)")
+    det.add_argument("--n-ood", type=positive_int, default=40, help="OOD phantoms (default 40)")
     det.add_argument("--ood-kind", default="lesion", choices=("lesion", "metal", "shift"))
     det.add_argument("--cache", help="folder keeping per-slice results, so re-runs and sweeps skip sampling")
-    _add_analysis_options(det)
+    add_analysis_options(det)
     det.set_defaults(func=_cmd_evaluate_detect)
 
     cal = sub.add_parser("calibrate", help="set a prior's flag threshold from held-out healthy phantoms (calibration.json)")
-    cal.add_argument("-n", type=_positive_int, default=20, help="healthy phantoms to score (default 20)")
+    cal.add_argument("-n", type=positive_int, default=20, help="healthy phantoms to score (default 20)")
     cal.add_argument("--fpr", type=float, default=0.05, help="false-positive rate allowed on them (default 0.05)")
     cal.add_argument("--cache", help="folder keeping per-slice results, so re-runs skip sampling")
     cal.add_argument("--overwrite", action="store_true", help="replace the threshold already stored for these settings")
     cal.add_argument("--dry-run", action="store_true", help="print the threshold without writing calibration.json")
-    _add_analysis_options(cal)
+    add_analysis_options(cal)
     cal.set_defaults(func=_cmd_calibrate)
 
     gui = sub.add_parser("gui", help="open the desktop app (the default when no command is given)")
     gui.add_argument("paths", nargs="*", metavar="PATH", help="studies to open (default: the demo study)")
     gui.add_argument("--analyze", action="store_true", help="run the analysis on the shown slice with the current settings")
     gui.add_argument("--slice", type=int, help="0-based slice to show")
-    gui.add_argument("--patch", type=_positive_int, help="KL patch size in pixels")
-    gui.add_argument("--sigma-window", type=_positive_float, nargs=2, metavar=("LO", "HI"), help="noise-level window")
+    gui.add_argument("--patch", type=positive_int, help="KL patch size in pixels")
+    gui.add_argument("--sigma-window", type=positive_float, nargs=2, metavar=("LO", "HI"), help="noise-level window")
     gui.add_argument("--screenshot", metavar="FILE.png", help="save a screenshot of the main window")
     gui.add_argument("--quit", action="store_true", help="exit after loading, analysing and the screenshot")
     gui.set_defaults(func=_cmd_gui)

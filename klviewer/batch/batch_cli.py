@@ -74,7 +74,7 @@ def _backend(args: argparse.Namespace):
 def _cmd_batch(args: argparse.Namespace) -> int:
     from klviewer.batch.export_step import ExportOptions
     from klviewer.batch.runner import run_batch
-    from klviewer.cli import _settings_from_args
+    from klviewer.cli_options import settings_from_args
 
     export = None
     if not args.export and (args.export_formats or args.export_all):
@@ -83,7 +83,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         formats = tuple(f.strip() for f in args.export_formats.split(",") if f.strip()) if args.export_formats else None
         export = ExportOptions(formats=formats, flagged_only=not args.export_all)
     with ProgressBars(args.quiet) as bars:
-        result = run_batch(args.inputs, args.out, _settings_from_args(args), prior=args.prior, slices=args.slices,
+        result = run_batch(args.inputs, args.out, settings_from_args(args), prior=args.prior, slices=args.slices,
                            backend=_backend(args), export=export, observer=bars)
     print(result.report())
     return 1 if result.failed else 0
@@ -91,7 +91,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``batch`` subcommand to the klviewer parser."""
-    from klviewer.cli import _add_analysis_options, _positive_int
+    from klviewer.cli_options import add_analysis_options, positive_int
 
     p = subparsers.add_parser(
         "batch", help="analyse every study under input folders, resumably; locally or on a Ray cluster",
@@ -104,7 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR",
                    help="batch folder: new, empty, or an earlier batch's folder to resume it")
     p.add_argument("--slices", default="all", help="'all', 'mid', or 0-based indices like 0,3,5-7 per series (default all)")
-    p.add_argument("--workers", type=_positive_int, metavar="N",
+    p.add_argument("--workers", type=positive_int, metavar="N",
                    help="local worker processes (default 1: this process); with --ray, the most actors to start")
     p.add_argument("--ray", metavar="ADDRESS",
                    help="run studies on Ray actors: 'auto' (the running cluster), 'local' (start one here), "
@@ -113,5 +113,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--export-formats", metavar="LIST", help="comma-separated export formats (default: all), e.g. dicom,png,pdf,csv")
     p.add_argument("--export-all", action="store_true", help="with --export: every analysed case, not only flagged ones")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_analysis_options(p)
+    add_analysis_options(p)
     p.set_defaults(func=_cmd_batch)

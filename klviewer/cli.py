@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_export(sub)
 
+    from klviewer.inference.shift_cli import register as register_shift
+
+    register_shift(sub)
+
     from klviewer.batch.batch_cli import register as register_batch
 
     register_batch(sub)

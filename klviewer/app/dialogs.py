@@ -30,6 +30,7 @@ KEYS = (
     ("Ctrl+O", "open file"),
     ("Ctrl+Shift+O", "open folder"),
     ("Ctrl+R", "run the analysis on this slice"),
+    ("Ctrl+E", "export flagged cases"),
     ("Esc", "cancel the running analysis"),
 )
 

@@ -5,28 +5,41 @@ from __future__ import annotations
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QByteArray, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeyEvent, QKeySequence
 from PySide6.QtWidgets import QDockWidget, QFileDialog, QLabel, QMainWindow, QWidget
 
+from klviewer.app.align_dialog import AlignDialog, AlignDone
 from klviewer.app.analysis_panel import AnalysisPanel
 from klviewer.app.browser import StudyBrowser, patient_label, study_label
 from klviewer.app.case_list import CaseListView
 from klviewer.app.cases import CaseEntry, CaseList
+from klviewer.app.compare_dialog import CompareDialog
+from klviewer.app.comparison_view import ComparisonView
 from klviewer.app.dialogs import about_html, shortcuts_html, show_html
 from klviewer.app.display import PRESETS, MapSettings, format_nats, overlay_frame
+from klviewer.app.export_dialog import ExportDialog
+from klviewer.app.export_job import SessionSnapshot
 from klviewer.app.map_controls import MapControls
 from klviewer.app.messages import Notifier
+from klviewer.app.prior_fit_panel import PriorFitPanel
+from klviewer.app.scope import Scope, measurement_scope
 from klviewer.app.session import CachedResult, FlagThresholds, ResultCache, ResultKey
+from klviewer.app.session_results import SessionSlice
 from klviewer.app.settings import Preferences
+from klviewer.app.task_worker import TaskSlot
 from klviewer.app.viewer import SliceContext, SliceViewer
 from klviewer.app.worker import AnalysisThread, PriorCache, RunRequest
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError
-from klviewer.inference.analysis import SliceResult
+from klviewer.inference.analysis import AnalysisSettings, SliceResult
 from klviewer.io.loader import open_paths
 from klviewer.io.study import Catalog, Patient, Series, Study
+
+if TYPE_CHECKING:
+    from klviewer.inference.compare import Comparison
 
 DEFAULT_SIZE = (1560, 960)
 RESCORE_DELAY_MS = 150
@@ -60,6 +73,10 @@ class MainWindow(QMainWindow):
         self.priors = PriorCache()
         self.thread: AnalysisThread | None = None
         self._run_ok = False
+        self.align_dialog: AlignDialog | None = None
+        self.compare_dialog: CompareDialog | None = None
+        self.export_dialog: ExportDialog | None = None
+        self.comparisons: list[ComparisonView] = []
 
         self.viewer = SliceViewer()
         self.viewer.graphics.setAcceptDrops(False)  # drops go to the window, which opens them
@@ -68,6 +85,7 @@ class MainWindow(QMainWindow):
         self.case_view = CaseListView(self.cases)
         self.panel = AnalysisPanel(prefs, self.notifier)
         self.map_controls = MapControls()
+        self.prior_fit = PriorFitPanel(prefs, self.notifier, self.scope_for, self.analysis_settings)
         self._build_docks()
         self._build_menus()
         self._build_status()
@@ -85,6 +103,7 @@ class MainWindow(QMainWindow):
         self.panel.cancel.connect(self.cancel_run)
         self.panel.prior_changed.connect(self._prior_changed)
         self.map_controls.changed.connect(self._map_changed)
+        self.map_controls.changed.connect(self._refresh_comparisons)
         self.map_controls.opacity_changed.connect(self.viewer.overlay.set_opacity)
         self._restore()
 
@@ -105,6 +124,9 @@ class MainWindow(QMainWindow):
         self.cases_dock = self._dock("Case list", "casesDock", self.case_view, left)
         self.analysis_dock = self._dock("Analysis", "analysisDock", self.panel, right)
         self.map_dock = self._dock("KL map", "mapDock", self.map_controls, right)
+        self.prior_fit_dock = self._dock("Prior fit", "priorFitDock", self.prior_fit, right)
+        self.tabifyDockWidget(self.map_dock, self.prior_fit_dock)
+        self.map_dock.raise_()
         self.resizeDocks([self.browser_dock, self.analysis_dock], [340, 340], Qt.Orientation.Horizontal)
         self.resizeDocks([self.browser_dock, self.cases_dock], [300, 480], Qt.Orientation.Vertical)
         self.resizeDocks([self.analysis_dock, self.map_dock], [self.panel.sizeHint().height(), 400],
@@ -126,6 +148,7 @@ class MainWindow(QMainWindow):
         file_menu.addAction(self._action("Open &demo study", self.open_demo))
         file_menu.addSeparator()
         file_menu.addAction(self._action("Save &screenshot…", self._screenshot_dialog))
+        file_menu.addAction(self._action("&Export flagged…", self.open_export_dialog, "Ctrl+E"))
         file_menu.addSeparator()
         file_menu.addAction(self._action("&Quit", self.close, QKeySequence.StandardKey.Quit))
 
@@ -139,13 +162,17 @@ class MainWindow(QMainWindow):
         view_menu.addAction(self._action("Invert\ti", self.viewer.toggle_invert))
         view_menu.addAction(self._action("Reset view\tr", self.viewer.reset_view))
         view_menu.addSeparator()
-        for dock in (self.browser_dock, self.cases_dock, self.analysis_dock, self.map_dock):
+        for dock in (self.browser_dock, self.cases_dock, self.analysis_dock, self.map_dock, self.prior_fit_dock):
             view_menu.addAction(dock.toggleViewAction())
 
         run_menu = bar.addMenu("&Analysis")
         run_menu.addAction(self._action("Run &slice", self.run_current_slice, "Ctrl+R"))
         run_menu.addAction(self._action("Run s&eries", self.run_series, "Ctrl+Shift+R"))
         run_menu.addAction(self._action("&Cancel", self.cancel_run, "Esc"))
+        run_menu.addSeparator()
+        run_menu.addAction(self._action("&Prior fit…", self.show_prior_fit))
+        run_menu.addAction(self._action("&Align prior…", self.open_align_dialog))
+        run_menu.addAction(self._action("C&ompare priors…", self.open_compare_dialog))
 
         help_menu = bar.addMenu("&Help")
         help_menu.addAction(self._action("&Keyboard shortcuts", self.show_shortcuts, QKeySequence.StandardKey.HelpContents))
@@ -205,6 +232,7 @@ class MainWindow(QMainWindow):
         p.set("window/geometry", QByteArray(self.saveGeometry()))
         p.set("window/state", QByteArray(self.saveState()))
         self.panel.save()
+        self.prior_fit.save()
         p.sync()
 
     # ----- opening data ---------------------------------------------------------------------
@@ -507,10 +535,101 @@ class MainWindow(QMainWindow):
         self.thread = None
         thread.deleteLater()
 
+    # ----- priors: fit, alignment, comparison ------------------------------------------------
+
+    def scope_for(self, kind: str) -> Scope:
+        """The loaded data a prior-fit, alignment or comparison job reads (see klviewer.app.scope)."""
+        entry = self.current
+        return measurement_scope(kind, [e.series for e in self.series.values()], entry.series if entry else None,
+                                 self.index)
+
+    def analysis_settings(self) -> AnalysisSettings:
+        return self.panel.settings(self.map_controls.settings())
+
+    def show_prior_fit(self) -> None:
+        self.prior_fit_dock.show()
+        self.prior_fit_dock.raise_()
+
+    def open_align_dialog(self) -> AlignDialog:
+        if self.align_dialog is None:
+            self.align_dialog = AlignDialog(self.prefs, self.notifier, self.scope_for, self.analysis_settings, self)
+            self.align_dialog.aligned.connect(self._aligned)
+            self.align_dialog.compare_requested.connect(self._compare_aligned)
+        base = self.panel.prior_path()
+        if base is not None and not self.align_dialog.slot.running:
+            self.align_dialog.set_base(base)
+        self.align_dialog.show()
+        self.align_dialog.raise_()
+        return self.align_dialog
+
+    def open_compare_dialog(self) -> CompareDialog:
+        if self.compare_dialog is None:
+            self.compare_dialog = CompareDialog(self.prefs, self.notifier, self.scope_for, self.analysis_settings, self)
+            self.compare_dialog.comparison_ready.connect(self.show_comparison)
+        self.compare_dialog.show()
+        self.compare_dialog.raise_()
+        return self.compare_dialog
+
+    def _aligned(self, done: AlignDone) -> None:
+        """Offer the new prior in every picker; the analysis keeps the prior it had."""
+        keep = self.panel.prior_path()
+        if self.panel.add_prior_folder(done.aligned) and keep is not None:
+            self.panel.prior_combo.setCurrentIndex(max(self.panel.prior_combo.findData(str(keep)), 0))
+        self.notifier.status("Alignment finished", f"{done.aligned.name} (aligned from {done.base.name} on "
+                                                   f"{done.scope.label}) is now offered in every prior picker")
+
+    def _compare_aligned(self, done: AlignDone) -> None:
+        dialog = self.open_compare_dialog()
+        dialog.set_priors(done.base, done.aligned.resolve())
+
+    def show_comparison(self, comparison: Comparison) -> ComparisonView | None:
+        """Open a comparison window (non-modal; the app keeps working beside it)."""
+        try:
+            view = ComparisonView(comparison, self.notifier, self.map_controls.settings, self)
+        except KlviewerError as exc:
+            self.notifier.error("Nothing to compare", str(exc))
+            return None
+        self.comparisons.append(view)
+        view.closed.connect(lambda v=view: self.comparisons.remove(v) if v in self.comparisons else None)
+        view.show()
+        view.raise_()
+        return view
+
+    def _refresh_comparisons(self) -> None:
+        for view in self.comparisons:
+            view.refresh_overlays()
+
+    # ----- export ---------------------------------------------------------------------------
+
+    def session_snapshot(self) -> SessionSnapshot:
+        """Every slice in the case list with its latest result, flag and note, as shown now."""
+        settings = self.map_controls.settings()
+        slices = []
+        for entry in self.cases.entries:
+            cached = self.results.latest(entry.series_uid, entry.slice_index)
+            opened = self.series.get(entry.series_uid)
+            if cached is None or opened is None:
+                continue
+            slices.append(SessionSlice(opened.series, entry.slice_index, cached.result, cached.prior_path,
+                                       entry.flagged, self._threshold(cached, settings), entry.note))
+        return SessionSnapshot(slices, settings)
+
+    def open_export_dialog(self) -> ExportDialog:
+        if self.export_dialog is None:
+            self.export_dialog = ExportDialog(self.prefs, self.notifier, self.session_snapshot, self)
+        self.export_dialog.refresh_session()
+        self.export_dialog.show()
+        self.export_dialog.raise_()
+        return self.export_dialog
+
     # ----- misc -----------------------------------------------------------------------------
 
     def _prior_changed(self) -> None:
         self.prior_label.setText(f"Prior: {self.panel.prior_name()}")
+        self.prior_fit.refresh_priors()
+        for dialog in (self.align_dialog, self.compare_dialog):
+            if dialog is not None:
+                dialog.refresh_priors()
         if self.current is not None and self.current_result() is None:
             self._show_current()
 
@@ -540,8 +659,16 @@ class MainWindow(QMainWindow):
             return False
         return True
 
+    def task_slots(self) -> list[TaskSlot]:
+        dialogs = (self.align_dialog, self.compare_dialog, self.export_dialog)
+        return [self.prior_fit.slot] + [d.slot for d in dialogs if d is not None]
+
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802
         self.stop_run()
+        for slot in self.task_slots():
+            slot.stop()
+        for view in list(self.comparisons):
+            view.close()
         self.save_settings()
         self.case_view.model.detach()
         super().closeEvent(event)

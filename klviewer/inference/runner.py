@@ -134,16 +134,16 @@ def analyze_plan(
             done_before += steps_per_slice
             target = out / planned.case / f"{index:04d}.npz"
             result.save_npz(target, overwrite=overwrite)
-            row = _row(planned.source, planned.case, index, result, target.relative_to(out))
+            row = summary_row(planned.source, planned.case, index, result, target.relative_to(out))
             row.update(planned.slice_source(index))
             run.rows.append(row)
             if on_slice is not None:
                 on_slice(row, result)
-    _write_summary(run, settings, loaded.path, loaded.fingerprint, loaded.threshold, overwrite)
+    write_summary(run, settings, loaded.path, loaded.fingerprint, loaded.threshold, overwrite)
     return run
 
 
-def _row(source: str, case: str, index: int, result: SliceResult, file: Path) -> dict[str, Any]:
+def summary_row(source: str, case: str, index: int, result: SliceResult, file: Path) -> dict[str, Any]:
     s = result.settings
     lo, hi = result.kl_map.sigma_window
     return {
@@ -155,7 +155,7 @@ def _row(source: str, case: str, index: int, result: SliceResult, file: Path) ->
     }
 
 
-def _write_summary(run: AnalysisRun, settings: AnalysisSettings, prior_path: Path, fingerprint: str,
+def write_summary(run: AnalysisRun, settings: AnalysisSettings, prior_path: Path, fingerprint: str,
                    threshold: float | None, overwrite: bool) -> None:
     summary = {
         "klviewer_version": __version__,

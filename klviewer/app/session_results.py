@@ -1,0 +1,100 @@
+"""Writing the session's in-memory results as `klviewer analyze` results folders, so export can read them.
+
+No Qt here. The app keeps results in memory only; export reads the analysis contract's
+layout (summary.json, summary.csv, <case>/<slice>.npz). Each slice is written as the user
+sees it: its KL map re-cut with the map sliders' patch and sigma window, and its flag as the
+case list has it (automatic or set by hand). Slices analysed with different priors or
+sampling settings go to separate folders, because a summary records one prior and one set
+of settings.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from klviewer.app.display import MapSettings
+from klviewer.app.session import sampling_key
+from klviewer.errors import KlviewerError
+from klviewer.inference.analysis import SliceResult
+from klviewer.inference.measurements import PlannedSeries, case_name
+from klviewer.inference.runner import AnalysisRun, prior_fingerprint, summary_row, write_summary
+from klviewer.io.study import Series
+
+
+@dataclass
+class SessionSlice:
+    series: Series
+    index: int
+    result: SliceResult
+    prior_path: Path
+    flagged: bool
+    flag_threshold: float | None
+    note: str = ""
+
+
+@dataclass
+class SessionFolder:
+    """One written results folder: the slices that share a prior and sampling settings."""
+
+    path: Path
+    prior: str
+    notes: dict[str, str] = field(default_factory=dict)
+    """Case name -> the case list's notes of its slices, for the PDF report."""
+
+
+def as_shown(result: SliceResult, settings: MapSettings, flagged: bool, threshold: float | None) -> SliceResult:
+    """The result with the KL map, score and flag the app shows under the map settings."""
+    clamped = settings.clamped(result.energy.image_shape)
+    kl_map = result.energy.kl_map(clamped.patch, clamped.sigma_window)
+    run_settings = replace(result.settings, patch=clamped.patch, sigma_window=tuple(clamped.sigma_window))
+    return replace(result, kl_map=kl_map, score=kl_map.score, flagged=flagged, flag_threshold=threshold,
+                   settings=run_settings)
+
+
+def write_session_results(slices: list[SessionSlice], out: Path, settings: MapSettings) -> list[SessionFolder]:
+    """Write `slices` under `out` (one folder per prior and sampling settings); returns the folders."""
+    if not slices:
+        raise KlviewerError("no analysed slices in this session: run the analysis first")
+    groups: dict[tuple, list[SessionSlice]] = {}
+    for item in slices:
+        groups.setdefault((str(item.prior_path), sampling_key(item.result.settings)), []).append(item)
+    folders = []
+    for n, members in enumerate(groups.values(), start=1):
+        prior = members[0].prior_path.name
+        target = out if len(groups) == 1 else out / f"{n:02d}-{_safe(prior)}"
+        folders.append(_write_group(members, target, settings))
+    return folders
+
+
+def _write_group(members: list[SessionSlice], out: Path, settings: MapSettings) -> SessionFolder:
+    prior_path = members[0].prior_path
+    folder = SessionFolder(out, prior_path.name)
+    planned: dict[str, PlannedSeries] = {}
+    taken: set[str] = set()
+    run = AnalysisRun(out=out)
+    case_notes: dict[str, list[str]] = {}
+    summary_settings = None
+    for item in sorted(members, key=lambda m: (m.series.uid, m.index)):
+        plan = planned.get(item.series.uid)
+        if plan is None:
+            source = str(item.series.files[0] if item.series.files else item.series.uid)
+            plan = planned[item.series.uid] = PlannedSeries(item.series, case_name(item.series, taken), source, [])
+        plan.indices.append(item.index)
+        shown = as_shown(item.result, settings, item.flagged, item.flag_threshold)
+        summary_settings = summary_settings or shown.settings
+        target = out / plan.case / f"{item.index:04d}.npz"
+        shown.save_npz(target)
+        row = summary_row(plan.source, plan.case, item.index, shown, target.relative_to(out))
+        row.update(plan.slice_source(item.index))
+        run.rows.append(row)
+        if item.note.strip():
+            case_notes.setdefault(plan.case, []).append(f"slice {item.index + 1}: {item.note.strip()}")
+    write_summary(run, summary_settings, prior_path, prior_fingerprint(prior_path), members[0].flag_threshold, False)
+    folder.notes = {case: "; ".join(lines) for case, lines in case_notes.items()}
+    return folder
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "prior"

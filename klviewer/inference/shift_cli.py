@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from klviewer import __version__
+from klviewer.cli_options import positive_float, positive_int
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.analysis import AnalysisSettings
 from klviewer.inference.prior_selection import PriorRank, rank_priors
@@ -141,20 +142,6 @@ def format_table(ranks: Sequence[PriorRank]) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
 def _cmd_shift(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -203,22 +190,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="FILE.json", help="write the report (ranks, curves, settings) here")
     p.add_argument("--plot", metavar="FILE.png", help="write the cumulative curves here")
     p.add_argument("--slices", default="all", metavar="SPEC", help="'all', 'mid', or 0-based indices like 0,3,5-7 (default all)")
-    p.add_argument("--views", type=_positive_int, default=d.views, metavar="N", help=f"projection views for image inputs (default {d.views})")
+    p.add_argument("--views", type=positive_int, default=d.views, metavar="N", help=f"projection views for image inputs (default {d.views})")
     noise = p.add_mutually_exclusive_group()
-    noise.add_argument("--dose", type=_positive_float, metavar="I0", help="Poisson noise: unattenuated photons per ray")
-    noise.add_argument("--noise", type=_positive_float, metavar="SIGMA", help="Gaussian noise std on line integrals")
+    noise.add_argument("--dose", type=positive_float, metavar="I0", help="Poisson noise: unattenuated photons per ray")
+    noise.add_argument("--noise", type=positive_float, metavar="SIGMA", help="Gaussian noise std on line integrals")
     p.add_argument("--seed", type=int, default=d.seed, metavar="S", help="seed of the simulated measurements and the estimator's noise")
     p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
     p.add_argument("--weighting", default="derived", choices=CT_WEIGHTINGS,
                    help="which estimate ranks the priors (default derived: the row-space part, which the paper's "
                         "weight equals for fixed views; all are reported)")
-    p.add_argument("--sigma-range", type=_positive_float, nargs=2, metavar=("LO", "HI"), default=list(DEFAULT_SIGMA_RANGE),
+    p.add_argument("--sigma-range", type=positive_float, nargs=2, metavar=("LO", "HI"), default=list(DEFAULT_SIGMA_RANGE),
                    help=f"noise levels integrated over (default {DEFAULT_SIGMA_RANGE[0]} {DEFAULT_SIGMA_RANGE[1]})")
-    p.add_argument("--sigma-points", type=_positive_int, default=DEFAULT_SIGMA_POINTS, metavar="N",
+    p.add_argument("--sigma-points", type=positive_int, default=DEFAULT_SIGMA_POINTS, metavar="N",
                    help=f"log-spaced noise levels (default {DEFAULT_SIGMA_POINTS})")
-    p.add_argument("--cg-iters", type=_positive_int, default=DEFAULT_CG_ITERS, metavar="N",
+    p.add_argument("--cg-iters", type=positive_int, default=DEFAULT_CG_ITERS, metavar="N",
                    help=f"conjugate-gradient iterations of the row-space projections (default {DEFAULT_CG_ITERS})")
-    p.add_argument("--batch", type=_positive_int, default=4, metavar="N", help="slices per denoiser call (default 4)")
+    p.add_argument("--batch", type=positive_int, default=4, metavar="N", help="slices per denoiser call (default 4)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --plot file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_shift)

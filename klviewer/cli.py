@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_shift(sub)
 
+    from klviewer.inference.align_cli import register as register_align
+
+    register_align(sub)
+
     from klviewer.batch.batch_cli import register as register_batch
 
     register_batch(sub)

@@ -1,0 +1,579 @@
+"""Align a prior to a set of studies using their measurements only (no clean images).
+
+A copy of the base prior is fine-tuned with the EDM denoising loss on images made from the
+measurements alone. Two such images are offered (docs/alignment.md explains the choice and
+measures both):
+
+- ``recon`` (default): u is one posterior sample under the base prior, a complete image, and the
+  loss is the plain EDM loss ``lambda(sigma) mean (D(u + sigma n; sigma) - u)^2`` on all pixels.
+  This is one step of expectation-maximisation: what the data determine comes from y, what
+  they leave open comes from the base prior.
+- ``pinv``: u is the minimum-norm least-squares image (the CT counterpart of the paper's
+  zero-filled measurement), which is only trustworthy in the row space of K. So the loss is
+  counted on the measured data only: ``lambda(sigma) ||K D(u + sigma n; sigma) - y||^2_W / tr(K^T W K)``
+  with W the inverse noise variance per ray; whatever K does not see gets no gradient.
+
+n is white noise on every pixel and lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 the EDM
+weight; both losses read as per-pixel mean squares (see `sinogram_loss`).
+
+The loop follows `klviewer.priors.train`: Adam, optional EMA, resume state under OUT/resume/
+(safetensors + JSON), a progress callback, a cancel event honoured within one step. A
+non-finite loss or gradient stops the run before the weights are touched; the last good
+weights are saved as the prior and the run is reported as diverged.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from klviewer import __version__
+from klviewer.devices import resolve_device
+from klviewer.errors import KlviewerError, KlviewerInputError
+from klviewer.inference.adapters import ADAPTER_MODES, apply_adapter, count_parameters, merged_state_dict
+from klviewer.inference.analysis import AnalysisSettings, PreparedSlice, ct_measurement_model, prepare_slice
+from klviewer.inference.likelihood import MeasurementModel, data_consistent_estimate
+from klviewer.inference.measurements import plan_series
+from klviewer.inference.runner import check_output_folder
+from klviewer.inference.sampler import AnalysisCancelled, posterior_sample
+from klviewer.io.loader import open_images
+from klviewer.io.safe_write import OutputExistsError, atomic_write, atomic_write_text
+from klviewer.priors.checkpoint import (
+    CONFIG_FILE,
+    load_prior,
+    prior_fingerprint,
+    read_weights,
+    resolve_prior_path,
+    save_prior,
+    state_bytes,
+)
+from klviewer.priors.train import write_loss_csv
+from klviewer.priors.unet import EDMUNetPrior
+
+RESUME_DIR = "resume"
+RESUME_WEIGHTS = "state.safetensors"
+RESUME_STATE = "state.json"
+RESUME_INPUTS = "inputs.safetensors"
+RESUME_INPUTS_STATE = "inputs.json"
+REPORT_DIR = "alignment"
+MIN_MEASUREMENTS = 8
+"""Fewer measurements than this get a warning: the paper aligned on 64 or 128."""
+INPUT_IMAGES = ("recon", "pinv")
+LOSSES = {
+    "recon": ("posterior-dsm", "lambda(sigma) mean((D(u + sigma n; sigma) - u)^2), u = one posterior sample of y under "
+                               "the base prior (EDM loss on all pixels; one EM step)"),
+    "pinv": ("sinogram-dsm", "lambda(sigma) ||K D(u + sigma n; sigma) - y||_W^2 / tr(K^T W K), u = minimum-norm "
+                             "least-squares image of y (EDM loss counted on the measured line integrals only)"),
+}
+"""Loss name and formula for each input image, as recorded in the aligned prior's config."""
+PINV_ITERS = 100
+"""Conjugate-gradient iterations for the "pinv" image. Its fit must be tight: lambda(sigma) grows
+like 1/sigma^2, so a misfit left in u is multiplied by about 2.5e5 at the smallest noise levels.
+100 iterations leave about 2e-7 (per-pixel units) at 64², 24 views."""
+PINV_PRIOR_VARIANCE = 1e6
+"""r2 of that solve (prior units squared): large enough to fit the data, finite so that directions
+the measurement barely sees are not amplified."""
+# Settings that must not change when a run is resumed (steps may grow, to train longer).
+FIXED_ON_RESUME = ("prior_sha256", "inputs", "slices", "mode", "lr", "batch", "lora_rank", "seed", "views",
+                   "dose_i0", "noise_sigma", "ema", "warmup", "p_mean", "p_std", "input_image", "recon_steps")
+
+
+class AlignError(KlviewerError):
+    """Alignment could not start, or its resume state does not fit the request."""
+
+
+class AlignCancelled(KlviewerError):
+    """The cancel event was set; a resume checkpoint was written at ``step`` (none when 0)."""
+
+    def __init__(self, out: Path, step: int) -> None:
+        self.out, self.step = out, step
+        super().__init__(f"alignment cancelled at step {step}; continue with --resume (output {out})")
+
+
+class AlignDiverged(KlviewerError):
+    """A non-finite loss or gradient stopped the run; the last good weights were saved as the prior."""
+
+    def __init__(self, out: Path, step: int, loss: float) -> None:
+        self.out, self.step, self.loss = out, step, loss
+        super().__init__(f"alignment diverged at step {step + 1} (loss {loss}); the prior in {out} holds the last good "
+                         f"weights (after step {step}); lower --lr")
+
+
+class FewMeasurementsWarning(UserWarning):
+    """Alignment runs on fewer than MIN_MEASUREMENTS measurements."""
+
+
+@dataclass
+class AlignConfig:
+    prior: str | Path
+    """The base prior (shipped name or folder). It is read, never written."""
+    inputs: list[str | Path]
+    """Studies whose measurements drive the alignment (anything `klviewer analyze` reads)."""
+    out: Path
+    """Folder of the new prior (config.json + model.safetensors), alignment/ and resume/."""
+    mode: str = "norm-bias"
+    steps: int = 1000
+    lr: float = 1e-3
+    """Adam learning rate. benchmarks/results/align_benchmark.md used 1e-4 (full), 3e-3 (norm-bias), 1e-3 (lora)."""
+    batch: int = 1
+    lora_rank: int = 4
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    slices: str = "all"
+    views: int = 24
+    dose_i0: float | None = None
+    noise_sigma: float | None = None
+    checkpoint_every: int = 100
+    name: str | None = None
+    ema: float = 0.99
+    """EMA decay of the saved weights (0 = save the last weights)."""
+    warmup: int = 0
+    """Linear learning-rate warm-up steps."""
+    p_mean: float | None = None
+    """Mean of ln sigma in the loss; None = the base prior's training value (or -1.5)."""
+    p_std: float | None = None
+    input_image: str = "recon"
+    """The training image made from each measurement, and with it the loss: "recon" (a posterior
+    sample under the base prior, loss on all pixels) or "pinv" (minimum-norm least squares, loss
+    on the measured data only)."""
+    recon_steps: int = 100
+    """Sampler steps of each "recon" image."""
+    command: str | None = None
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.inputs = list(self.inputs)
+        problems = []
+        if not self.inputs:
+            problems.append("no inputs given")
+        if self.mode not in ADAPTER_MODES:
+            problems.append(f"mode must be one of {ADAPTER_MODES}, got {self.mode!r}")
+        if self.input_image not in INPUT_IMAGES:
+            problems.append(f"input_image must be one of {INPUT_IMAGES}, got {self.input_image!r}")
+        for key in ("steps", "batch", "lora_rank", "checkpoint_every", "views", "recon_steps"):
+            if getattr(self, key) < 1:
+                problems.append(f"{key} must be at least 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"lr must be a positive number, got {self.lr}")
+        if not 0 <= self.ema < 1:
+            problems.append(f"ema must be in [0, 1), got {self.ema}")
+        if self.warmup < 0:
+            problems.append("warmup must be at least 0")
+        if self.dose_i0 is not None and self.noise_sigma is not None:
+            problems.append("give either dose_i0 or noise_sigma, not both")
+        if problems:
+            raise AlignError("invalid alignment settings: " + "; ".join(problems))
+
+    def analysis_settings(self) -> AnalysisSettings:
+        """How measurements are made (and "recon" inputs reconstructed): as `klviewer analyze` would."""
+        return AnalysisSettings(views=self.views, dose_i0=self.dose_i0, noise_sigma=self.noise_sigma,
+                                steps=self.recon_steps, seed=self.seed, device=self.device)
+
+
+@dataclass
+class AlignProgress:
+    step: int
+    steps: int
+    loss: float
+    stage: str = "align"
+    """"reconstruct" while the input images are made (step counts slices, loss is nan), then "align"."""
+
+
+@dataclass
+class _Target:
+    """One measurement, reduced to what the sinogram loss needs."""
+
+    case: str
+    index: int
+    model: MeasurementModel
+    trace: float
+    """tr(K^T W K), estimated once (Hutchinson, fixed seed)."""
+
+
+@dataclass
+class _Data:
+    targets: list[_Target]
+    images: torch.Tensor
+    """(N, 1, H, W) the input images u, prior units."""
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _operator_key(prepared: PreparedSlice) -> str:
+    return json.dumps(prepared.acquisition.operator.describe(), sort_keys=True)
+
+
+def weighted_trace(model: MeasurementModel, shape: tuple[int, ...], probes: int = 4, seed: int = 12345) -> float:
+    """tr(K^T W K) with W = 1 / variance, by Hutchinson's estimator: E ||W^(1/2) K z||^2 over white z.
+
+    Every ray sums many pixels, so one probe already lands within a few percent; four are used.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn((probes, *shape), generator=gen).to(model.y.device)
+    with torch.no_grad():
+        kz = model.forward(z)
+    return float((kz**2 / model.variance).sum() / probes)
+
+
+def sinogram_loss(model: MeasurementModel, denoised: torch.Tensor, trace: float) -> torch.Tensor:
+    """||K x - y||^2_W / tr(K^T W K) for one (1, C, H, W) image x.
+
+    The normaliser makes an image error e of white noise with variance v score v on average
+    (plus the measurement's own noise floor), so the loss reads as a per-pixel mean square.
+    """
+    return (model.residual(denoised) ** 2 / model.variance).sum() / trace
+
+
+def _input_image(prepared: PreparedSlice, prior, model: MeasurementModel, cfg: AlignConfig,
+                 device: torch.device, cancel: threading.Event | None) -> torch.Tensor:
+    """u for one measurement (see the module docstring)."""
+    shape = (1, prior.config.channels, *prior.config.image_size)
+    if cfg.input_image == "pinv":
+        with torch.no_grad():
+            return data_consistent_estimate(model, torch.zeros(shape, device=device), PINV_PRIOR_VARIANCE, PINV_ITERS)
+    run = posterior_sample(prior, model, cfg.analysis_settings().sampler(prepared.slice_seed), device=device,
+                           cancel=cancel)
+    return torch.from_numpy(run.mean).reshape(shape).to(device)
+
+
+def _collect(cfg: AlignConfig, prior, device: torch.device, images: torch.Tensor | None,
+             progress: Callable[[AlignProgress], None] | None, cancel: threading.Event | None) -> _Data:
+    """Every picked slice's measurement, and its input image unless `images` (from a resume) is given."""
+    settings = cfg.analysis_settings()
+    plan = plan_series(open_images(cfg.inputs), cfg.slices)
+    n = plan.n_slices
+    if n < MIN_MEASUREMENTS:
+        warnings.warn(f"aligning on only {n} measurement(s); at least {MIN_MEASUREMENTS} are advisable "
+                      f"(the paper used 64 or 128)", FewMeasurementsWarning, stacklevel=3)
+    if images is not None and images.shape[0] != n:
+        raise AlignError(f"{cfg.out / RESUME_DIR / RESUME_INPUTS}: holds {images.shape[0]} input images but the inputs "
+                         f"now give {n} measurements")
+    # Slices with one geometry share one operator: each holds its sampling grid (25 MB at 256², 24 views).
+    operators: dict[str, Any] = {}
+    targets, made = [], []
+    for planned in plan.series:
+        for index in planned.indices:
+            prepared = prepare_slice(planned.series, index, prior, settings, device)
+            key = _operator_key(prepared)
+            prepared.acquisition.operator = operators.setdefault(key, prepared.acquisition.operator)
+            model = ct_measurement_model(prepared.acquisition, prior)
+            trace = weighted_trace(model, (prior.config.channels, *prior.config.image_size))
+            targets.append(_Target(planned.case, index, model, trace))
+            if images is None:
+                if cancel is not None and cancel.is_set():
+                    raise AlignCancelled(cfg.out, 0)
+                try:
+                    made.append(_input_image(prepared, prior, model, cfg, device, cancel))
+                except AnalysisCancelled:
+                    raise AlignCancelled(cfg.out, 0) from None
+                if progress is not None:
+                    progress(AlignProgress(len(made), n, float("nan"), stage="reconstruct"))
+    if images is None:
+        images = torch.cat(made)
+    inputs = [{"case": t.case, "slice_index": t.index} for t in targets]
+    return _Data(targets, images.to(device), plan.skipped, inputs)
+
+
+def _sigma_law(cfg: AlignConfig, base_training: dict[str, Any]) -> tuple[float, float]:
+    p_mean = cfg.p_mean if cfg.p_mean is not None else float(base_training.get("p_mean", -1.5))
+    p_std = cfg.p_std if cfg.p_std is not None else float(base_training.get("p_std", 2.0))
+    return p_mean, p_std
+
+
+class _Aligner:
+    """The mutable state of one run: adapted model, EMA, optimiser, RNG, loss history."""
+
+    def __init__(self, cfg: AlignConfig, base: EDMUNetPrior, data: _Data, device: torch.device,
+                 sigma_law: tuple[float, float], fixed: dict[str, Any]) -> None:
+        self.cfg, self.data, self.device, self.fixed = cfg, data, device, fixed
+        self.p_mean, self.p_std = sigma_law
+        self.model = copy.deepcopy(base).to(device)
+        self.params = apply_adapter(self.model, cfg.mode, cfg.lora_rank)
+        self.model.train()
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.opt = torch.optim.Adam(self.params, lr=cfg.lr)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.losses: list[float] = []
+        self.elapsed_s = 0.0
+        self.commands: list[str | None] = []
+
+    def lr_at(self, step: int) -> float:
+        return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup))
+
+    def loss(self) -> torch.Tensor:
+        cfg, data = self.cfg, self.data
+        sd = self.model.config.sigma_data
+        # All randomness comes from one CPU generator, so a run is reproducible on any device.
+        picks = torch.randint(len(data.targets), (cfg.batch,), generator=self.gen)
+        sigma = torch.exp(self.p_mean + self.p_std * torch.randn(cfg.batch, generator=self.gen))
+        noise = torch.randn((cfg.batch, *data.images.shape[1:]), generator=self.gen) * sigma[:, None, None, None]
+        sigma, noise = sigma.to(self.device), noise.to(self.device)
+        clean = data.images[picks.to(data.images.device)]
+        denoised = self.model.denoise(clean + noise, sigma)
+        weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
+        if cfg.input_image == "recon":
+            return (weight[:, None, None, None] * (denoised - clean) ** 2).mean()
+        total = denoised.new_zeros(())
+        for b, i in enumerate(picks.tolist()):
+            t = data.targets[i]
+            total = total + weight[b] * sinogram_loss(t.model, denoised[b:b + 1], t.trace)
+        return total / cfg.batch
+
+    def train_step(self) -> float:
+        """One optimiser step; raises AlignDiverged (weights untouched) on a non-finite loss or gradient."""
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        loss = self.loss()
+        value = float(loss.item())
+        if not math.isfinite(value):
+            raise AlignDiverged(self.cfg.out, self.step, value)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if not all(bool(torch.isfinite(p.grad).all()) for p in self.params if p.grad is not None):
+            raise AlignDiverged(self.cfg.out, self.step, value)
+        self.opt.step()
+        self._update_ema()
+        self.step += 1
+        self.losses.append(value)
+        return value
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # Ramp-up (as in klviewer.priors.train) so that short runs still get a useful EMA.
+        beta = min(self.cfg.ema, (1 + self.step) / (10 + self.step))
+        for p_ema, p in zip(self.ema.parameters(), self.model.parameters()):
+            if p.requires_grad:
+                p_ema.lerp_(p.detach(), 1 - beta)
+
+    def final_weights(self) -> dict[str, torch.Tensor]:
+        source = self.ema if self.cfg.ema > 0 else self.model
+        return merged_state_dict(source)
+
+    # --- resume checkpoints -------------------------------------------------------------------
+
+    def save_resume(self) -> None:
+        folder = self.cfg.out / RESUME_DIR
+        tensors: dict[str, torch.Tensor] = {"rng": self.gen.get_state()}
+        tensors.update({f"model.{k}": v for k, v in self.model.state_dict().items()})
+        tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        opt_state = self.opt.state_dict()
+        for index, state in opt_state["state"].items():
+            for key, value in state.items():
+                tensors[f"opt.{index}.{key}"] = torch.as_tensor(value)
+        blob = state_bytes(tensors, {"step": str(self.step)})
+        doc = {"step": self.step, "elapsed_s": self.elapsed_s, "settings": self.fixed,
+               "param_groups": opt_state["param_groups"], "losses": self.losses, "commands": self.commands}
+        atomic_write(folder / RESUME_WEIGHTS, lambda f: f.write(blob), overwrite=True)
+        atomic_write_text(folder / RESUME_STATE, json.dumps(doc) + "\n", overwrite=True)
+
+    def load_resume(self, doc: dict[str, Any]) -> None:
+        weights_path = self.cfg.out / RESUME_DIR / RESUME_WEIGHTS
+        tensors = read_weights(weights_path)
+        try:
+            self.gen.set_state(tensors.pop("rng"))
+            self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+            opt_state: dict[int, dict[str, torch.Tensor]] = {}
+            for key, value in tensors.items():
+                if key.startswith("opt."):
+                    _, index, name = key.split(".", 2)
+                    opt_state.setdefault(int(index), {})[name] = value
+            self.opt.load_state_dict({"state": opt_state, "param_groups": doc["param_groups"]})
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise KlviewerInputError(weights_path, f"resume weights do not fit this run ({exc})") from exc
+        self.step = int(doc["step"])
+        self.elapsed_s = float(doc.get("elapsed_s", 0.0))
+        self.losses = list(doc["losses"])[:self.step]
+        self.commands = list(doc.get("commands", []))
+
+
+def _fixed_settings(cfg: AlignConfig, fingerprint: str, sigma_law: tuple[float, float]) -> dict[str, Any]:
+    doc = dataclasses.asdict(cfg)
+    doc.update(prior_sha256=fingerprint, inputs=[str(p) for p in cfg.inputs], p_mean=sigma_law[0],
+               p_std=sigma_law[1])
+    return json.loads(json.dumps({k: doc[k] for k in FIXED_ON_RESUME}))
+
+
+def _read_resume_state(cfg: AlignConfig, fixed: dict[str, Any]) -> dict[str, Any] | None:
+    """The resume state to continue from; None to start at step 0."""
+    folder = cfg.out / RESUME_DIR
+    if not cfg.resume:
+        if (cfg.out / CONFIG_FILE).exists():
+            raise OutputExistsError(cfg.out / CONFIG_FILE)
+        if folder.exists():
+            raise AlignError(f"{folder}: an alignment was already started here; pass resume to continue it or "
+                             f"choose another output folder")
+        return None
+    state_path = folder / RESUME_STATE
+    if not state_path.is_file():
+        if (cfg.out / CONFIG_FILE).exists():
+            raise AlignError(f"{cfg.out}: holds a finished prior but no resume state to continue from")
+        if not (folder / RESUME_INPUTS_STATE).is_file():
+            raise KlviewerInputError(state_path, "missing: nothing to resume (run without resume first)")
+        return None  # stopped before the first checkpoint: start over, reusing the saved input images
+    try:
+        doc = json.loads(state_path.read_text(encoding="utf-8"))
+        step, settings = int(doc["step"]), doc["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise KlviewerInputError(state_path, f"unreadable resume state ({exc})") from exc
+    _require_same(state_path, settings, fixed)
+    if step > cfg.steps:
+        raise AlignError(f"{state_path}: the run is already at step {step}, beyond steps {cfg.steps}")
+    return doc
+
+
+def _require_same(path: Path, saved: dict[str, Any], fixed: dict[str, Any]) -> None:
+    changed = [f"{k}: {saved.get(k)!r} -> {fixed[k]!r}" for k in fixed if saved.get(k) != fixed[k]]
+    if changed:
+        raise AlignError(f"{path}: cannot resume with different settings ({'; '.join(changed)})")
+
+
+def _saved_images(cfg: AlignConfig, fixed: dict[str, Any]) -> torch.Tensor | None:
+    """The input images of an earlier start of this run (they cost a reconstruction each)."""
+    state_path = cfg.out / RESUME_DIR / RESUME_INPUTS_STATE
+    if not (cfg.resume and state_path.is_file()):
+        return None
+    try:
+        saved = json.loads(state_path.read_text(encoding="utf-8"))["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise KlviewerInputError(state_path, f"unreadable resume state ({exc})") from exc
+    _require_same(state_path, saved, fixed)
+    path = cfg.out / RESUME_DIR / RESUME_INPUTS
+    images = read_weights(path).get("images")
+    if images is None:
+        raise KlviewerInputError(path, "holds no 'images' tensor")
+    return images
+
+
+def _save_images(cfg: AlignConfig, images: torch.Tensor, fixed: dict[str, Any]) -> None:
+    folder = cfg.out / RESUME_DIR
+    atomic_write(folder / RESUME_INPUTS, lambda f: f.write(state_bytes({"images": images})), overwrite=True)
+    atomic_write_text(folder / RESUME_INPUTS_STATE, json.dumps({"settings": fixed}) + "\n", overwrite=True)
+
+
+def _check_paths(cfg: AlignConfig, base_folder: Path) -> None:
+    out, base = cfg.out.resolve(), base_folder.resolve()
+    if out == base or base in out.parents:
+        raise KlviewerInputError(cfg.out, f"the aligned prior must go outside the base prior's folder {base_folder}, "
+                                          f"which is never written")
+    check_output_folder(cfg.out, cfg.inputs)
+
+
+def _provenance(cfg: AlignConfig, aligner: _Aligner, base_folder: Path, base: EDMUNetPrior, fingerprint: str,
+                data: _Data, device: torch.device, stopped: str | None) -> dict[str, Any]:
+    tail = aligner.losses[-min(len(aligner.losses), 50):]
+    return {
+        "kind": "alignment",
+        "base_prior": {"name": base.config.name, "path": str(base_folder), "sha256": fingerprint},
+        "data": {
+            "inputs": [str(p) for p in cfg.inputs],
+            "slices": cfg.slices,
+            "n_measurements": len(data.targets),
+            "measurements": data.inputs,
+            "skipped": data.skipped,
+            "views": cfg.views,
+            "dose_i0": cfg.dose_i0,
+            "noise_sigma": cfg.noise_sigma,
+            "input_image": cfg.input_image,
+            "recon_steps": cfg.recon_steps if cfg.input_image == "recon" else None,
+        },
+        "loss": {"name": LOSSES[cfg.input_image][0], "formula": LOSSES[cfg.input_image][1],
+                 "p_mean": aligner.p_mean, "p_std": aligner.p_std},
+        "mode": cfg.mode,
+        "lora_rank": cfg.lora_rank if cfg.mode == "lora" else None,
+        "trainable_parameters": count_parameters(aligner.params),
+        "steps": aligner.step,
+        "steps_requested": cfg.steps,
+        "stopped": stopped,
+        "lr": cfg.lr,
+        "warmup": cfg.warmup,
+        "batch": cfg.batch,
+        "ema": cfg.ema,
+        "seed": cfg.seed,
+        "command": cfg.command,
+        "commands": aligner.commands,
+        "final_loss": float(sum(tail) / len(tail)) if tail else None,
+        "final_loss_note": f"mean loss over the last {len(tail)} steps (online weights)",
+        "seconds": round(aligner.elapsed_s, 1),
+        "device": str(device),
+        "torch_version": torch.__version__,
+        "klviewer_version": __version__,
+        "base_training": base.config.training,
+    }
+
+
+def _save(cfg: AlignConfig, aligner: _Aligner, base_folder: Path, base: EDMUNetPrior, fingerprint: str,
+          data: _Data, device: torch.device, stopped: str | None = None) -> None:
+    config = dataclasses.replace(base.config, name=cfg.name or cfg.out.name, arch=dict(base.config.arch),
+                                 klviewer_version=__version__)
+    config.training = _provenance(cfg, aligner, base_folder, base, fingerprint, data, device, stopped)
+    final = EDMUNetPrior(config)
+    final.load_state_dict({k: v.to("cpu") for k, v in aligner.final_weights().items()})
+    save_prior(final, cfg.out, overwrite=True)
+    report = cfg.out / REPORT_DIR
+    write_loss_csv(report / "loss.csv", aligner.losses, aligner.lr_at)
+    if aligner.losses:
+        from klviewer.priors.report import plot_loss
+
+        plot_loss(aligner.losses, report / "loss.png")
+
+
+def align_prior(cfg: AlignConfig, progress: Callable[[AlignProgress], None] | None = None,
+                cancel: threading.Event | None = None) -> Path:
+    """Fine-tune a copy of ``cfg.prior`` on the measurements of ``cfg.inputs``; returns the new prior folder.
+
+    Raises AlignCancelled (resume state written) when ``cancel`` is set, and AlignDiverged after
+    saving the last good weights when the loss or a gradient stops being finite. Warns
+    (FewMeasurementsWarning) below MIN_MEASUREMENTS measurements.
+    """
+    device = resolve_device(cfg.device)
+    base_folder = resolve_prior_path(cfg.prior)
+    _check_paths(cfg, base_folder)
+    base = load_prior(base_folder, device=device)
+    if not isinstance(base, EDMUNetPrior):
+        raise KlviewerInputError(base_folder / CONFIG_FILE, f"alignment needs an edm-unet prior, this one is "
+                                                            f"{base.config.architecture!r}")
+    fingerprint = prior_fingerprint(base_folder)
+    sigma_law = _sigma_law(cfg, base.config.training)
+    fixed = _fixed_settings(cfg, fingerprint, sigma_law)
+    doc = _read_resume_state(cfg, fixed)
+    saved_images = _saved_images(cfg, fixed)
+    data = _collect(cfg, base, device, saved_images, progress, cancel)
+    if saved_images is None:
+        _save_images(cfg, data.images, fixed)
+
+    aligner = _Aligner(cfg, base, data, device, sigma_law, fixed)
+    if doc is not None:
+        aligner.load_resume(doc)
+    aligner.commands.append(cfg.command)
+    started = time.perf_counter() - aligner.elapsed_s
+    while aligner.step < cfg.steps:
+        try:
+            loss = aligner.train_step()
+        except AlignDiverged:
+            _save(cfg, aligner, base_folder, base, fingerprint, data, device,
+                  stopped=f"diverged at step {aligner.step + 1}: non-finite loss or gradient")
+            raise
+        aligner.elapsed_s = time.perf_counter() - started
+        if progress is not None:
+            progress(AlignProgress(aligner.step, cfg.steps, loss))
+        if cancel is not None and cancel.is_set():
+            aligner.save_resume()
+            raise AlignCancelled(cfg.out, aligner.step)
+        if aligner.step % cfg.checkpoint_every == 0 or aligner.step == cfg.steps:
+            aligner.save_resume()
+    _save(cfg, aligner, base_folder, base, fingerprint, data, device)
+    return cfg.out

@@ -249,7 +249,7 @@ def gaussian_checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gaussian-priors")
     priors = {
         "truth": stationary_gaussian(16, 2.0, 0.1, 0.0, "truth"),
-        "near": stationary_gaussian(16, 1.8, 0.11, 0.01, "near"),
+        "near": stationary_gaussian(16, 1.5, 0.13, 0.02, "near"),
         "far": stationary_gaussian(16, 1.0, 0.2, 0.05, "far"),
     }
     return priors, {k: save_prior(v, folder / k) for k, v in priors.items()}

@@ -177,6 +177,17 @@ def test_pinv_images_use_the_sinogram_loss_and_need_no_sampling(tiny_prior: Path
     assert changed
 
 
+def test_same_seed_same_aligned_prior(tiny_prior: Path, study: Path, tmp_path: Path) -> None:
+    torch.manual_seed(123)  # the global RNG state must not matter
+    first = align_prior(quick(tiny_prior, study, tmp_path / "a", mode="lora", input_image="pinv", steps=2, lr=1e-2))
+    torch.manual_seed(456)
+    second = align_prior(quick(tiny_prior, study, tmp_path / "b", mode="lora", input_image="pinv", steps=2, lr=1e-2))
+    assert not changed_tensors(load_prior(first).state_dict(), load_prior(second).state_dict())
+    third = align_prior(quick(tiny_prior, study, tmp_path / "c", mode="lora", input_image="pinv", steps=2, lr=1e-2,
+                              seed=1))
+    assert changed_tensors(load_prior(first).state_dict(), load_prior(third).state_dict())
+
+
 def test_cancel_then_resume_ends_where_an_uninterrupted_run_ends(tiny_prior: Path, study: Path, tmp_path: Path) -> None:
     steps = 6
     straight = align_prior(quick(tiny_prior, study, tmp_path / "straight", steps=steps, mode="full", lr=1e-3))

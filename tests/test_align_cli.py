@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from conftest import TINY_PRIOR_SIZE
 from klviewer.errors import KlviewerError, KlviewerInputError
+from klviewer.inference.align import AlignCancelled
 from klviewer.inference.align_cli import register
 from klviewer.phantoms import make_phantom
 from klviewer.priors import EDMUNetPrior, PriorConfig, load_prior, save_prior
@@ -96,3 +98,27 @@ def test_compare_refuses_priors_on_different_grids(tiny_prior: Path, study: Path
         run(["compare", str(study), "--before", str(tiny_prior), "--after", str(big), "--out", str(tmp_path / "o"),
              "--steps", "2", "--device", "cpu", "--quiet"])
     assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_cancels_the_alignment_with_a_resume_checkpoint(tiny_prior: Path, study: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import klviewer.inference.align as align_module
+
+    real = align_module.align_prior
+
+    def interrupted_at_step_2(cfg, progress=None, cancel=None):
+        def relay(p):
+            progress(p)
+            if p.stage == "align" and p.step == 2:
+                signal.raise_signal(signal.SIGINT)
+        return real(cfg, progress=relay, cancel=cancel)
+
+    monkeypatch.setattr(align_module, "align_prior", interrupted_at_step_2)
+    before = signal.getsignal(signal.SIGINT)
+    out = tmp_path / "interrupted"
+    with pytest.raises(AlignCancelled) as info:
+        run(["align", "--prior", str(tiny_prior), str(study), "--out", str(out), "--steps", "5", "--input-image", "pinv",
+             "--views", "8", "--device", "cpu", "--quiet"])
+    assert info.value.step == 2
+    assert json.loads((out / "resume" / "state.json").read_text())["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is before

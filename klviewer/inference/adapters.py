@@ -27,6 +27,15 @@ ADAPTER_MODES = ("full", "norm-bias", "lora")
 _NORMS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d, nn.InstanceNorm2d)
 
 
+def _init_pair(down: nn.Module, up: nn.Module, like: torch.Tensor) -> None:
+    """PEFT's initialisation (down uniform, up zero), drawn on the CPU so a seed fixes it on any
+    device, then moved to the base layer's device and dtype."""
+    nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+    nn.init.zeros_(up.weight)
+    down.to(like.device, like.dtype)
+    up.to(like.device, like.dtype)
+
+
 class LoRAConv2d(nn.Module):
     """A frozen Conv2d plus a trainable rank-``rank`` update of its kernel."""
 
@@ -37,10 +46,9 @@ class LoRAConv2d(nn.Module):
         self.base = base
         rank = min(rank, base.in_channels * math.prod(base.kernel_size), base.out_channels)
         self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
-                              base.dilation, bias=False).to(base.weight.device, base.weight.dtype)
-        self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False).to(base.weight.device, base.weight.dtype)
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.up.weight)
+                              base.dilation, bias=False)
+        self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        _init_pair(self.down, self.up, base.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.up(self.down(x))
@@ -61,10 +69,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         rank = min(rank, base.in_features, base.out_features)
-        self.down = nn.Linear(base.in_features, rank, bias=False).to(base.weight.device, base.weight.dtype)
-        self.up = nn.Linear(rank, base.out_features, bias=False).to(base.weight.device, base.weight.dtype)
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.up.weight)
+        self.down = nn.Linear(base.in_features, rank, bias=False)
+        self.up = nn.Linear(rank, base.out_features, bias=False)
+        _init_pair(self.down, self.up, base.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.up(self.down(x))

@@ -300,7 +300,9 @@ class _Aligner:
         self.cfg, self.data, self.device, self.fixed = cfg, data, device, fixed
         self.p_mean, self.p_std = sigma_law
         self.model = copy.deepcopy(base).to(device)
-        self.params = apply_adapter(self.model, cfg.mode, cfg.lora_rank)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # LoRA's initial adapters: same seed, same run
+            self.params = apply_adapter(self.model, cfg.mode, cfg.lora_rank)
         self.model.train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.opt = torch.optim.Adam(self.params, lr=cfg.lr)

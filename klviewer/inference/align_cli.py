@@ -5,23 +5,13 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+from klviewer.cli_options import positive_float, positive_int, settings_from_args
 
 
 def _unit_interval(text: str) -> float:
@@ -36,10 +26,10 @@ def _add_measurement_options(p: argparse.ArgumentParser) -> None:
     from klviewer.inference.analysis import AnalysisSettings
 
     d = AnalysisSettings()
-    p.add_argument("--views", type=_positive_int, default=d.views, help=f"projection views for image inputs (default {d.views})")
+    p.add_argument("--views", type=positive_int, default=d.views, help=f"projection views for image inputs (default {d.views})")
     noise = p.add_mutually_exclusive_group()
-    noise.add_argument("--dose", type=_positive_float, metavar="I0", help="Poisson noise: unattenuated photons per ray")
-    noise.add_argument("--noise", type=_positive_float, metavar="SIGMA", help="Gaussian noise std on line integrals")
+    noise.add_argument("--dose", type=positive_float, metavar="I0", help="Poisson noise: unattenuated photons per ray")
+    noise.add_argument("--noise", type=positive_float, metavar="SIGMA", help="Gaussian noise std on line integrals")
     p.add_argument("--slices", default="all", help="'all', 'mid', or 0-based indices like 0,3,5-7 (default all)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
@@ -84,12 +74,16 @@ def _cmd_align(args: argparse.Namespace) -> int:
         if p.stage == "align":
             bar.set_postfix(loss=f"{p.loss:.4f}")
 
+    # Ctrl-C cancels like the GUI's Cancel: the run stops within one step and leaves a resume checkpoint.
+    cancel = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
     with warnings.catch_warnings():
         warnings.simplefilter("always", FewMeasurementsWarning)
         warnings.showwarning = _plain_warning(warnings.showwarning)
         try:
-            out = align_prior(cfg, progress=progress)
+            out = align_prior(cfg, progress=progress, cancel=cancel)
         finally:
+            signal.signal(signal.SIGINT, previous)
             for bar in bars.values():
                 bar.close()
     print(f"aligned prior written to {out} (mode {cfg.mode}, {cfg.steps} steps; base prior {args.prior} unchanged)")
@@ -99,7 +93,6 @@ def _cmd_align(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from klviewer.inference.analysis import AnalysisSettings
     from klviewer.inference.compare import JSON_FILE, compare_priors, write_comparison
     from klviewer.inference.runner import check_output_folder
     from klviewer.io.safe_write import OutputExistsError
@@ -109,11 +102,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     check_output_folder(out, args.inputs)
     if (out / JSON_FILE).exists() and not args.overwrite:
         raise OutputExistsError(out / JSON_FILE)
-    settings = AnalysisSettings(
-        views=args.views, dose_i0=args.dose, noise_sigma=args.noise, steps=args.steps, samples=args.samples,
-        patch=args.patch, sigma_window=tuple(args.sigma_window), seed=args.seed, device=args.device,
-        guidance=args.guidance, flag_threshold=args.flag_threshold,
-    )
+    settings = settings_from_args(args)
     with tqdm(total=0, unit="step", file=sys.stderr, disable=args.quiet, dynamic_ncols=True) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
@@ -173,19 +162,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                  "alignment/ with the loss curve, resume/)")
     al.add_argument("--mode", choices=ADAPTER_MODES, default=d.mode,
                     help=f"what trains: all weights, norm and bias parameters, or LoRA adapters (default {d.mode})")
-    al.add_argument("--steps", type=_positive_int, default=d.steps, help=f"optimiser steps (default {d.steps})")
-    al.add_argument("--lr", type=_positive_float, default=d.lr, help=f"Adam learning rate (default {d.lr:g})")
-    al.add_argument("--batch", type=_positive_int, default=d.batch, help=f"measurements per step (default {d.batch})")
-    al.add_argument("--lora-rank", type=_positive_int, default=d.lora_rank, help=f"LoRA rank (default {d.lora_rank})")
+    al.add_argument("--steps", type=positive_int, default=d.steps, help=f"optimiser steps (default {d.steps})")
+    al.add_argument("--lr", type=positive_float, default=d.lr, help=f"Adam learning rate (default {d.lr:g})")
+    al.add_argument("--batch", type=positive_int, default=d.batch, help=f"measurements per step (default {d.batch})")
+    al.add_argument("--lora-rank", type=positive_int, default=d.lora_rank, help=f"LoRA rank (default {d.lora_rank})")
     al.add_argument("--ema", type=_unit_interval, default=d.ema, help=f"EMA decay of the saved weights, 0 = off (default {d.ema})")
     al.add_argument("--input-image", choices=INPUT_IMAGES, default=d.input_image,
                     help="training image made from each measurement: a posterior sample under the base prior (EDM loss "
                          "on all pixels), or the minimum-norm least-squares image (loss on the measured data only; "
                          f"worse for sparse-view CT, see docs/alignment.md) (default {d.input_image})")
-    al.add_argument("--recon-steps", type=_positive_int, default=d.recon_steps,
+    al.add_argument("--recon-steps", type=positive_int, default=d.recon_steps,
                     help=f"sampler steps for each 'recon' image (default {d.recon_steps})")
     al.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    al.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every,
+    al.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every,
                     help=f"steps between resume checkpoints (default {d.checkpoint_every})")
     al.add_argument("--name", help="prior name recorded in config.json (default: the --out folder name)")
     _add_measurement_options(al)
@@ -201,13 +190,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                     "of each prior against it (curves in shift_kl.png)")
     cmp.add_argument("--out", required=True, help="results folder (comparison.json, comparison.csv, before/, after/)")
     cmp.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    cmp.add_argument("--steps", type=_positive_int, default=a.steps, help=f"sampler steps (default {a.steps})")
-    cmp.add_argument("--samples", type=_positive_int, default=a.samples, help=f"posterior samples (default {a.samples})")
-    cmp.add_argument("--patch", type=_positive_int, default=a.patch, help=f"KL patch size in pixels (default {a.patch})")
-    cmp.add_argument("--sigma-window", type=_positive_float, nargs=2, metavar=("LO", "HI"), default=list(a.sigma_window),
+    cmp.add_argument("--steps", type=positive_int, default=a.steps, help=f"sampler steps (default {a.steps})")
+    cmp.add_argument("--samples", type=positive_int, default=a.samples, help=f"posterior samples (default {a.samples})")
+    cmp.add_argument("--patch", type=positive_int, default=a.patch, help=f"KL patch size in pixels (default {a.patch})")
+    cmp.add_argument("--sigma-window", type=positive_float, nargs=2, metavar=("LO", "HI"), default=list(a.sigma_window),
                      help=f"noise levels summed into the KL map (default {a.sigma_window[0]} {a.sigma_window[1]})")
     cmp.add_argument("--guidance", default=a.guidance, choices=("dc", "dps"), help=f"likelihood guidance (default {a.guidance})")
-    cmp.add_argument("--flag-threshold", type=_positive_float, metavar="NATS",
+    cmp.add_argument("--flag-threshold", type=positive_float, metavar="NATS",
                      help="flag slices whose score exceeds this (default: each prior's calibration, if any)")
     _add_measurement_options(cmp)
     cmp.set_defaults(func=_cmd_compare)

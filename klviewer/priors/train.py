@@ -35,9 +35,9 @@ from klviewer.priors.checkpoint import (
     read_weights,
     resolve_prior_path,
     save_prior,
-    state_bytes,
 )
 from klviewer.priors.data import ImagePool, load_pool
+from klviewer.priors.resume_state import restore_training_state, training_state_bytes
 from klviewer.priors.unet import DEFAULT_ARCH, EDMUNetPrior
 
 RESUME_DIR = "resume"
@@ -215,16 +215,9 @@ class _Trainer:
 
     def save_resume(self) -> None:
         folder = self.cfg.out / RESUME_DIR
-        tensors: dict[str, torch.Tensor] = {"rng": self.gen.get_state()}
-        tensors.update({f"model.{k}": v for k, v in self.model.state_dict().items()})
-        tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
-        opt_state = self.opt.state_dict()
-        for index, state in opt_state["state"].items():
-            for key, value in state.items():
-                tensors[f"opt.{index}.{key}"] = torch.as_tensor(value)
-        blob = state_bytes(tensors, {"step": str(self.step)})
+        blob, param_groups = training_state_bytes(self.model, self.ema, self.opt, self.gen, self.step)
         doc = {"step": self.step, "elapsed_s": self.elapsed_s, "settings": self.cfg.fixed_settings(),
-               "param_groups": opt_state["param_groups"], "losses": self.losses,
+               "param_groups": param_groups, "losses": self.losses,
                "commands": self.commands}
         atomic_write(folder / RESUME_WEIGHTS, lambda f: f.write(blob), overwrite=True)
         atomic_write_text(folder / RESUME_STATE, json.dumps(doc) + "\n", overwrite=True)
@@ -246,19 +239,7 @@ class _Trainer:
         if step > self.cfg.steps:
             raise TrainingError(f"{state_path}: the run is already at step {step}, beyond --steps {self.cfg.steps}")
         weights_path = folder / RESUME_WEIGHTS
-        tensors = read_weights(weights_path)
-        try:
-            self.gen.set_state(tensors.pop("rng"))
-            self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-            self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-            opt_state: dict[int, dict[str, torch.Tensor]] = {}
-            for key, value in tensors.items():
-                if key.startswith("opt."):
-                    _, index, name = key.split(".", 2)
-                    opt_state.setdefault(int(index), {})[name] = value
-            self.opt.load_state_dict({"state": opt_state, "param_groups": doc["param_groups"]})
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise KlviewerInputError(weights_path, f"resume weights do not fit this run ({exc})") from exc
+        restore_training_state(weights_path, self.model, self.ema, self.opt, self.gen, doc["param_groups"])
         self.step, self.elapsed_s, self.losses = step, float(doc.get("elapsed_s", 0.0)), list(doc["losses"])[:step]
         self.commands = list(doc.get("commands", []))
 

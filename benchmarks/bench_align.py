@@ -16,7 +16,7 @@ Setup (64x64, CPU; every number comes from this script):
   KL(ref || prior) on the clean held-out images (``shift_kl.image_kl``) is the ground truth the
   measurement-domain estimate stands in for.
 
-    .venv/bin/python benchmarks/bench_align.py            # about 30 min of one CPU core
+    .venv/bin/python benchmarks/bench_align.py            # about 27 min of one idle CPU core
 
 Writes benchmarks/results/align_benchmark.{md,json}, align_kl_curves.png and align_examples.png.
 Trained priors and data are cached in --work, so a re-run only redoes what is missing.
@@ -91,13 +91,17 @@ class Row:
         }
 
 
-def markdown(rows: list[Row], base: Row, args: argparse.Namespace, seconds: float) -> str:
+def markdown(rows: list[Row], base: Row, args: argparse.Namespace, seconds: float, train_seconds: list[float]) -> str:
     b = base.comparison
+    aligning = sum(r.align_seconds or 0.0 for r in rows)
     lines = [
         "# Prior alignment on an OOD phantom set (thorax measurements, abdomen prior)",
         "",
-        f"Made by `benchmarks/bench_align.py {' '.join(sys.argv[1:])}` in {seconds / 60:.1f} min "
-        f"({platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)).",
+        f"Made by `{' '.join(['benchmarks/bench_align.py', *sys.argv[1:]])}` "
+        f"({platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)). "
+        f"Training the two priors took {train_seconds[0] / 60:.1f} and {train_seconds[1] / 60:.1f} min, the "
+        f"alignments {aligning / 60:.1f} min (as recorded in their config.json); this invocation took "
+        f"{seconds / 60:.1f} min (the evaluations, plus any alignment not already in `--work`, which is reused).",
         "",
         f"- base prior: EDM UNet (default architecture) trained {args.train_steps} steps on healthy abdominal phantoms, {SIZE}²;",
         f"- reference prior: the same, trained on 256 thorax phantoms (seeds from {REF_TRAIN_SEED});",
@@ -190,7 +194,6 @@ def main() -> None:
                         help="comma-separated MODE:INPUT_IMAGE alignments to run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    started = time.perf_counter()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
 
@@ -213,29 +216,29 @@ def main() -> None:
         comparison = compare_priors(base, prior, [test], settings, reference=reference, slices=eval_slices)
         return Row(label, mode, trainable, seconds, comparison, image_kl(ref_prior, load_prior(prior), clean))
 
+    started = time.perf_counter()
     rows = [evaluate("base (abdomen)", base, "-", None, None)]
     for variant in args.variants.split(","):
         mode, input_image = variant.split(":")
         out = work / f"aligned-{mode}-{input_image}-{args.views}v-{args.n_align}m-{args.align_steps}s"
-        seconds = None
         if not (out / "config.json").exists():
             print(f"aligning ({variant})", flush=True)
-            t0 = time.perf_counter()
             align_prior(AlignConfig(prior=base, inputs=[test], out=out, mode=mode, steps=args.align_steps,
                                     lr=MODE_LR[mode], slices=f"0-{args.n_align - 1}", views=args.views,
                                     input_image=input_image, recon_steps=args.recon_steps, device="cpu",
                                     resume=(out / "resume").exists(), command="benchmarks/bench_align.py"))
-            seconds = time.perf_counter() - t0
         training = json.loads((out / "config.json").read_text())["training"]
         rows.append(evaluate(f"aligned ({mode}, {input_image})", out, mode, training["trainable_parameters"],
-                             seconds if seconds is not None else training["seconds"]))
+                             training["seconds"] + training["input_seconds"]))
     rows.append(evaluate("reference (thorax)", reference, "-", None, None))
 
     args.out.mkdir(parents=True, exist_ok=True)
     elapsed = time.perf_counter() - started
-    text = markdown(rows, rows[0], args, elapsed)
+    train_seconds = [float(json.loads((p / "config.json").read_text())["training"]["seconds"]) for p in (base, reference)]
+    text = markdown(rows, rows[0], args, elapsed, train_seconds)
     atomic_write_text(args.out / "align_benchmark.md", text, overwrite=True)
-    doc = {"command": " ".join(["benchmarks/bench_align.py", *sys.argv[1:]]), "seconds": round(elapsed, 1),
+    doc = {"command": " ".join(["benchmarks/bench_align.py", *sys.argv[1:]]), "invocation_seconds": round(elapsed, 1),
+           "training_seconds": train_seconds,
            "settings": settings.to_dict(), "views": args.views, "n_align": args.n_align, "n_eval": args.n_eval,
            "align_steps": args.align_steps, "rows": [r.summary() for r in rows],
            "per_case": {r.label: [{"slice_index": c.index, **c.metrics["after"]} for c in r.comparison.cases] for r in rows},

@@ -210,6 +210,8 @@ class _Data:
     """(N, 1, H, W) the input images u, prior units."""
     skipped: list[dict[str, str]] = field(default_factory=list)
     inputs: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    """Time spent making the measurements and input images (in this invocation)."""
 
 
 def _operator_key(prepared: PreparedSlice) -> str:
@@ -492,6 +494,9 @@ def _provenance(cfg: AlignConfig, aligner: _Aligner, base_folder: Path, base: ED
         "final_loss": float(sum(tail) / len(tail)) if tail else None,
         "final_loss_note": f"mean loss over the last {len(tail)} steps (online weights)",
         "seconds": round(aligner.elapsed_s, 1),
+        "input_seconds": round(data.seconds, 1),
+        "seconds_note": "seconds: the training loop (all invocations); input_seconds: measurements and input "
+                        "images (last invocation)",
         "device": str(device),
         "torch_version": torch.__version__,
         "klviewer_version": __version__,
@@ -535,7 +540,9 @@ def align_prior(cfg: AlignConfig, progress: Callable[[AlignProgress], None] | No
     fixed = _fixed_settings(cfg, fingerprint, sigma_law)
     doc = _read_resume_state(cfg, fixed)
     saved_images = _saved_images(cfg, fixed)
+    collect_started = time.perf_counter()
     data = _collect(cfg, base, device, saved_images, progress, cancel)
+    data.seconds = time.perf_counter() - collect_started
     if saved_images is None:
         _save_images(cfg, data.images, fixed)
 

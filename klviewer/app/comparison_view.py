@@ -49,7 +49,7 @@ from klviewer.app.comparison import (
 from klviewer.app.display import PRESETS, MapSettings, WindowLevel, format_nats
 from klviewer.app.messages import Notifier
 from klviewer.app.overlay import COLORBAR_WIDTH, OverlayLayer
-from klviewer.app.viewer import GREY_LUT, PRESET_KEYS, SLICE_KEYS, spread_window
+from klviewer.app.viewer import GREY_LUT, PRESET_KEYS, SLICE_KEYS, preset_combo, spread_window
 from klviewer.errors import KlviewerError
 
 PANES = ("before", "after", "difference")
@@ -203,11 +203,7 @@ class ComparisonView(QWidget):
         for key, label in COMPARED_IMAGES.items():
             self.kind_combo.addItem(label, key)
         self.kind_combo.currentIndexChanged.connect(lambda row: self.set_kind(self.kind_combo.itemData(row)))
-        self.preset_combo = QComboBox()
-        self.preset_combo.addItem("Window preset…")
-        for n, preset in enumerate(PRESETS, start=1):
-            self.preset_combo.addItem(f"{n}  {preset.name} ({preset.window.width:.0f}/{preset.window.level:.0f})")
-        self.preset_combo.activated.connect(self._preset_picked)
+        self.preset_combo = preset_combo(self._preset_picked)
         self.overlay_check = QCheckBox("KL overlays (o)")
         self.overlay_check.setChecked(True)
         self.overlay_check.toggled.connect(self.set_overlays_visible)

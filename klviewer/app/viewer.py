@@ -9,6 +9,7 @@ window/level linked.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,11 +138,7 @@ class SliceViewer(QWidget):
         for key, label in BASE_IMAGES.items():
             self.base_combo.addItem(label, key)
         self.base_combo.currentIndexChanged.connect(self._base_picked)
-        self.preset_combo = QComboBox()
-        self.preset_combo.addItem("Window preset…")
-        for n, preset in enumerate(PRESETS, start=1):
-            self.preset_combo.addItem(f"{n}  {preset.name} ({preset.window.width:.0f}/{preset.window.level:.0f})")
-        self.preset_combo.activated.connect(self._preset_picked)
+        self.preset_combo = preset_combo(self._preset_picked)
         self.overlay_check = QCheckBox("KL overlay (o)")
         self.overlay_check.setChecked(True)
         self.overlay_check.toggled.connect(self.set_overlay_visible)
@@ -480,6 +477,16 @@ class SliceViewer(QWidget):
             if kl is not None:
                 text += f"  KL {format_nats(kl)} nats"
         return text
+
+
+def preset_combo(picked: Callable[[int], None]) -> QComboBox:
+    """The W/L preset picker: a title row, then the presets numbered as their keys 1-5."""
+    combo = QComboBox()
+    combo.addItem("Window preset…")
+    for n, preset in enumerate(PRESETS, start=1):
+        combo.addItem(f"{n}  {preset.name} ({preset.window.width:.0f}/{preset.window.level:.0f})")
+    combo.activated.connect(picked)
+    return combo
 
 
 def spread_window(image: np.ndarray) -> WindowLevel:

@@ -278,6 +278,17 @@ def test_phantom_sets_are_deterministic_and_reproducible_member_by_member() -> N
     assert make_phantom_set("healthy", 0, size=64) == []
 
 
+def test_phantom_set_built_by_worker_processes_is_the_serial_set() -> None:
+    serial = make_phantom_set("mixed", 5, size=64, seed=3)
+    parallel = make_phantom_set("mixed", 5, size=64, seed=3, workers=2)
+    assert [(p.kind, p.seed) for p in parallel] == [(p.kind, p.seed) for p in serial]
+    for a, b in zip(serial, parallel):
+        np.testing.assert_array_equal(a.hu, b.hu)
+        np.testing.assert_array_equal(a.ood_mask, b.ood_mask)
+    with pytest.raises(KlviewerInputError, match="workers"):
+        make_phantom_set("healthy", 2, size=64, workers=0)
+
+
 def test_mixed_set_mixes_kinds_independently_of_its_length() -> None:
     mixed = make_phantom_set("mixed", 12, size=64, seed=1)
     assert {p.kind for p in mixed} == set(KINDS)

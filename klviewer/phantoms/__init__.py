@@ -141,18 +141,26 @@ def member_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def make_phantom_set(kind: str, n: int, size: int = 256, seed: int = 0) -> list[Phantom]:
+def make_phantom_set(kind: str, n: int, size: int = 256, seed: int = 0, workers: int = 1) -> list[Phantom]:
     """``n`` phantoms of ``kind`` with default parameters; member i uses ``member_seed(seed, i)``.
 
     kind "mixed" draws each member's kind (healthy, lesion, metal, shift with equal odds) from
-    (seed, i), so a member does not depend on ``n``.
+    (seed, i), so a member does not depend on ``n``. ``workers`` > 1 builds members in that many
+    processes; each member depends only on its own seed, so the set is the same.
     """
     _check_request("healthy" if kind == "mixed" else kind, size, seed)
     if not isinstance(n, (int, np.integer)) or n < 0:
         raise KlviewerInputError(None, f"n must be a non-negative integer, got {n!r}")
-    phantoms = []
-    for i in range(n):
-        s = member_seed(seed, i)
-        member_kind = KINDS[int(np.random.default_rng([seed, i, 1]).integers(len(KINDS)))] if kind == "mixed" else kind
-        phantoms.append(make_phantom(member_kind, size=size, seed=s))
-    return phantoms
+    if not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise KlviewerInputError(None, f"workers must be a positive integer, got {workers!r}")
+    kinds = [KINDS[int(np.random.default_rng([seed, i, 1]).integers(len(KINDS)))] if kind == "mixed" else kind
+             for i in range(n)]
+    seeds = [member_seed(seed, i) for i in range(n)]
+    if workers == 1 or n < 2:
+        return [make_phantom(k, size=size, seed=s) for k, s in zip(kinds, seeds)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the caller may hold torch or Qt threads, which a forked child would inherit locked.
+    with ProcessPoolExecutor(min(workers, n), mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(make_phantom, kinds, [size] * n, seeds, chunksize=max(1, n // (4 * workers))))

@@ -50,11 +50,11 @@ def hu_to_prior_units(hu: np.ndarray, hu_offset: float, hu_scale: float) -> torc
     return torch.from_numpy((np.asarray(hu, dtype=np.float32) - hu_offset) / hu_scale)
 
 
-def phantom_pool(n: int, size: int, seed: int, hu_offset: float, hu_scale: float) -> ImagePool:
-    """``n`` healthy phantoms from ``make_phantom_set("healthy", n, size, seed)``."""
+def phantom_pool(n: int, size: int, seed: int, hu_offset: float, hu_scale: float, workers: int = 1) -> ImagePool:
+    """``n`` healthy phantoms from ``make_phantom_set("healthy", n, size, seed)``, built by ``workers`` processes."""
     from klviewer.phantoms import make_phantom_set
 
-    phantoms = make_phantom_set("healthy", n, size, seed)
+    phantoms = make_phantom_set("healthy", n, size, seed, workers=workers)
     images = torch.stack([hu_to_prior_units(p.hu, hu_offset, hu_scale) for p in phantoms]).unsqueeze(1)
     description = {"source": PHANTOM_SOURCE, "kind": "healthy", "n": n, "size": size, "seed": seed,
                    "phantom_seeds": [int(p.seed) for p in phantoms]}
@@ -102,9 +102,10 @@ def folder_pool(folder: Path, size: int, hu_offset: float, hu_scale: float) -> I
     return ImagePool(images, spacing, description)
 
 
-def load_pool(data: str, n_phantoms: int, size: int, seed: int, hu_offset: float, hu_scale: float) -> ImagePool:
+def load_pool(data: str, n_phantoms: int, size: int, seed: int, hu_offset: float, hu_scale: float,
+              workers: int = 1) -> ImagePool:
     if data == PHANTOM_SOURCE:
-        return phantom_pool(n_phantoms, size, seed, hu_offset, hu_scale)
+        return phantom_pool(n_phantoms, size, seed, hu_offset, hu_scale, workers)
     folder = Path(data)
     if not folder.is_dir():
         raise KlviewerInputError(folder, f"training data must be '{PHANTOM_SOURCE}' or an existing folder")

@@ -94,6 +94,8 @@ class TrainConfig:
     command: str | None = None
     report: bool = True
     init_from: str | None = None
+    workers: int = 1
+    """Processes that build the phantom pool; the pool does not depend on it."""
     """A prior (name or folder) of the same architecture whose weights start the run, so a
     shipped prior can be trained further without its resume state."""
 
@@ -104,7 +106,7 @@ class TrainConfig:
         problems = []
         if self.patch > self.size or self.patch < 1:
             problems.append(f"patch {self.patch} must be between 1 and size {self.size}")
-        for key in ("steps", "batch", "n_phantoms", "checkpoint_every"):
+        for key in ("steps", "batch", "n_phantoms", "checkpoint_every", "workers"):
             if getattr(self, key) < 1:
                 problems.append(f"{key} must be at least 1")
         if not 0 <= self.ema < 1:
@@ -268,7 +270,7 @@ def train_prior(cfg: TrainConfig, progress: Callable[[TrainProgress], None] | No
     """Train (or resume training) a prior into ``cfg.out``; returns the prior folder."""
     device = resolve_device(cfg.device)
     _prepare_out(cfg)
-    pool = load_pool(cfg.data, cfg.n_phantoms, cfg.size, cfg.seed, cfg.hu_offset, cfg.hu_scale)
+    pool = load_pool(cfg.data, cfg.n_phantoms, cfg.size, cfg.seed, cfg.hu_offset, cfg.hu_scale, cfg.workers)
     trainer = _Trainer(cfg, pool, device)
     if cfg.resume and (cfg.out / RESUME_DIR / RESUME_STATE).exists():
         trainer.load_resume()

@@ -26,6 +26,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr, warmup=args.warmup, device=args.device, resume=args.resume, seed=args.seed,
         n_phantoms=args.n_phantoms, ema=args.ema, p_mean=args.p_mean, p_std=args.p_std, arch=dict(ARCH_PRESETS[args.arch]), name=args.name,
         checkpoint_every=args.checkpoint_every, report=not args.no_report, init_from=args.init_from,
+        workers=args.workers,
         command=shlex.join(["klviewer", *sys.argv[1:]]),
     )
     with tqdm(total=cfg.steps, desc="train", unit="step", dynamic_ncols=True) as bar:
@@ -58,6 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last resume checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-phantoms", type=int, default=256, help="size of the phantom pool (default 256)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes that build the phantom pool (default 1); the pool is the same for any count")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights (default 0.999)")
     p.add_argument("--p-mean", type=float, default=-1.5, help="mean of ln sigma in the loss (default -1.5)")
     p.add_argument("--p-std", type=float, default=2.0, help="standard deviation of ln sigma (default 2.0)")

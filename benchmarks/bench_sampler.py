@@ -1,7 +1,7 @@
 """Speed and memory of one KL analysis: 256² phantom, 24 views, 100 steps.
 
-Usage: python benchmarks/bench_sampler.py [--prior NAME|PATH] [--device cpu|cuda] [--samples 1 8]
-Writes benchmarks/results/sampler.md and prints it. Each configuration runs in a fresh
+Usage: python benchmarks/bench_sampler.py [--prior NAME|PATH] [--device cpu|cuda] [--samples 1 8] [--results FILE.md]
+Writes benchmarks/results/sampler.md (or --results) and prints it. Each configuration runs in a fresh
 subprocess so its peak RSS is its own.
 """
 
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--guidance", nargs="+", default=["dc", "dps"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="markdown table to write (default results/sampler.md)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -106,8 +107,8 @@ def main() -> None:
         lines.append(f"| {r['device']} | {r['guidance']} | {r['samples']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {gpu} | "
                      f"{r['reference_mb']:.1f} | {r['energy_mb']:.2f} | {r['reference_mb'] / r['energy_mb']:.0f}× | {r['kl_map_512_ms']:.1f} |")
     text = "\n".join(lines) + "\n"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(text)
     print(text)
 
 

@@ -108,7 +108,9 @@ def _exact_terms(prior, model: MeasurementModel, shape: tuple[int, ...]) -> Gaus
 
 
 def _noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
+    # Drawn on the CPU whatever the device, so a seed gives the same noise on CPU and GPU and
+    # the two differ only by rounding; the copy is tiny next to one denoiser call.
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
 def _run_batch(prior, model: MeasurementModel, settings: SamplerSettings, sigmas: np.ndarray, edges: np.ndarray,
@@ -204,7 +206,7 @@ def _sample_all(prior, model, settings, sigmas, edges, batch, device, progress, 
     finals, energy = [], None
     for first in range(0, settings.samples, batch):
         ks = range(first, min(first + batch, settings.samples))
-        generators = [torch.Generator(device=device).manual_seed(sample_seed(settings.seed, k)) for k in ks]
+        generators = [torch.Generator().manual_seed(sample_seed(settings.seed, k)) for k in ks]
         x, e = _run_batch(prior, model, settings, sigmas, edges, generators, device, tick)
         finals.append(x)
         energy = e if energy is None else energy + e

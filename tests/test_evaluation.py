@@ -60,6 +60,19 @@ def test_a_map_that_lights_up_the_lesion_scores_perfectly() -> None:
     assert noise.localisation_auroc < 0.9
 
 
+def test_centre_distance_control_ranks_central_lesions_and_cannot_separate_images() -> None:
+    cases = []
+    for i, (top, left) in enumerate([(14, 14), (2, 2)]):
+        ood = np.zeros((32, 32), bool)
+        ood[top:top + 4, left:left + 4] = True
+        cases.append(_case("lesion", np.ones((32, 32)), ood, i))
+    cases.append(_case("healthy", np.ones((32, 32)), np.zeros((32, 32), bool), 9))
+    control = score_method(cases, "centre_distance", 4, None)
+    assert control.dataset_auroc == 0.5, "the same map for every image separates nothing"
+    central, rim = control.per_image_localisation
+    assert central == 1.0 and rim < 0.2
+
+
 def test_run_cases_caches_and_refuses_a_stale_cache(tmp_path: Path) -> None:
     torch.manual_seed(0)
     prior = EDMUNetPrior(PriorConfig(name="tiny", architecture="edm-unet", image_size=(32, 32),

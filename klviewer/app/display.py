@@ -13,6 +13,7 @@ import numpy as np
 from klviewer.inference.analysis import SliceResult
 from klviewer.inference.energy import EnergyField, KLMap
 from klviewer.io.study import Series
+from klviewer.overlay_rules import DISPLAY_FRACTION, OVERLAY_OPACITY, display_cut, overlay_levels
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,9 @@ class MapSettings:
 
     patch: int = 8
     sigma_window: tuple[float, float] = (0.01, 0.5)
-    threshold_fraction: float = 0.2
+    threshold_fraction: float = DISPLAY_FRACTION
     """Patches below this fraction of the slice's largest patch are transparent."""
-    opacity: float = 0.6
+    opacity: float = OVERLAY_OPACITY
     visible: bool = True
 
     def clamped(self, image_shape: tuple[int, int]) -> MapSettings:
@@ -157,22 +158,17 @@ def flagged_patches(kl_map: KLMap, flag_threshold: float | None, top: int = TOP_
 
 
 def overlay_frame(energy: EnergyField, settings: MapSettings, flag_threshold: float | None) -> OverlayFrame:
-    """Cut the KL map for the slider settings out of the cached energy field (no sampling).
-
-    Colours span 0 to twice the flag threshold when one applies, so slices compare at a glance
-    (anything saturated is well above it); otherwise 0 to the slice's own maximum.
-    """
+    """Cut the KL map for the slider settings out of the cached energy field (no sampling),
+    coloured by `klviewer.overlay_rules`."""
     settings = settings.clamped(energy.image_shape)
     kl_map = energy.kl_map(settings.patch, settings.sigma_window)
     raw = kl_map.to_pixels().astype(np.float32)
     peak = float(kl_map.values.max()) if kl_map.values.size else 0.0
-    upper = 2.0 * flag_threshold if flag_threshold is not None else peak
-    if not upper > 0:
-        upper = 1.0
-    cut = settings.threshold_fraction * peak
+    cut = display_cut(peak, settings.threshold_fraction)
     pixels = raw.copy()
     pixels[(raw < cut) | (raw <= 0)] = np.nan
-    return OverlayFrame(kl_map=kl_map, pixels=pixels, raw_pixels=raw, levels=(0.0, upper), display_threshold=cut,
+    return OverlayFrame(kl_map=kl_map, pixels=pixels, raw_pixels=raw, levels=overlay_levels(peak, flag_threshold),
+                        display_threshold=cut,
                         flag_threshold=flag_threshold, boxes=flagged_patches(kl_map, flag_threshold))
 
 

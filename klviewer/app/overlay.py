@@ -12,8 +12,9 @@ from PySide6.QtGui import QColor, QPainterPath, QPen
 from PySide6.QtWidgets import QGraphicsPathItem
 
 from klviewer.app.display import OverlayFrame
+from klviewer.overlay_rules import COLORMAP, OUTLINE_RGB
 
-OUTLINE_COLOR = QColor(0, 230, 255)
+OUTLINE_COLOR = QColor.fromRgbF(*OUTLINE_RGB)
 COLORBAR_WIDTH = 110
 
 
@@ -23,7 +24,7 @@ class OverlayLayer:
     def __init__(self, view: pg.ViewBox, layout: pg.GraphicsLayout, col: int) -> None:
         self.image = pg.ImageItem(axisOrder="row-major")
         self.image.setZValue(10)
-        self.image.setColorMap(pg.colormap.get("inferno"))
+        self.image.setColorMap(pg.colormap.get(COLORMAP))
         view.addItem(self.image)
 
         self.outlines = QGraphicsPathItem()
@@ -34,7 +35,7 @@ class OverlayLayer:
         self.outlines.setZValue(20)
         view.addItem(self.outlines)
 
-        self.colorbar = pg.ColorBarItem(values=(0.0, 1.0), colorMap=pg.colormap.get("inferno"), interactive=False,
+        self.colorbar = pg.ColorBarItem(values=(0.0, 1.0), colorMap=pg.colormap.get(COLORMAP), interactive=False,
                                         width=14, colorMapMenu=False)
         self.colorbar.axis.setLabel("KL per patch (nats)")  # beside the ticks; the default place overlaps the bar
         self.colorbar.setImageItem(self.image)

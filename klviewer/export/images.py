@@ -1,8 +1,7 @@
 """Pictures of a result: windowed CT, the KL heat map blended over it, and a version with a colour bar.
 
-The overlay follows the app's conventions so an exported picture looks like the screen:
-inferno colours from 0 to twice the flag threshold (0 to the slice's peak without one),
-patches below a fifth of the peak left transparent, flagged patches outlined in cyan.
+The overlay follows `klviewer.overlay_rules`, as the app does, so an exported picture looks
+like the screen; flagged patches are outlined in cyan.
 Figures are drawn with matplotlib's Agg canvas directly (no pyplot), so exporting from a
 background thread of the app is safe.
 """
@@ -22,13 +21,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image  # matplotlib's own image dependency
 
+from klviewer.overlay_rules import COLORMAP, OUTLINE_RGB, OVERLAY_OPACITY, display_cut, overlay_levels
+
 SOFT_TISSUE_WINDOW = (40.0, 400.0)
 """(center, width) in HU when the source has no window of its own."""
-OVERLAY_OPACITY = 0.6
-DISPLAY_FRACTION = 0.2
-"""Patches below this fraction of the slice's largest patch are not coloured (the app's default)."""
-OUTLINE_RGB = (0.0, 230 / 255, 1.0)
-COLORMAP = "inferno"
 _MIN_FIGURE_PIXELS = 384
 
 
@@ -46,8 +42,7 @@ class OverlayStyle:
     @classmethod
     def for_map(cls, kl_pixels: np.ndarray, threshold: float | None) -> OverlayStyle:
         peak = float(np.max(kl_pixels)) if kl_pixels.size else 0.0
-        upper = 2.0 * threshold if threshold is not None else peak
-        return cls(levels=(0.0, upper if upper > 0 else 1.0), cut=DISPLAY_FRACTION * peak, threshold=threshold)
+        return cls(levels=overlay_levels(peak, threshold), cut=display_cut(peak), threshold=threshold)
 
     def flagged_mask(self, kl_pixels: np.ndarray) -> np.ndarray:
         if self.threshold is None:

@@ -255,3 +255,16 @@ def test_cancel_stops_between_cases(fx: ResultsFixture, tmp_path: Path) -> None:
     assert report.cancelled and [c.error for c in report.cases] == [None]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([report.cases[0].case, "cases.csv", "cases.json"])
     assert [c["case"] for c in json.loads((tmp_path / "out" / "cases.json").read_text())["cases"]] == [report.cases[0].case]
+
+
+def test_app_export_job_cancel_keeps_finished_cases_and_their_tables(fx: ResultsFixture, tmp_path: Path) -> None:
+    import threading
+
+    from klviewer.app.export_job import ExportRequest, run_export
+
+    cancel = threading.Event()
+    request = ExportRequest(out=tmp_path / "out", results_dir=fx.results, flagged_only=False, formats=("png", "csv"))
+    summary = run_export(request, lambda done, total, text: cancel.set() if done == 1 else None, cancel)
+    (case,) = summary.cases
+    assert case.error is None and summary.outcomes[0].report.cancelled
+    assert [c["case"] for c in json.loads((tmp_path / "out" / "cases.json").read_text())["cases"]] == [case.case]

@@ -58,7 +58,7 @@ class ExportDialog(QDialog):
         self.slot = TaskSlot(self)
         self.slot.succeeded.connect(self.show_summary)
         self.slot.failed.connect(self._failed)
-        self.slot.cancelled.connect(lambda: notifier.status("Export cancelled", "finished case folders are kept"))
+        self.slot.cancelled.connect(lambda: notifier.status("Export cancelled", "finished case folders and their tables are kept"))
         self.slot.finished.connect(lambda _ok: self.export_button.setEnabled(True))
 
         self.from_session = QRadioButton()

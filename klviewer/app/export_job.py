@@ -3,7 +3,7 @@
 No Qt here. The session's results live in memory, so they are first written as results
 folders (klviewer.app.session_results) into a private staging folder, exported from there,
 and the staging folder is removed afterwards. Cancelling stops after the case being written:
-finished case folders are complete and kept, the tables are not written.
+finished case folders are complete and kept, and the tables list exactly those.
 """
 
 from __future__ import annotations
@@ -22,10 +22,6 @@ from klviewer.demo import cache_dir
 from klviewer.errors import KlviewerError
 
 Report = Callable[[int, int, str], None]
-
-
-class ExportCancelled(KlviewerError):
-    """The user stopped the export between two cases."""
 
 
 @dataclass
@@ -92,14 +88,10 @@ def run_export(request: ExportRequest, report: Report, cancel: threading.Event) 
     from klviewer.export import export_results
 
     def export(results_dir: Path, out: Path, notes: dict[str, str] | None) -> Any:
-        def progress(done: int, total: int) -> None:
-            report(done, total, f"Exporting {out.name}")
-            if cancel.is_set() and done < total:
-                raise ExportCancelled("export cancelled; finished case folders are kept")
-
         return export_results(results_dir, out, flagged_only=request.flagged_only, formats=request.formats,
                               flag_threshold=request.flag_threshold, deidentify=request.deidentify,
-                              overwrite=request.overwrite, progress=progress, notes=notes)
+                              overwrite=request.overwrite, progress=lambda done, total: report(done, total, f"Exporting {out.name}"),
+                              notes=notes, cancel=cancel)
 
     summary = ExportSummary(request.out)
     if request.results_dir is not None:
@@ -113,7 +105,7 @@ def run_export(request: ExportRequest, report: Report, cancel: threading.Event) 
         folders = write_session_results(request.session.slices, staging / "results", request.session.map_settings)
         for folder in folders:
             if cancel.is_set():
-                raise ExportCancelled("export cancelled")
+                break
             out = request.out if len(folders) == 1 else request.out / folder.path.name
             summary.outcomes.append(ExportOutcome(folder.prior, export(folder.path, out, folder.notes)))
     finally:

@@ -42,7 +42,7 @@ from klviewer.inference.analysis import AnalysisSettings
 
 MODES = {"norm-bias": "Norm and bias only (small adapter)", "lora": "LoRA (low-rank adapter)",
          "full": "Full fine-tuning"}
-INPUT_LABELS = {"recon": "Posterior sample (base prior)", "pinv": "Least-squares image (pseudo-inverse)", "fbp": "FBP"}
+INPUT_LABELS = {"recon": "Posterior sample (base prior)", "pinv": "Least-squares image (pseudo-inverse)"}
 """Labels for klviewer.inference.align.INPUT_IMAGES; any other choice it offers is shown by its key."""
 
 

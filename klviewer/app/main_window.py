@@ -525,15 +525,9 @@ class MainWindow(QMainWindow):
 
     def stop_run(self) -> None:
         """Cancel a run and join its thread (used on close)."""
-        thread = self.thread
-        if thread is None:
-            return
-        thread.cancel()
-        thread.wait()
-        for signal in (thread.progress, thread.slice_done, thread.failed, thread.cancelled, thread.finished):
-            signal.disconnect()
-        self.thread = None
-        thread.deleteLater()
+        thread, self.thread = self.thread, None
+        if thread is not None:
+            thread.stop_and_discard(thread.progress, thread.slice_done, thread.failed, thread.cancelled, thread.finished)
 
     # ----- priors: fit, alignment, comparison ------------------------------------------------
 

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from PySide6.QtCore import QObject, QThread, Signal
+from PySide6.QtCore import QObject, Signal
 
-from klviewer.app.worker import PROGRESS_INTERVAL_S, compute_threads
+from klviewer.app.worker import PROGRESS_INTERVAL_S, CancellableThread, compute_threads
 from klviewer.errors import KlviewerError
 
 
@@ -46,7 +46,7 @@ class JobContext:
 Job = Callable[[JobContext], object]
 
 
-class TaskThread(QThread):
+class TaskThread(CancellableThread):
     progress = Signal(int, int, str)
     """(done, total, what is being done)."""
     succeeded = Signal(object)
@@ -57,14 +57,6 @@ class TaskThread(QThread):
     def __init__(self, job: Job, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self._job = job
-        self._cancel = threading.Event()
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self._cancel.is_set()
 
     def run(self) -> None:
         torch.set_num_threads(compute_threads())  # OpenMP settings are per thread
@@ -142,12 +134,6 @@ class TaskSlot(QObject):
 
     def stop(self) -> None:
         """Cancel and join the job without reporting its outcome (used when the window closes)."""
-        thread = self.thread
-        if thread is None:
-            return
-        thread.cancel()
-        thread.wait()
-        for signal in (thread.progress, thread.succeeded, thread.failed, thread.cancelled, thread.finished):
-            signal.disconnect()
-        self.thread = None
-        thread.deleteLater()
+        thread, self.thread = self.thread, None
+        if thread is not None:
+            thread.stop_and_discard(thread.progress, thread.succeeded, thread.failed, thread.cancelled, thread.finished)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PySide6.QtCore import QObject, QThread, Signal
+from PySide6.QtCore import QObject, QThread, Signal, SignalInstance
 
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError
@@ -58,6 +58,29 @@ class PriorCache:
             return self._prior
 
 
+class CancellableThread(QThread):
+    """A QThread whose work polls a threading.Event, which `cancel()` sets."""
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    def stop_and_discard(self, *signals: SignalInstance) -> None:
+        """Cancel, join, and disconnect `signals` so that the outcome is never reported (a window is closing)."""
+        self.cancel()
+        self.wait()
+        for signal in signals:
+            signal.disconnect()
+        self.deleteLater()
+
+
 @dataclass(frozen=True)
 class RunRequest:
     series: Series
@@ -66,7 +89,7 @@ class RunRequest:
     settings: AnalysisSettings
 
 
-class AnalysisThread(QThread):
+class AnalysisThread(CancellableThread):
     progress = Signal(int, int)
     """(steps done, total steps) over the whole request."""
     slice_done = Signal(object, int, object)
@@ -79,15 +102,7 @@ class AnalysisThread(QThread):
         super().__init__(parent)
         self.request = request
         self._priors = priors
-        self._cancel = threading.Event()
         self._last_progress = 0.0
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self._cancel.is_set()
 
     def run(self) -> None:
         torch.set_num_threads(compute_threads())  # OpenMP settings are per thread: set them here

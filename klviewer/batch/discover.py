@@ -23,6 +23,7 @@ from pydicom.uid import MediaStorageDirectoryStorage
 
 from klviewer.errors import KlviewerInputError
 from klviewer.io.arrays import ARRAY_SUFFIXES, NPZ_IMAGE_KEYS
+from klviewer.io.dicom import sniff_dicom
 from klviewer.io.sidecar import read_json_sidecar
 from klviewer.io.sinogram import RAW_SUFFIXES, is_sinogram_sidecar
 
@@ -78,20 +79,6 @@ def _files_under(inputs: Sequence[str | Path]) -> list[Path]:
                 f = Path(root) / name
                 files.setdefault(os.path.realpath(f), f)
     return list(files.values())
-
-
-def _not_dicom_reason(path: Path) -> tuple[str | None, bool]:
-    """(reason it is not DICOM or None, whether pydicom must force-read it), as the reader decides."""
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(132)
-    except OSError as exc:
-        return f"cannot open file ({exc.strerror or exc})", False
-    if len(head) == 132 and head[128:] == b"DICM":
-        return None, False
-    if head[:2] in (b"\x02\x00", b"\x08\x00"):
-        return None, True
-    return ("not a DICOM file (no 'DICM' marker and no DICOM header)" if head else "empty file"), False
 
 
 def _npz_refusal(path: Path) -> str | None:
@@ -158,7 +145,7 @@ def discover_studies(inputs: Sequence[str | Path]) -> Discovery:
         if suffix in RAW_SUFFIXES:
             skip(f, "raw data without a sinogram sidecar (<name>.json)")
             continue
-        reason, force = _not_dicom_reason(f)
+        reason, force = sniff_dicom(f)
         if reason:
             skip(f, reason)
             continue

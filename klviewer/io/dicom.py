@@ -147,22 +147,31 @@ def _read_dataset(path: Path) -> Dataset:
         raise _Skip(f"unreadable DICOM file ({type(exc).__name__}: {exc})") from exc
 
 
-def _sniff(path: Path) -> bool:
-    """Whether the file must be read with force=True; raises _Skip when it is not DICOM at all.
+def sniff_dicom(path: Path) -> tuple[str | None, bool]:
+    """(why the file is not DICOM, or None; whether pydicom must read it with force=True).
 
-    Files with the 'DICM' marker read normally. Old files without a preamble start directly with
-    a group 0002 or 0008 element; anything else is not DICOM, and forcing it would parse noise.
+    Reads 132 bytes. Files with the 'DICM' marker read normally. Old files without a preamble
+    start directly with a group 0002 or 0008 element; anything else is not DICOM, and forcing
+    it would parse noise.
     """
     try:
         with path.open("rb") as handle:
             head = handle.read(132)
     except OSError as exc:
-        raise _Skip(f"cannot open file ({exc.strerror or exc})") from exc
+        return f"cannot open file ({exc.strerror or exc})", False
     if len(head) == 132 and head[128:] == b"DICM":
-        return False
+        return None, False
     if head[:2] in (b"\x02\x00", b"\x08\x00"):
-        return True
-    raise _Skip("not a DICOM file (no 'DICM' marker and no DICOM header)" if head else "empty file")
+        return None, True
+    return ("not a DICOM file (no 'DICM' marker and no DICOM header)" if head else "empty file"), False
+
+
+def _sniff(path: Path) -> bool:
+    """Whether the file must be read with force=True; raises _Skip when it is not DICOM at all."""
+    reason, force = sniff_dicom(path)
+    if reason is not None:
+        raise _Skip(reason)
+    return force
 
 
 def _is_dicomdir(path: Path, ds: Dataset) -> bool:

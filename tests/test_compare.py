@@ -123,7 +123,7 @@ def test_sinogram_inputs_have_no_psnr(tiny_prior: Path, study: Path, tmp_path: P
 
 def test_priors_on_other_grids_or_mappings_are_refused(tiny_prior: Path, study: Path, tmp_path: Path) -> None:
     small = mismatched_prior(tmp_path / "small", image_size=(16, 16))
-    with pytest.raises(KlviewerInputError, match=r"config.json.*grid 1x16x16 differs from 1x32x32"):
+    with pytest.raises(KlviewerInputError, match=r"config.json.*image size 1x32x32 vs 1x16x16"):
         compare_priors(tiny_prior, small, [study], SETTINGS)
     shifted = mismatched_prior(tmp_path / "shifted", hu_offset=-1000.0)
     with pytest.raises(KlviewerInputError, match="HU mapping"):

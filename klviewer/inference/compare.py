@@ -30,6 +30,7 @@ from klviewer.inference.analysis import AnalysisSettings, PreparedSlice, SliceRe
 from klviewer.inference.calibration import flag_threshold_for
 from klviewer.inference.measurements import collect_measurements
 from klviewer.inference.runner import check_output_folder
+from klviewer.inference.shift_kl.core import grid_differences
 from klviewer.io.safe_write import OutputExistsError, atomic_write, atomic_write_text
 from klviewer.priors.checkpoint import CONFIG_FILE, load_prior, prior_fingerprint, resolve_prior_path
 
@@ -99,14 +100,8 @@ def _prior_ref(path: Path) -> PriorRef:
 
 def check_same_grid(first, second, second_path: Path, role: str) -> None:
     """Refuse priors that cannot be compared pixel for pixel (no resampling is done)."""
-    a, b = first.config, second.config
-    problems = []
-    if tuple(a.image_size) != tuple(b.image_size) or a.channels != b.channels:
-        problems.append(f"grid {b.channels}x{b.image_size[0]}x{b.image_size[1]} differs from "
-                        f"{a.channels}x{a.image_size[0]}x{a.image_size[1]}")
-    if not (math.isclose(a.hu_offset, b.hu_offset, abs_tol=1e-9) and math.isclose(a.hu_scale, b.hu_scale, rel_tol=1e-9)):
-        problems.append(f"HU mapping x = (HU - {b.hu_offset:g}) / {b.hu_scale:g} differs from "
-                        f"x = (HU - {a.hu_offset:g}) / {a.hu_scale:g}")
+    a = first.config
+    problems = grid_differences(a, second.config)
     if problems:
         raise KlviewerInputError(second_path / CONFIG_FILE, f"the {role} prior cannot be compared with the before prior "
                                  f"'{a.name}': " + "; ".join(problems) + " (compare priors on one grid and HU mapping)")

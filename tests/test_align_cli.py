@@ -94,7 +94,7 @@ def test_compare_refuses_priors_on_different_grids(tiny_prior: Path, study: Path
     config = PriorConfig(name="big", architecture="edm-unet", image_size=(64, 64),
                          arch={"channels": [8, 16], "emb_dim": 16, "fourier_features": 8, "groups": 4})
     big = save_prior(EDMUNetPrior(config), tmp_path / "big")
-    with pytest.raises(KlviewerInputError, match="grid 1x64x64 differs"):
+    with pytest.raises(KlviewerInputError, match="image size 1x32x32 vs 1x64x64"):
         run(["compare", str(study), "--before", str(tiny_prior), "--after", str(big), "--out", str(tmp_path / "o"),
              "--steps", "2", "--device", "cpu", "--quiet"])
     assert not (tmp_path / "o").exists()

@@ -131,10 +131,13 @@ class MethodScores:
     per_image_localisation: list[float] = field(default_factory=list)
 
 
-def score_method(cases: list[DetectionCase], method: str, patch: int, sigma_window: tuple[float, float] | None) -> MethodScores:
+def score_method(cases: list[DetectionCase], method: str, patch: int, sigma_window: tuple[float, float] | None,
+                 transform: Callable[[np.ndarray], np.ndarray] | None = None) -> MethodScores:
+    """Image scores and AUROCs of one method; `transform` maps each per-pixel map before the patch sums."""
     scores, labels, per_image = [], [], []
     for case in cases:
-        patches = patch_sums(method_map(case, method, sigma_window), patch).values
+        evidence = method_map(case, method, sigma_window)
+        patches = patch_sums(evidence if transform is None else transform(evidence), patch).values
         scores.append(patches.max())
         is_ood = case.kind != "healthy"
         labels.append(is_ood)

@@ -58,6 +58,8 @@ def test_a_map_that_lights_up_the_lesion_scores_perfectly() -> None:
     assert len(klip.per_image_localisation) == 3
     noise = score_method(cases, "posterior_std", 4, None)
     assert noise.localisation_auroc < 0.9
+    inverted = score_method(cases, "klip", 4, None, transform=lambda m: -m)
+    assert inverted.localisation_auroc == 0.0, "the transform is applied before the patch sums"
 
 
 def test_centre_distance_control_ranks_central_lesions_and_cannot_separate_images() -> None:

@@ -59,7 +59,7 @@ from klviewer.priors.checkpoint import (
     state_bytes,
 )
 from klviewer.priors.resume_state import restore_training_state, training_state_bytes
-from klviewer.priors.train import write_loss_csv
+from klviewer.priors.train import update_ema, write_loss_csv
 from klviewer.priors.unet import EDMUNetPrior
 
 RESUME_DIR = "resume"
@@ -350,18 +350,10 @@ class _Aligner:
         if not all(bool(torch.isfinite(p.grad).all()) for p in self.params if p.grad is not None):
             raise AlignDiverged(self.cfg.out, self.step, value)
         self.opt.step()
-        self._update_ema()
+        update_ema(self.ema, self.model, self.cfg.ema, self.step)
         self.step += 1
         self.losses.append(value)
         return value
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        # Ramp-up (as in klviewer.priors.train) so that short runs still get a useful EMA.
-        beta = min(self.cfg.ema, (1 + self.step) / (10 + self.step))
-        for p_ema, p in zip(self.ema.parameters(), self.model.parameters()):
-            if p.requires_grad:
-                p_ema.lerp_(p.detach(), 1 - beta)
 
     def final_weights(self) -> dict[str, torch.Tensor]:
         source = self.ema if self.cfg.ema > 0 else self.model

@@ -200,18 +200,11 @@ class _Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
         self.scaler.update()
-        self._update_ema()
+        update_ema(self.ema, self.model, self.cfg.ema, self.step)
         self.step += 1
         value = float(loss.item())
         self.losses.append(value)
         return value
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        # Ramp-up (as in EDM's reference code) so that short runs still get a useful EMA.
-        beta = min(self.cfg.ema, (1 + self.step) / (10 + self.step))
-        for p_ema, p in zip(self.ema.parameters(), self.model.parameters()):
-            p_ema.lerp_(p.detach(), 1 - beta)
 
     # --- resume checkpoints -------------------------------------------------------------------
 
@@ -244,6 +237,19 @@ class _Trainer:
         restore_training_state(weights_path, self.model, self.ema, self.opt, self.gen, doc["param_groups"])
         self.step, self.elapsed_s, self.losses = step, float(doc.get("elapsed_s", 0.0)), list(doc["losses"])[:step]
         self.commands = list(doc.get("commands", []))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """Move `ema`'s copy of each trainable parameter of `model` towards it; frozen ones stay as they are.
+
+    The decay ramps up with `step` (as in EDM's reference code) so that short runs, and short
+    fine-tunes, still get a useful EMA.
+    """
+    beta = min(decay, (1 + step) / (10 + step))
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        if p.requires_grad:
+            p_ema.lerp_(p.detach(), 1 - beta)
 
 
 def _prepare_out(cfg: TrainConfig) -> None:

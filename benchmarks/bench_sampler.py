@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--prior", default="abdomen-phantom-256")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--samples", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--guidance", nargs="+", default=["dc", "dps"])
+    parser.add_argument("--guidance", nargs="+", default=["pigdm", "dc", "dps"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", type=Path, default=RESULTS, help="markdown table to write (default results/sampler.md)")
     parser.add_argument("--one", help=argparse.SUPPRESS)

@@ -21,6 +21,7 @@ def positive_float(text: str) -> float:
 
 def add_analysis_options(p: argparse.ArgumentParser) -> None:
     from klviewer.inference.analysis import AnalysisSettings
+    from klviewer.inference.sampler import ANY_PRIOR_GUIDANCES
     from klviewer.priors.checkpoint import DEFAULT_PRIOR
 
     d = AnalysisSettings()
@@ -36,7 +37,7 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
                    help=f"noise levels summed into the KL map (default {d.sigma_window[0]} {d.sigma_window[1]})")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
-    p.add_argument("--guidance", default=d.guidance, choices=("dc", "dps"), help=f"likelihood guidance (default {d.guidance})")
+    p.add_argument("--guidance", default=d.guidance, choices=ANY_PRIOR_GUIDANCES, help=f"likelihood guidance (default {d.guidance})")
     p.add_argument("--flag-threshold", type=positive_float, metavar="NATS",
                    help="flag slices whose score exceeds this (default: the prior's calibration for these settings)")
 

@@ -83,6 +83,27 @@ def test_results_are_cached_per_slice_and_settings(window, qtbot) -> None:
     window.panel.seed.setValue(9)
     assert run_and_wait(qtbot, window) == [True]
     assert len(window.results) == 2
+    panel = window.panel
+    assert panel.guidance_combo.currentData() == "pigdm"
+    panel.guidance_combo.setCurrentIndex(panel.guidance_combo.findData("dc"))
+    assert run_and_wait(qtbot, window) == [True]
+    assert len(window.results) == 3 and window.current_result().result.settings.guidance == "dc"
+
+
+def test_sampler_choices_survive_a_restart(window) -> None:
+    from klviewer.app.analysis_panel import GUIDANCE_LABELS
+    from klviewer.inference.sampler import ANY_PRIOR_GUIDANCES
+
+    assert set(GUIDANCE_LABELS) == set(ANY_PRIOR_GUIDANCES)
+    panel = window.panel
+    panel.samples.setValue(4)
+    panel.guidance_combo.setCurrentIndex(panel.guidance_combo.findData("dps"))
+    panel.save()
+    panel.samples.setValue(1)
+    panel.guidance_combo.setCurrentIndex(0)
+    panel.restore()
+    assert panel.samples.value() == 4 and panel.guidance_combo.currentData() == "dps"
+    assert panel.settings(window.map_controls.settings()).guidance == "dps"
 
 
 def test_run_series_fills_a_sortable_case_list_that_navigates(window, qtbot) -> None:

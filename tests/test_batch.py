@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from dicom_fixtures import ct_dataset, save
 from pydicom.uid import MRImageStorage, generate_uid
-from test_batch_support import (
+from test_batch_support import (  # noqa: F401 (one_torch_thread is an autouse fixture)
     N_SLICES,
     N_STUDIES,
     SETTINGS,
@@ -23,6 +23,7 @@ from test_batch_support import (
     cli_args,
     make_archive,
     manifest,
+    one_torch_thread,
     result_arrays,
 )
 

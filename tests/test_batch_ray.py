@@ -10,7 +10,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_batch_support import N_STUDIES, SETTINGS, assert_same_results, batch_cli, cli_args, make_archive, manifest
+from test_batch_support import (  # noqa: F401 (one_torch_thread is an autouse fixture)
+    N_STUDIES,
+    SETTINGS,
+    assert_same_results,
+    batch_cli,
+    cli_args,
+    make_archive,
+    manifest,
+    one_torch_thread,
+)
 
 from klviewer.batch import RayBackend, run_batch
 

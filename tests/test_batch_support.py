@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
+import torch
 from conftest import TINY_PRIOR_SIZE
 
 from klviewer.inference.analysis import AnalysisSettings
@@ -81,6 +84,17 @@ def batch_cli(argv: list[str]) -> int:
     register(parser.add_subparsers())
     args = parser.parse_args(["batch", *argv])
     return args.func(args)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Every run of a batch test module uses one torch thread, as worker processes on 2 cores and
+    Ray actors do: bits are only identical at equal thread counts (pigdm and dps round their
+    backward pass differently with other counts)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def cli_args(prior: Path, settings: AnalysisSettings = SETTINGS) -> list[str]:

@@ -83,17 +83,32 @@ def test_energy_vanishes_without_information() -> None:
     assert blind.energy.total() < 1e-5 * informative.energy.total()
 
 
-def test_dc_guidance_is_exact_for_an_isotropic_gaussian_prior() -> None:
-    """With cov = sigma_data^2 I the dc guidance's assumption holds, so it must equal exact guidance."""
+@pytest.mark.parametrize("guidance", ["dc", "pigdm"])
+def test_dc_guidance_is_exact_for_an_isotropic_gaussian_prior(guidance: str) -> None:
+    """With cov = sigma_data^2 I the assumption of dc and pigdm holds (the denoiser's Jacobian is
+    then r2 / sigma^2 I), so both must equal exact guidance."""
     sd = 0.5
     prior = GaussianPrior(torch.zeros(N * N), sd**2 * torch.eye(N * N, dtype=torch.float64), (1, N, N))
     model = _measure(prior, RandomProjections(30, seed=4), noise_var=0.05)
     common = dict(steps=30, samples=2, seed=9, sigma_max=10.0)
     exact = posterior_sample(prior, model, SamplerSettings(guidance="exact", **common))
-    dc = posterior_sample(prior, model, SamplerSettings(guidance="dc", cg_iters=60, **common))
+    dc = posterior_sample(prior, model, SamplerSettings(guidance=guidance, cg_iters=60, **common))
     np.testing.assert_allclose(dc.energy.energy, exact.energy.energy, rtol=1e-3, atol=1e-4 * exact.energy.energy.max())
     assert dc.energy.total() == pytest.approx(exact.energy.total(), rel=1e-4)
     np.testing.assert_allclose(dc.mean, exact.mean, atol=1e-4)
+
+
+def test_pigdm_tracks_the_closed_form_kl_where_dc_overshoots() -> None:
+    """A correlated prior breaks dc's isotropic Jacobian; pigdm takes the denoiser's own Jacobian.
+    Measured: inpainting 42.1 nats closed form, pigdm 43.3, dc 95.8."""
+    prior = _smooth_gaussian_prior()
+    model = _measure(prior, Inpainting(random_mask((1, 1, N, N), 0.3, torch.Generator().manual_seed(2))), noise_var=0.05)
+    expected = _closed_form_kl(prior, model)
+    common = dict(steps=200, samples=32, sigma_max=20.0, seed=5, cg_iters=20)
+    pigdm = posterior_sample(prior, model, SamplerSettings(guidance="pigdm", **common)).energy.total()
+    dc = posterior_sample(prior, model, SamplerSettings(guidance="dc", **common)).energy.total()
+    assert pigdm == pytest.approx(expected, rel=0.1)
+    assert dc > 1.5 * expected
 
 
 @pytest.mark.parametrize("patch", [1, 2, 3, 5, 7, 8, 13, 16, 31, 32, 33, 64])

@@ -33,6 +33,11 @@ from klviewer.priors.checkpoint import DEFAULT_PRIOR, list_priors, load_prior, p
 
 NOISE_MODES = {"none": "Noise-free", "dose": "Poisson: photons per ray (I0)", "gaussian": "Gaussian: σ of line integrals"}
 NOISE_DEFAULTS = {"none": 0.0, "dose": 1e5, "gaussian": 0.01}
+GUIDANCE_LABELS = {
+    "pigdm": ("PiGDM", "Likelihood through the denoiser's Jacobian: KL energy stays on structure (default)"),
+    "dc": ("Data consistency", "Isotropic data-consistency step, no backpropagation: fastest on a CPU, streaky KL maps"),
+    "dps": ("DPS", "Diffusion posterior sampling: a fixed-size gradient step through the denoiser"),
+}
 
 
 class AnalysisPanel(QWidget):
@@ -77,6 +82,10 @@ class AnalysisPanel(QWidget):
         self.steps = _spin(2, 5000, 100, "Reverse-diffusion steps per posterior sample")
         self.samples = _spin(1, 64, 1, "Posterior samples (more: smoother KL and a posterior std)")
         self.seed = _spin(0, 2**31 - 1, 0, "Random seed: same seed, same device, same result")
+        self.guidance_combo = QComboBox()
+        for key, (label, tip) in GUIDANCE_LABELS.items():
+            self.guidance_combo.addItem(label, key)
+            self.guidance_combo.setItemData(self.guidance_combo.count() - 1, tip, Qt.ItemDataRole.ToolTipRole)
 
         self.run_slice_button = QPushButton("Run slice")
         self.run_slice_button.setToolTip("Analyse the slice on screen")
@@ -114,6 +123,7 @@ class AnalysisPanel(QWidget):
         sampler_form.addRow("Steps", self.steps)
         sampler_form.addRow("Samples", self.samples)
         sampler_form.addRow("Seed", self.seed)
+        sampler_form.addRow("Guidance", self.guidance_combo)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_slice_button)
         buttons.addWidget(self.run_series_button)
@@ -227,7 +237,7 @@ class AnalysisPanel(QWidget):
             views=self.views.value(), dose_i0=value if mode == "dose" else None,
             noise_sigma=value if mode == "gaussian" else None, steps=self.steps.value(),
             samples=self.samples.value(), patch=map_settings.patch, sigma_window=map_settings.sigma_window,
-            seed=self.seed.value(), device=self.device_combo.currentData(),
+            seed=self.seed.value(), device=self.device_combo.currentData(), guidance=self.guidance_combo.currentData(),
         )
 
     def apply(self, settings: AnalysisSettings) -> None:
@@ -240,6 +250,9 @@ class AnalysisPanel(QWidget):
         self.steps.setValue(settings.steps)
         self.samples.setValue(settings.samples)
         self.seed.setValue(settings.seed)
+        row = self.guidance_combo.findData(settings.guidance)
+        if row >= 0:
+            self.guidance_combo.setCurrentIndex(row)
         row = self.device_combo.findData(settings.device)
         if row >= 0 and self.device_combo.model().item(row).isEnabled():
             self.device_combo.setCurrentIndex(row)
@@ -252,7 +265,7 @@ class AnalysisPanel(QWidget):
         self.apply(replace(
             d, views=p.get("analysis/views", d.views), steps=p.get("analysis/steps", d.steps),
             samples=p.get("analysis/samples", d.samples), seed=p.get("analysis/seed", d.seed),
-            device=p.get("analysis/device", d.device), dose_i0=value if mode == "dose" else None,
+            device=p.get("analysis/device", d.device), guidance=p.get("analysis/guidance", d.guidance), dose_i0=value if mode == "dose" else None,
             noise_sigma=value if mode == "gaussian" else None,
         ))
 
@@ -266,6 +279,7 @@ class AnalysisPanel(QWidget):
         p.set("analysis/samples", self.samples.value())
         p.set("analysis/seed", self.seed.value())
         p.set("analysis/device", self.device_combo.currentData())
+        p.set("analysis/guidance", self.guidance_combo.currentData())
 
     # ----- running -------------------------------------------------------------------------
 

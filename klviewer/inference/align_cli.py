@@ -152,6 +152,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from klviewer.inference.adapters import ADAPTER_MODES
     from klviewer.inference.align import INPUT_IMAGES, AlignConfig
     from klviewer.inference.analysis import AnalysisSettings
+    from klviewer.inference.sampler import ANY_PRIOR_GUIDANCES
     from klviewer.priors.checkpoint import DEFAULT_PRIOR
 
     d = AlignConfig(prior="", inputs=["-"], out=Path("-"))
@@ -195,7 +196,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cmp.add_argument("--patch", type=positive_int, default=a.patch, help=f"KL patch size in pixels (default {a.patch})")
     cmp.add_argument("--sigma-window", type=positive_float, nargs=2, metavar=("LO", "HI"), default=list(a.sigma_window),
                      help=f"noise levels summed into the KL map (default {a.sigma_window[0]} {a.sigma_window[1]})")
-    cmp.add_argument("--guidance", default=a.guidance, choices=("dc", "dps"), help=f"likelihood guidance (default {a.guidance})")
+    cmp.add_argument("--guidance", default=a.guidance, choices=ANY_PRIOR_GUIDANCES, help=f"likelihood guidance (default {a.guidance})")
     cmp.add_argument("--flag-threshold", type=positive_float, metavar="NATS",
                      help="flag slices whose score exceeds this (default: each prior's calibration, if any)")
     _add_measurement_options(cmp)

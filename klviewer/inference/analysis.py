@@ -54,7 +54,7 @@ class AnalysisSettings:
     sigma_window: tuple[float, float] | None = (0.01, 0.5)
     seed: int = 0
     device: str = "auto"
-    guidance: str = "dc"
+    guidance: str = "pigdm"
     dps_step: float = SamplerSettings.dps_step
     """Step size of `dps` guidance (see SamplerSettings)."""
     flag_threshold: float | None = None

@@ -208,7 +208,7 @@ def main() -> None:
     eval_slices = f"{args.n_align}-{args.n_align + args.n_eval - 1}"
     clean = torch.from_numpy(np.load(test)[args.n_align:] / 1000.0).float()[:, None]
 
-    settings = AnalysisSettings(views=args.views, steps=100, samples=args.samples, device="cpu")
+    settings = AnalysisSettings(views=args.views, steps=100, samples=args.samples, device="cpu", guidance="dc")
     ref_prior = load_prior(reference)
 
     def evaluate(label: str, prior: Path, mode: str, trainable: int | None, seconds: float | None) -> Row:

@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/check_cuda.py [--prior NAME|PATH] [--steps 30] [--samples 2] [--oom]
 
-1. One lesion slice analysed on the CPU and on CUDA with the same seed, `dc` and `dps`. The
+1. One lesion slice analysed on the CPU and on CUDA with the same seed, `pigdm`, `dc` and `dps`. The
    noise is drawn on the CPU for every device, so the two should differ by rounding only.
    Printed: seconds, score, total KL, the reconstruction difference in HU, the correlation of
    the energy maps, and each PSNR.
@@ -37,7 +37,7 @@ TINY = {"size": 32, "batch": 4, "n_phantoms": 4, "report": False, "device": "cud
 def cpu_vs_cuda(prior_name: str, steps: int, samples: int) -> None:
     phantom = make_phantom("lesion", 256, 1_000_123)
     series = series_from_phantom(phantom)
-    for guidance in ("dc", "dps"):
+    for guidance in ("pigdm", "dc", "dps"):
         runs = {}
         for dev in ("cpu", "cuda"):
             prior = load_prior(prior_name, device=torch.device(dev))

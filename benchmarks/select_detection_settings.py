@@ -25,6 +25,16 @@ def _cell(report: dict, patch: int, window: str) -> dict:
     return next(r for r in report["sweep"] if r["patch"] == patch and r["sigma_window"] == window)
 
 
+def _best_baseline(report: dict, patch: int) -> str:
+    """The measurement-based baseline with the highest localisation AUROC at `patch` (runs that
+    predate the per-patch baselines have none)."""
+    rows = [r for r in report.get("baselines", []) if r["patch"] == patch and r["method"] != "centre_distance"]
+    if not rows:
+        return "-"
+    best = max(rows, key=lambda r: r["localisation_auroc"])
+    return f"{best['method']} {best['dataset_auroc']:.3f} / {best['localisation_auroc']:.3f}"
+
+
 def selection_table(tune: dict, test: dict) -> str:
     if tune["settings"] | {"seed": 0} != test["settings"] | {"seed": 0}:
         raise SystemExit("the two runs differ in more than --seed; compare like with like")
@@ -35,8 +45,8 @@ def selection_table(tune: dict, test: dict) -> str:
         f"Tune: `{tune['command']}`  ",
         f"Test: `{test['command']}`",
         "",
-        "| chosen on tune by | patch | sigma window | tune dataset | tune localisation | test dataset | test localisation | test centre control |",
-        "|---|---|---|---|---|---|---|---|",
+        "| chosen on tune by | patch | sigma window | tune dataset | tune localisation | test dataset | test localisation | test centre control | test best baseline (dataset / localisation) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, key in CRITERIA.items():
         if "centre control" in name and "centre_control_localisation" not in tune["sweep"][0]:
@@ -46,10 +56,11 @@ def selection_table(tune: dict, test: dict) -> str:
         control = t.get("centre_control_localisation")
         lines.append(f"| {name} | {best['patch']} | {best['sigma_window']} | {best['dataset_auroc']:.3f} | "
                      f"{best['localisation_auroc']:.3f} | {t['dataset_auroc']:.3f} | {t['localisation_auroc']:.3f} | "
-                     f"{'-' if control is None else f'{control:.3f}'} |")
+                     f"{'-' if control is None else f'{control:.3f}'} | {_best_baseline(test, best['patch'])} |")
     d = _cell(test, s["patch"], "-".join(f"{v:g}" for v in s["sigma_window"]) if s["sigma_window"] else "all")
     lines.append(f"| (default: patch {s['patch']}) | {s['patch']} | {d['sigma_window']} | - | - | "
-                 f"{d['dataset_auroc']:.3f} | {d['localisation_auroc']:.3f} | {d.get('centre_control_localisation', float('nan')):.3f} |")
+                 f"{d['dataset_auroc']:.3f} | {d['localisation_auroc']:.3f} | {d.get('centre_control_localisation', float('nan')):.3f} | "
+                 f"{_best_baseline(test, s['patch'])} |")
     return "\n".join(lines) + "\n"
 
 

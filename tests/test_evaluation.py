@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from klviewer.errors import KlviewerInputError
-from klviewer.evaluation.detection import DetectionCase, run_cases, score_method
+from klviewer.evaluation.detection import BASELINES, DetectionCase, run_cases, score_method
 from klviewer.evaluation.metrics import auroc, psnr_hu, roc_curve
 from klviewer.inference.analysis import AnalysisSettings, SliceResult
 from klviewer.inference.energy import EnergyField, patch_sums
@@ -87,3 +87,25 @@ def test_run_cases_caches_and_refuses_a_stale_cache(tmp_path: Path) -> None:
     assert first[1].ood_mask.any() and not first[0].ood_mask.any()
     with pytest.raises(KlviewerInputError, match="other settings"):
         run_cases(prior, AnalysisSettings(steps=4, patch=8, device="cpu"), n_id=1, n_ood=0, cache=tmp_path)
+
+
+def test_report_sweeps_klip_and_gives_every_baseline_per_patch_size() -> None:
+    from klviewer.evaluation.report import SWEEP_PATCHES, evaluate, markdown
+
+    ood = np.zeros((32, 32), bool)
+    ood[10:14, 10:14] = True
+    lesion_map = np.ones((32, 32))
+    lesion_map[ood] = 50.0
+    cases = [_case("lesion", lesion_map, ood, 1), _case("healthy", np.ones((32, 32)), np.zeros((32, 32), bool), 2)]
+    for case in cases:
+        case.reference_hu = case.result.recon_hu + 10.0
+    report = evaluate(cases, AnalysisSettings(patch=4, sigma_window=None))
+    assert report.scores["klip"].dataset_auroc == 1.0 and report.scores["klip"].localisation_auroc == 1.0
+    assert {(r["patch"], r["method"]) for r in report.baselines} == {(p, m) for p in SWEEP_PATCHES for m in BASELINES}
+    control = {r["patch"]: r["localisation_auroc"] for r in report.baselines if r["method"] == "centre_distance"}
+    np.testing.assert_array_equal([r["centre_control_localisation"] for r in report.sweep],
+                                  [control[r["patch"]] for r in report.sweep])  # NaN where a patch covers everything
+    meta = {"command": "test", "prior": "x", "n_id": 1, "n_ood": 1, "ood_kind": "lesion", "size": 32, "device": "cpu"}
+    text = markdown(report, AnalysisSettings(patch=4, sigma_window=None), meta)
+    table = text.split("## Baselines over patch size")[1]
+    assert "| 4 | " in table and all(m in table for m in BASELINES)

@@ -265,8 +265,8 @@ class AnalysisPanel(QWidget):
         self.apply(replace(
             d, views=p.get("analysis/views", d.views), steps=p.get("analysis/steps", d.steps),
             samples=p.get("analysis/samples", d.samples), seed=p.get("analysis/seed", d.seed),
-            device=p.get("analysis/device", d.device), guidance=p.get("analysis/guidance", d.guidance), dose_i0=value if mode == "dose" else None,
-            noise_sigma=value if mode == "gaussian" else None,
+            device=p.get("analysis/device", d.device), guidance=p.get("analysis/guidance", d.guidance),
+            dose_i0=value if mode == "dose" else None, noise_sigma=value if mode == "gaussian" else None,
         ))
 
     def save(self) -> None:

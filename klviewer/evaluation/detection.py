@@ -37,7 +37,8 @@ from klviewer.inference.energy import patch_sums
 from klviewer.io.study import Series, Slice
 from klviewer.phantoms import Phantom, make_phantom
 
-METHODS = ("klip", "posterior_std", "fbp_minus_mean", "residual_backprojection", "centre_distance")
+BASELINES = ("posterior_std", "fbp_minus_mean", "residual_backprojection", "centre_distance")
+METHODS = ("klip", *BASELINES)
 EVAL_SEED_BASE = 1_000_000
 """Phantom seeds for evaluation start here, far from the seeds priors are trained on."""
 CALIBRATION_SEED_BASE = 2_000_000

@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from klviewer.devices import resolve_device
-from klviewer.evaluation.detection import METHODS, DetectionCase, MethodScores, reconstruction_quality, run_cases, score_method
+from klviewer.evaluation.detection import BASELINES, METHODS, DetectionCase, MethodScores, reconstruction_quality, run_cases, score_method
 from klviewer.evaluation.metrics import roc_curve
 from klviewer.inference.analysis import AnalysisSettings
 from klviewer.io.safe_write import atomic_write, atomic_write_text
@@ -26,6 +26,8 @@ SWEEP_WINDOWS: tuple[tuple[float, float] | None, ...] = ((0.002, 0.01), (0.01, 0
 class DetectionReport:
     scores: dict[str, MethodScores]
     sweep: list[dict[str, Any]]
+    baselines: list[dict[str, Any]]
+    """Every method but KLIP at every sweep patch size (none of them depends on the sigma window)."""
     quality: dict[str, float]
     seconds_per_slice: float
 
@@ -36,7 +38,13 @@ def _fmt_window(w: tuple[float, float] | None) -> str:
 
 def evaluate(cases: list[DetectionCase], settings: AnalysisSettings) -> DetectionReport:
     scores = {m: score_method(cases, m, settings.patch, settings.sigma_window) for m in METHODS}
-    controls = {p: score_method(cases, "centre_distance", p, None).localisation_auroc for p in SWEEP_PATCHES}
+    baselines = []
+    for patch in SWEEP_PATCHES:
+        for method in BASELINES:
+            b = score_method(cases, method, patch, None)
+            baselines.append({"patch": patch, "method": method, "dataset_auroc": b.dataset_auroc,
+                              "localisation_auroc": b.localisation_auroc})
+    controls = {r["patch"]: r["localisation_auroc"] for r in baselines if r["method"] == "centre_distance"}
     sweep = []
     for patch in SWEEP_PATCHES:
         for window in SWEEP_WINDOWS:
@@ -45,7 +53,7 @@ def evaluate(cases: list[DetectionCase], settings: AnalysisSettings) -> Detectio
                           "dataset_auroc": s.dataset_auroc, "localisation_auroc": s.localisation_auroc,
                           "centre_control_localisation": controls[patch]})
     seconds = float(np.mean([c.result.seconds for c in cases]))
-    return DetectionReport(scores, sweep, reconstruction_quality(cases), seconds)
+    return DetectionReport(scores, sweep, baselines, reconstruction_quality(cases), seconds)
 
 
 def markdown(report: DetectionReport, settings: AnalysisSettings, meta: dict[str, Any]) -> str:
@@ -79,6 +87,12 @@ def markdown(report: DetectionReport, settings: AnalysisSettings, meta: dict[str
     ]
     lines += [f"| {r['patch']} | {r['sigma_window']} | {r['dataset_auroc']:.3f} | {r['localisation_auroc']:.3f} | "
               f"{r['centre_control_localisation']:.3f} |" for r in report.sweep]
+    lines += ["", "## Baselines over patch size (dataset AUROC / localisation AUROC)", "",
+              "| patch | " + " | ".join(BASELINES) + " |", "|---|" + "---|" * len(BASELINES)]
+    for patch in SWEEP_PATCHES:
+        row = {r["method"]: r for r in report.baselines if r["patch"] == patch}
+        lines.append(f"| {patch} | " + " | ".join(f"{row[m]['dataset_auroc']:.3f} / {row[m]['localisation_auroc']:.3f}"
+                                                  for m in BASELINES) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -118,6 +132,7 @@ def run_detection_benchmark(
     atomic_write_text(out / f"{stem}.md", markdown(report, settings, meta), overwrite=True)
     roc_figure(report, out / f"{stem}_roc.png")
     doc = {"settings": settings.to_dict(), **meta, "quality": report.quality, "sweep": report.sweep,
+           "baselines": report.baselines,
            "methods": {m: {"dataset_auroc": s.dataset_auroc, "localisation_auroc": s.localisation_auroc,
                            "image_scores": s.image_scores.tolist(), "labels": s.labels.tolist()}
                        for m, s in report.scores.items()}}

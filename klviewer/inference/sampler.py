@@ -32,7 +32,7 @@ from klviewer.inference.likelihood import (
 from klviewer.priors.sampling import karras_sigmas
 
 Guidance = Literal["dc", "dps", "pigdm", "exact"]
-ANY_PRIOR_GUIDANCES: tuple[str, ...] = ("dc", "dps", "pigdm")
+ANY_PRIOR_GUIDANCES: tuple[str, ...] = ("pigdm", "dc", "dps")
 """The guidances offered to users; `exact` needs a Gaussian prior and serves the tests."""
 GUIDANCES: tuple[str, ...] = (*ANY_PRIOR_GUIDANCES, "exact")
 

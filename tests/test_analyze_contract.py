@@ -44,6 +44,7 @@ def test_analyze_writes_the_contract(tiny_prior: Path, inputs: Path, tmp_path: P
     with open(out / "summary.csv") as f:
         table = list(csv.DictReader(f))
     assert [float(r["score"]) for r in table] == pytest.approx([r["score"] for r in rows])
+    assert {r["guidance"] for r in table} == {"pigdm"} == {r["guidance"] for r in rows}, "the default guidance, per row"
 
     result = load_slice_result(out / rows[1]["file"])
     assert result.recon_hu.shape == result.fbp_hu.shape == result.posterior_std_hu.shape == (SIZE, SIZE)

@@ -32,7 +32,7 @@ from klviewer.priors.checkpoint import DEFAULT_PRIOR, load_prior, prior_fingerpr
 
 CSV_COLUMNS = [
     "input", "case", "slice_index", "score", "total_kl", "flagged", "views", "dose_i0", "noise_sigma",
-    "steps", "samples", "patch", "sigma_lo", "sigma_hi", "seed", "prior", "seconds", "file",
+    "steps", "samples", "guidance", "patch", "sigma_lo", "sigma_hi", "seed", "prior", "seconds", "file",
     "source_kind", "series_uid", "source_file", "sop_instance_uid",
 ]
 
@@ -150,7 +150,7 @@ def summary_row(source: str, case: str, index: int, result: SliceResult, file: P
         "input": source, "case": case, "slice_index": index, "score": round(result.score, 6),
         "total_kl": round(result.total_kl, 6), "flagged": result.flagged, "views": s.views,
         "dose_i0": s.dose_i0, "noise_sigma": s.noise_sigma, "steps": s.steps, "samples": s.samples,
-        "patch": result.kl_map.patch, "sigma_lo": lo, "sigma_hi": hi, "seed": s.seed,
+        "guidance": s.guidance, "patch": result.kl_map.patch, "sigma_lo": lo, "sigma_hi": hi, "seed": s.seed,
         "prior": result.prior_name, "seconds": round(result.seconds, 3), "file": str(file),
     }
 

@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from klviewer.evaluation.detection import EVAL_SEED_BASE, series_from_phantom
+from klviewer.evaluation.detection import EVAL_SEED_BASE, series_from_phantom, touching
 from klviewer.inference.analysis import AnalysisSettings, analyze_prepared, prepare_slice
-from klviewer.inference.energy import patch_sums
 from klviewer.io.safe_write import atomic_write_text
 from klviewer.phantoms import make_phantom
 from klviewer.priors import load_prior
@@ -33,8 +32,7 @@ RESULTS = Path(__file__).parent / "results" / "kl_repeatability.md"
 
 def lesion_rank(kl: np.ndarray, ood: np.ndarray, body: np.ndarray, patch: int) -> int:
     """1-based rank of the best lesion-touching patch among the patches touching the body."""
-    inside = patch_sums(body.astype(np.float64), patch).values > 0
-    lesion = patch_sums(ood.astype(np.float64), patch).values > 0
+    inside, lesion = touching(body, patch), touching(ood, patch)
     best = kl[lesion & inside].max()
     return int((kl[inside] > best).sum()) + 1
 

@@ -18,23 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from klviewer.evaluation.detection import DetectionCase, score_method
-from klviewer.inference.analysis import load_slice_result
+from klviewer.evaluation.detection import load_cached_cases, score_method
 from klviewer.io.safe_write import atomic_write_text
-from klviewer.phantoms import make_phantom
 
 PATCHES = (4, 8, 16, 32)
-
-
-def load_cases(folder: Path) -> list[DetectionCase]:
-    """Cached results named <kind>_<phantom seed>.npz, with their phantoms rebuilt from the seeds."""
-    cases = []
-    for path in sorted(folder.glob("*.npz")):
-        kind, seed = path.stem.rsplit("_", 1)
-        result = load_slice_result(path)
-        phantom = make_phantom(kind, result.recon_hu.shape[0], int(seed))
-        cases.append(DetectionCase(kind, int(seed), phantom.body_mask, phantom.ood_mask, phantom.hu, result))
-    return cases
 
 
 def main() -> None:
@@ -43,7 +30,7 @@ def main() -> None:
     parser.add_argument("splits", type=Path, nargs="+", help="detection caches, one per split")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "null_model.md")
     args = parser.parse_args()
-    null = load_cases(args.null)
+    null = load_cached_cases(args.null)
     window = null[0].result.settings.sigma_window
     energies = np.stack([c.result.energy.windowed(window) for c in null])
     mean, spread = energies.mean(0), energies.std(0)
@@ -65,7 +52,7 @@ def main() -> None:
         "",
     ]
     for split in args.splits:
-        cases = load_cases(split)
+        cases = load_cached_cases(split)
         lines += [f"## {split.name} ({len(cases)} slices)", "",
                   "| map | " + " | ".join(f"patch {p}" for p in PATCHES) + " |", "|---|" + "---|" * len(PATCHES)]
         for name, transform in [*variants.items(), ("centre_distance control", None)]:

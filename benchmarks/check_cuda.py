@@ -37,10 +37,10 @@ TINY = {"size": 32, "batch": 4, "n_phantoms": 4, "report": False, "device": "cud
 def cpu_vs_cuda(prior_name: str, steps: int, samples: int) -> None:
     phantom = make_phantom("lesion", 256, 1_000_123)
     series = series_from_phantom(phantom)
+    priors = {dev: load_prior(prior_name, device=torch.device(dev)) for dev in ("cpu", "cuda")}
     for guidance in ("pigdm", "dc", "dps"):
         runs = {}
-        for dev in ("cpu", "cuda"):
-            prior = load_prior(prior_name, device=torch.device(dev))
+        for dev, prior in priors.items():
             settings = AnalysisSettings(views=24, steps=steps, samples=samples, guidance=guidance, device=dev, seed=3)
             prepared = prepare_slice(series, 0, prior, settings, torch.device(dev))
             start = time.perf_counter()

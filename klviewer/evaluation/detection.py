@@ -54,6 +54,14 @@ class DetectionCase:
     reference_hu: np.ndarray
     result: SliceResult
 
+    @classmethod
+    def of(cls, phantom: Phantom, result: SliceResult) -> DetectionCase:
+        return cls(phantom.kind, phantom.seed, phantom.body_mask, phantom.ood_mask, phantom.hu, result)
+
+
+def _cache_file(cache: Path, kind: str, phantom_seed: int) -> Path:
+    return cache / f"{kind}_{phantom_seed}.npz"
+
 
 def series_from_phantom(phantom: Phantom) -> Series:
     return Series(
@@ -84,7 +92,7 @@ def run_cases(
     cases = []
     for done, (kind, phantom_seed) in enumerate(plan):
         phantom = make_phantom(kind, size, phantom_seed)
-        cached = cache / f"{kind}_{phantom_seed}.npz" if cache is not None else None
+        cached = _cache_file(cache, kind, phantom_seed) if cache is not None else None
         if cached is not None and cached.is_file():
             result = load_slice_result(cached)
             if result.settings != settings or result.prior_name != prior.config.name:
@@ -94,9 +102,20 @@ def run_cases(
             result = analyze_prepared(prepared, prior, settings, prior_name=prior.config.name, flag_threshold=None, cancel=cancel)
             if cached is not None:
                 result.save_npz(cached)
-        cases.append(DetectionCase(kind, phantom_seed, phantom.body_mask, phantom.ood_mask, phantom.hu, result))
+        cases.append(DetectionCase.of(phantom, result))
         if progress is not None:
             progress(done + 1, len(plan))
+    return cases
+
+
+def load_cached_cases(cache: Path) -> list[DetectionCase]:
+    """Every result `run_cases` left in `cache`, whatever its settings, with its phantom rebuilt
+    from the file name (for offline analyses of finished runs)."""
+    cases = []
+    for path in sorted(cache.glob("*.npz")):
+        kind, seed = path.stem.rsplit("_", 1)
+        result = load_slice_result(path)
+        cases.append(DetectionCase.of(make_phantom(kind, result.recon_hu.shape[0], int(seed)), result))
     return cases
 
 
@@ -118,7 +137,8 @@ def method_map(case: DetectionCase, method: str, sigma_window: tuple[float, floa
     raise ValueError(f"unknown method {method!r}")
 
 
-def _touching(mask: np.ndarray, patch: int) -> np.ndarray:
+def touching(mask: np.ndarray, patch: int) -> np.ndarray:
+    """Which patches of size `patch` hold at least one pixel of `mask`."""
     return patch_sums(mask.astype(np.float64), patch).values > 0
 
 
@@ -143,8 +163,8 @@ def score_method(cases: list[DetectionCase], method: str, patch: int, sigma_wind
         is_ood = case.kind != "healthy"
         labels.append(is_ood)
         if is_ood:
-            inside = _touching(case.body_mask, patch)
-            positive = _touching(case.ood_mask, patch)[inside]
+            inside = touching(case.body_mask, patch)
+            positive = touching(case.ood_mask, patch)[inside]
             value = auroc(patches[inside], positive)
             if np.isfinite(value):
                 per_image.append(value)

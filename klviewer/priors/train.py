@@ -94,10 +94,10 @@ class TrainConfig:
     command: str | None = None
     report: bool = True
     init_from: str | None = None
-    workers: int = 1
-    """Processes that build the phantom pool; the pool does not depend on it."""
     """A prior (name or folder) of the same architecture whose weights start the run, so a
     shipped prior can be trained further without its resume state."""
+    workers: int = 1
+    """Processes that build the phantom pool; the pool does not depend on it."""
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)

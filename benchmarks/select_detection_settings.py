@@ -4,7 +4,8 @@ Usage: python benchmarks/select_detection_settings.py TUNE.json TEST.json [--out
 
 Both files come from `klviewer evaluate detect` with the same settings and different `--seed`
 (the seed moves the phantom set, so the two splits share no slice). Each criterion picks its
-cell on TUNE alone; the TEST row is what that choice gives on unseen slices.
+cell on TUNE alone; the TEST row is what that choice gives on unseen slices. Runs made with a
+healthy reference (`--reference N`) get a second table for the KL z-scores (`klip_z`).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import json
 from pathlib import Path
 
 CRITERIA = {
-    "dataset AUROC": lambda r: r["dataset_auroc"],
-    "localisation AUROC": lambda r: r["localisation_auroc"],
-    "localisation above the centre control": lambda r: r["localisation_auroc"] - r.get("centre_control_localisation", 0.0),
-    "sum of both AUROCs": lambda r: r["dataset_auroc"] + r["localisation_auroc"],
+    "dataset AUROC": lambda r, z: r[z + "dataset_auroc"],
+    "localisation AUROC": lambda r, z: r[z + "localisation_auroc"],
+    "localisation above the centre control":
+        lambda r, z: r[z + "localisation_auroc"] - r.get("centre_control_localisation", 0.0),
+    "sum of both AUROCs": lambda r, z: r[z + "dataset_auroc"] + r[z + "localisation_auroc"],
 }
 
 
@@ -44,24 +46,35 @@ def selection_table(tune: dict, test: dict) -> str:
         "",
         f"Tune: `{tune['command']}`  ",
         f"Test: `{test['command']}`",
-        "",
-        "| chosen on tune by | patch | sigma window | tune dataset | tune localisation | test dataset | test localisation | test centre control | test best baseline (dataset / localisation) |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    prefixes = [("KLIP (largest patch KL)", "")]
+    if "z_dataset_auroc" in tune["sweep"][0] and "z_dataset_auroc" in test["sweep"][0]:
+        prefixes.append(("KLIP z-score against the healthy reference (`klip_z`)", "z_"))
+    for title, z in prefixes:
+        lines += ["", f"{title}:", "",
+                  "| chosen on tune by | patch | sigma window | tune dataset | tune localisation | test dataset | test localisation | test centre control | test best baseline (dataset / localisation) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += _rows(tune, test, z)
+    return "\n".join(lines) + "\n"
+
+
+def _rows(tune: dict, test: dict, z: str) -> list[str]:
+    s = test["settings"]
+    lines = []
     for name, key in CRITERIA.items():
         if "centre control" in name and "centre_control_localisation" not in tune["sweep"][0]:
             continue  # a tuning run made before the control existed
-        best = max(tune["sweep"], key=key)
+        best = max(tune["sweep"], key=lambda r: key(r, z))
         t = _cell(test, best["patch"], best["sigma_window"])
         control = t.get("centre_control_localisation")
-        lines.append(f"| {name} | {best['patch']} | {best['sigma_window']} | {best['dataset_auroc']:.3f} | "
-                     f"{best['localisation_auroc']:.3f} | {t['dataset_auroc']:.3f} | {t['localisation_auroc']:.3f} | "
+        lines.append(f"| {name} | {best['patch']} | {best['sigma_window']} | {best[z + 'dataset_auroc']:.3f} | "
+                     f"{best[z + 'localisation_auroc']:.3f} | {t[z + 'dataset_auroc']:.3f} | {t[z + 'localisation_auroc']:.3f} | "
                      f"{'-' if control is None else f'{control:.3f}'} | {_best_baseline(test, best['patch'])} |")
     d = _cell(test, s["patch"], "-".join(f"{v:g}" for v in s["sigma_window"]) if s["sigma_window"] else "all")
     lines.append(f"| (default: patch {s['patch']}) | {s['patch']} | {d['sigma_window']} | - | - | "
-                 f"{d['dataset_auroc']:.3f} | {d['localisation_auroc']:.3f} | {d.get('centre_control_localisation', float('nan')):.3f} | "
-                 f"{_best_baseline(test, s['patch'])} |")
-    return "\n".join(lines) + "\n"
+                 f"{d[z + 'dataset_auroc']:.3f} | {d[z + 'localisation_auroc']:.3f} | "
+                 f"{d.get('centre_control_localisation', float('nan')):.3f} | {_best_baseline(test, s['patch'])} |")
+    return lines
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from klviewer import __version__
-from klviewer.cli_options import add_analysis_options, positive_float, positive_int, settings_from_args
+from klviewer.cli_options import add_analysis_options, non_negative_int, positive_float, positive_int, settings_from_args
 from klviewer.errors import KlviewerError
 
 PHANTOM_KINDS = ("healthy", "lesion", "metal", "shift", "mixed")
@@ -60,11 +60,12 @@ def _cmd_evaluate_detect(args: argparse.Namespace) -> int:
 
     from klviewer.evaluation.report import run_detection_benchmark
 
-    with tqdm(total=args.n_id + args.n_ood, unit="slice", file=sys.stderr, dynamic_ncols=True) as bar:
+    with tqdm(total=args.n_id + args.n_ood + args.reference, unit="slice", file=sys.stderr, dynamic_ncols=True) as bar:
         report = run_detection_benchmark(
             Path(args.out), settings_from_args(args), prior=args.prior, n_id=args.n_id, n_ood=args.n_ood,
             ood_kind=args.ood_kind, seed=args.seed, cache=Path(args.cache) if args.cache else None,
             command="klviewer " + " ".join(sys.argv[1:]), progress=lambda d, t: bar.update(d - bar.n),
+            n_reference=args.reference,
         )
     for method, s in report.scores.items():
         print(f"{method:26s} dataset AUROC {s.dataset_auroc:.3f}   localisation AUROC {s.localisation_auroc:.3f}")
@@ -85,6 +86,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     s = cal.entry["healthy_scores"]
     print(f"healthy scores (nats): min {s['min']:.4g}, median {s['median']:.4g}, max {s['max']:.4g} over {cal.scores.size} slices")
     print(f"threshold {cal.threshold:.6g} nats: {cal.entry['healthy_exceeding']} of {cal.scores.size} healthy slices above it")
+    if cal.z_threshold is None:
+        print("no healthy reference for KL z-scores: it needs at least 4 healthy slices")
+    else:
+        z = cal.entry["healthy_reference"]
+        print(f"KL z-score threshold {cal.z_threshold:.4g}: {z['healthy_exceeding']} of {cal.scores.size} healthy "
+              f"slices above it (cross-fitted z-scores {z['healthy_z_scores']['min']:.3g} to {z['healthy_z_scores']['max']:.3g})")
     print(f"written to {cal.path}" if cal.path else "not written (--dry-run)")
     return 0
 
@@ -164,11 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--n-id", type=positive_int, default=40, help="healthy phantoms (default 40)")
     det.add_argument("--n-ood", type=positive_int, default=40, help="OOD phantoms (default 40)")
     det.add_argument("--ood-kind", default="lesion", choices=("lesion", "metal", "shift"))
+    det.add_argument("--reference", type=non_negative_int, default=40, metavar="N",
+                     help="healthy phantoms from the calibration seeds that fit the KL z-score reference "
+                          "(default 40, as `klviewer calibrate -n 40`; 0: no klip_z)")
     det.add_argument("--cache", help="folder keeping per-slice results, so re-runs and sweeps skip sampling")
     add_analysis_options(det)
     det.set_defaults(func=_cmd_evaluate_detect)
 
-    cal = sub.add_parser("calibrate", help="set a prior's flag threshold from held-out healthy phantoms (calibration.json)")
+    cal = sub.add_parser("calibrate", help="set a prior's flag thresholds and KL z-score reference from held-out healthy phantoms (calibration.json)")
     cal.add_argument("-n", type=positive_int, default=20, help="healthy phantoms to score (default 20)")
     cal.add_argument("--fpr", type=float, default=0.05, help="false-positive rate allowed on them (default 0.05)")
     cal.add_argument("--cache", help="folder keeping per-slice results, so re-runs skip sampling")

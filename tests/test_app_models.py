@@ -21,7 +21,8 @@ from klviewer.app.display import (
     overlay_frame,
     round_sig,
 )
-from klviewer.app.session import FlagThresholds, ResultCache, ResultKey, sampling_key
+from klviewer.app.session import FlagThresholds, ResultCache, ResultKey
+from klviewer.inference.analysis import sampling_key
 from klviewer.inference.analysis import AnalysisSettings
 from klviewer.inference.calibration import calibration_key
 from klviewer.inference.energy import EnergyField, log_sigma_edges

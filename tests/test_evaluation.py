@@ -87,6 +87,12 @@ def test_run_cases_caches_and_refuses_a_stale_cache(tmp_path: Path) -> None:
     assert first[1].ood_mask.any() and not first[0].ood_mask.any()
     with pytest.raises(KlviewerInputError, match="other settings"):
         run_cases(prior, AnalysisSettings(steps=4, patch=8, device="cpu"), n_id=1, n_ood=0, cache=tmp_path)
+    # Other map settings reuse the sampling and cut the map again.
+    recut = run_cases(prior, AnalysisSettings(steps=3, patch=4, sigma_window=(0.01, 1.0), device="cpu"), n_id=1, n_ood=1,
+                      cache=tmp_path)
+    assert np.array_equal(recut[1].result.energy.energy, first[1].result.energy.energy)
+    assert recut[1].result.kl_map.patch == 4 and recut[1].result.settings.patch == 4
+    assert recut[1].result.total_kl == pytest.approx(first[1].result.energy.total((0.01, 1.0)))
 
 
 def test_report_sweeps_klip_and_gives_every_baseline_per_patch_size() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from klviewer.app.display import MapSettings, OverlayFrame, WindowLevel, format_nats, overlay_frame
+from klviewer.app.display import MapSettings, OverlayFrame, WindowLevel, format_nats, overlay_frame, with_result_z
 from klviewer.errors import KlviewerError
 
 SIDES = ("before", "after")
@@ -71,7 +71,8 @@ def paired_overlays(case: Any, settings: MapSettings) -> tuple[OverlayFrame, Ove
     A shared scale is what makes the two overlays comparable: the side with less KL looks
     darker instead of being stretched to its own maximum.
     """
-    frames = [overlay_frame(side.energy, settings, side.flag_threshold) for side in (case.before, case.after)]
+    frames = [with_result_z(overlay_frame(side.energy, settings, side.flag_threshold), side)
+              for side in (case.before, case.after)]
     upper = max(frame.levels[1] for frame in frames)
     shared = [replace(frame, levels=(0.0, upper)) for frame in frames]
     return shared[0], shared[1]

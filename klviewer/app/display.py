@@ -10,8 +10,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from klviewer.inference.analysis import SliceResult
+from klviewer.inference.analysis import SliceResult, is_flagged
 from klviewer.inference.energy import EnergyField, KLMap
+from klviewer.inference.healthy_reference import ZCalibration
 from klviewer.io.study import Series
 from klviewer.overlay_rules import DISPLAY_FRACTION, OVERLAY_OPACITY, display_cut, overlay_levels
 
@@ -105,6 +106,8 @@ class MapSettings:
     """Patches below this fraction of the slice's largest patch are transparent."""
     opacity: float = OVERLAY_OPACITY
     visible: bool = True
+    show_z: bool = False
+    """Colour the KL z-scores instead of KL, where the prior has a healthy reference for the map settings."""
 
     def clamped(self, image_shape: tuple[int, int]) -> MapSettings:
         """Patch no larger than the image, and a window with low <= high."""
@@ -126,20 +129,23 @@ class OverlayFrame:
     flag_threshold: float | None
     boxes: list[tuple[int, int, int, int]]
     """(r0, r1, c0, c1) of the outlined patches."""
+    z_map: KLMap | None = None
+    """KL z-scores against the prior's healthy reference, when it has one for these map settings."""
+    z_threshold: float | None = None
+    shows_z: bool = False
+    """`pixels`, `raw_pixels`, `levels` and `display_threshold` are KL z-scores, not nats."""
 
     @property
     def score(self) -> float:
         return self.kl_map.score
 
     @property
-    def flagged(self) -> bool:
-        return self.flag_threshold is not None and self.score > self.flag_threshold
+    def z_score(self) -> float | None:
+        return None if self.z_map is None or not np.isfinite(self.z_map.score) else self.z_map.score
 
     @property
-    def outline_reason(self) -> str:
-        if self.flag_threshold is not None:
-            return f"patches above the flag threshold {self.flag_threshold:.3g} nats"
-        return f"top {len(self.boxes)} patches (no calibrated threshold for these settings)"
+    def flagged(self) -> bool:
+        return is_flagged(self.score, self.flag_threshold, self.z_score, self.z_threshold)
 
 
 TOP_PATCHES = 3
@@ -157,9 +163,11 @@ def flagged_patches(kl_map: KLMap, flag_threshold: float | None, top: int = TOP_
     return [kl_map.patch_box(int(r), int(c)) for r, c in zip(rows, cols)]
 
 
-def overlay_frame(energy: EnergyField, settings: MapSettings, flag_threshold: float | None) -> OverlayFrame:
+def overlay_frame(energy: EnergyField, settings: MapSettings, flag_threshold: float | None,
+                  z: tuple[ZCalibration, np.ndarray] | None = None) -> OverlayFrame:
     """Cut the KL map for the slider settings out of the cached energy field (no sampling),
-    coloured by `klviewer.overlay_rules`."""
+    coloured by `klviewer.overlay_rules`. With `z` (the healthy reference for these settings and
+    the slice's reconstruction in HU) the outlines are the patches above its z threshold."""
     settings = settings.clamped(energy.image_shape)
     kl_map = energy.kl_map(settings.patch, settings.sigma_window)
     raw = kl_map.to_pixels().astype(np.float32)
@@ -167,9 +175,41 @@ def overlay_frame(energy: EnergyField, settings: MapSettings, flag_threshold: fl
     cut = display_cut(peak, settings.threshold_fraction)
     pixels = raw.copy()
     pixels[(raw < cut) | (raw <= 0)] = np.nan
-    return OverlayFrame(kl_map=kl_map, pixels=pixels, raw_pixels=raw, levels=overlay_levels(peak, flag_threshold),
-                        display_threshold=cut,
-                        flag_threshold=flag_threshold, boxes=flagged_patches(kl_map, flag_threshold))
+    frame = OverlayFrame(kl_map=kl_map, pixels=pixels, raw_pixels=raw, levels=overlay_levels(peak, flag_threshold),
+                         display_threshold=cut, flag_threshold=flag_threshold,
+                         boxes=flagged_patches(kl_map, flag_threshold))
+    if z is not None:
+        calibration, recon_hu = z
+        frame.z_map = calibration.reference.z_map(energy, recon_hu)
+        frame.z_threshold = calibration.threshold
+        frame.boxes = flagged_patches(frame.z_map, calibration.threshold)
+        if settings.show_z:
+            _show_z(frame, settings.threshold_fraction)
+    return frame
+
+
+def with_result_z(frame: OverlayFrame, result: SliceResult) -> OverlayFrame:
+    """`frame` flagged and outlined by the result's own KL z-scores, while the frame is cut with
+    the patch and window they were computed for (a comparison side keeps no reference to redo them)."""
+    z = result.z_map
+    if z is None or result.z_threshold is None or z.patch != frame.kl_map.patch or \
+            tuple(z.sigma_window) != tuple(frame.kl_map.sigma_window):
+        return frame
+    return replace(frame, z_map=z, z_threshold=result.z_threshold, boxes=flagged_patches(z, result.z_threshold))
+
+
+def _show_z(frame: OverlayFrame, fraction: float) -> None:
+    """Colour the z-scores: off the body and at or below zero (as usual as healthy, or less) nothing shows."""
+    raw = frame.z_map.to_pixels().astype(np.float32)
+    raw[~np.isfinite(raw)] = np.nan
+    peak = float(np.nanmax(raw)) if np.isfinite(raw).any() else 0.0
+    cut = display_cut(peak, fraction)
+    pixels = raw.copy()
+    with np.errstate(invalid="ignore"):
+        pixels[~(raw >= cut) | ~(raw > 0)] = np.nan
+    frame.raw_pixels, frame.pixels, frame.display_threshold = raw, pixels, cut
+    frame.levels = overlay_levels(peak, frame.z_threshold)
+    frame.shows_z = True
 
 
 @dataclass(frozen=True)

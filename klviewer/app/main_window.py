@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from PySide6.QtCore import QByteArray, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeyEvent, QKeySequence
 from PySide6.QtWidgets import QDockWidget, QFileDialog, QLabel, QMainWindow, QWidget
@@ -34,7 +35,8 @@ from klviewer.app.viewer import SliceContext, SliceViewer
 from klviewer.app.worker import AnalysisThread, PriorCache, RunRequest
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError
-from klviewer.inference.analysis import AnalysisSettings, SliceResult
+from klviewer.inference.analysis import AnalysisSettings, SliceResult, is_flagged
+from klviewer.inference.healthy_reference import ZCalibration
 from klviewer.io.loader import open_paths
 from klviewer.io.study import Catalog, Patient, Series, Study
 
@@ -213,6 +215,7 @@ class MainWindow(QMainWindow):
             patch=p.get("map/patch", d.patch),
             sigma_window=(p.get("map/sigma_low", d.sigma_window[0]), p.get("map/sigma_high", d.sigma_window[1])),
             threshold_fraction=p.get("map/threshold", d.threshold_fraction), opacity=p.get("map/opacity", d.opacity),
+            show_z=p.get("map/show_z", d.show_z),
         ))
         self.viewer.overlay.set_opacity(self.map_controls.settings().opacity)
         geometry, state = p.get_bytes("window/geometry"), p.get_bytes("window/state")
@@ -229,6 +232,7 @@ class MainWindow(QMainWindow):
         p.set("map/sigma_high", m.sigma_window[1])
         p.set("map/threshold", m.threshold_fraction)
         p.set("map/opacity", m.opacity)
+        p.set("map/show_z", m.show_z)
         p.set("window/geometry", QByteArray(self.saveGeometry()))
         p.set("window/state", QByteArray(self.saveState()))
         self.panel.save()
@@ -383,18 +387,26 @@ class MainWindow(QMainWindow):
         patch = settings.clamped(cached.result.energy.image_shape).patch
         return self.thresholds.threshold(cached.prior_path, cached.result.settings, patch, settings.sigma_window)
 
+    def _z(self, cached: CachedResult, settings: MapSettings) -> tuple[ZCalibration, np.ndarray] | None:
+        """The prior's healthy reference for these map settings, with the slice's reconstruction."""
+        clamped = settings.clamped(cached.result.energy.image_shape)
+        z = self.thresholds.z_calibration(cached.prior_path, cached.result.settings, clamped.patch, clamped.sigma_window)
+        return None if z is None else (z, cached.result.recon_hu)
+
     def refresh_overlay(self) -> None:
         """Re-cut the shown slice's KL map from its energy field with the slider settings."""
         self._map_timer.stop()
         cached = self.current_result()
         if cached is None:
             self.viewer.set_overlay(None)
-            self.map_controls.set_threshold_nats(None)
+            self.map_controls.set_display_threshold(None)
             return
         settings = self.map_controls.settings()
-        frame = overlay_frame(cached.result.energy, settings, self._threshold(cached, settings))
+        z = self._z(cached, settings)
+        frame = overlay_frame(cached.result.energy, settings, self._threshold(cached, settings), z)
         self.viewer.set_overlay(frame)
-        self.map_controls.set_threshold_nats(frame.display_threshold)
+        self.map_controls.set_z_available(z is not None)
+        self.map_controls.set_display_threshold(frame.display_threshold, "z" if frame.shows_z else "nats")
         row = self.cases.find(self.current_uid, self.index)
         if row is not None:
             self.cases.set_score(row, frame.score, frame.flagged)
@@ -403,8 +415,12 @@ class MainWindow(QMainWindow):
         """A slice's score and automatic flag under the map settings."""
         clamped = settings.clamped(cached.result.energy.image_shape)
         score = cached.result.energy.kl_map(clamped.patch, clamped.sigma_window).score
-        threshold = self._threshold(cached, settings)
-        return score, threshold is not None and score > threshold
+        z = self._z(cached, settings)
+        if z is None:
+            return score, is_flagged(score, self._threshold(cached, settings), None, None)
+        calibration, recon_hu = z
+        z_score = calibration.reference.z_map(cached.result.energy, recon_hu).score
+        return score, is_flagged(score, None, z_score, calibration.threshold)
 
     def rescore_cases(self) -> None:
         """Scores and automatic flags of every listed slice, under the current map settings."""
@@ -499,11 +515,16 @@ class MainWindow(QMainWindow):
         self._show_summary(result)
 
     def _show_summary(self, result: SliceResult) -> None:
-        threshold = f"{format_nats(result.flag_threshold)} nats" if result.flag_threshold is not None else "not calibrated"
         notes = "".join(f"<br>• {n}" for n in result.notes)
+        if result.flag_rule == "z":
+            verdict = (f"KL z-score {result.z_score:.3g}, {'flagged' if result.flagged else 'not flagged'} "
+                       f"(healthy-reference threshold {result.z_threshold:.3g})")
+        else:
+            threshold = f"{format_nats(result.flag_threshold)} nats" if result.flag_threshold is not None else "not calibrated"
+            verdict = f"{'flagged' if result.flagged else 'not flagged'} (threshold {threshold})"
         self.panel.summary.setText(
-            f"Last slice: score {format_nats(result.score)} nats at the run's settings, "
-            f"{'flagged' if result.flagged else 'not flagged'} (threshold {threshold}), {result.seconds:.1f} s.{notes}")
+            f"Last slice: score {format_nats(result.score)} nats at the run's settings, {verdict}, "
+            f"{result.seconds:.1f} s.{notes}")
 
     def _run_failed(self, message: str, details: str) -> None:
         self._run_ok = False

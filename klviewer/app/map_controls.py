@@ -1,4 +1,5 @@
-"""The KL map sliders: noise-level (sigma) window, patch size, display threshold, opacity.
+"""The KL map sliders: noise-level (sigma) window, patch size, display threshold, opacity, and
+whether to colour KL or its z-score against the prior's healthy reference.
 
 None of them starts a sampling run: the map is re-cut from the cached EnergyField.
 """
@@ -6,7 +7,7 @@ None of them starts a sampling run: the map is re-cut from the cached EnergyFiel
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import QFormLayout, QHBoxLayout, QLabel, QSlider, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QCheckBox, QFormLayout, QHBoxLayout, QLabel, QSlider, QVBoxLayout, QWidget
 
 from klviewer.app.display import LogScale, MapSettings, round_sig
 
@@ -78,8 +79,13 @@ class MapControls(QWidget):
                       self.opacity_label):
             label.setMinimumWidth(104)
             label.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        self.show_z = QCheckBox("KL z-score vs healthy")
+        self.show_z.setToolTip("Colour each patch's KL z-score against healthy patches with the same edge content "
+                               "(the prior's healthy reference) instead of its KL; only for the patch size and "
+                               "noise levels the prior was calibrated with")
+        self.show_z.setEnabled(False)
         self._mm_per_px: float | None = None
-        self._threshold_nats: float | None = None
+        self._display_threshold: tuple[float, str] | None = None
 
         outer = QVBoxLayout(self)
         outer.setContentsMargins(6, 6, 6, 6)
@@ -91,6 +97,7 @@ class MapControls(QWidget):
         form.addRow("Patch size", _row(self.patch, self.patch_label))
         form.addRow("Hide below", _row(self.threshold, self.threshold_label))
         form.addRow("Opacity", _row(self.opacity, self.opacity_label))
+        form.addRow("Show", self.show_z)
         self.sigma_low.setToolTip("Lowest noise level σ (prior units) whose KL energy enters the map")
         self.sigma_high.setToolTip("Highest noise level σ (prior units) whose KL energy enters the map")
         self.patch.setToolTip("Patch size in pixels of the analysis grid; a patch's KL is the sum over its pixels")
@@ -101,22 +108,25 @@ class MapControls(QWidget):
         self.patch.valueChanged.connect(self._emit_changed)
         self.threshold.valueChanged.connect(self._emit_changed)
         self.opacity.valueChanged.connect(self._opacity_moved)
+        self.show_z.toggled.connect(self._emit_changed)
         self.set_settings(MapSettings())
 
     def settings(self) -> MapSettings:
         return MapSettings(patch=self.patch.value(), sigma_window=(self.sigma_low.value_(), self.sigma_high.value_()),
-                           threshold_fraction=self.threshold.value() / 100.0, opacity=self.opacity.value() / 100.0)
+                           threshold_fraction=self.threshold.value() / 100.0, opacity=self.opacity.value() / 100.0,
+                           show_z=self.show_z.isChecked())
 
     def set_settings(self, settings: MapSettings) -> None:
-        for slider in (self.patch, self.threshold, self.opacity):
-            slider.blockSignals(True)
+        for widget in (self.patch, self.threshold, self.opacity, self.show_z):
+            widget.blockSignals(True)
         self.sigma_low.set_value(settings.sigma_window[0])
         self.sigma_high.set_value(settings.sigma_window[1])
         self.patch.setValue(settings.patch)
         self.threshold.setValue(round(settings.threshold_fraction * 100))
         self.opacity.setValue(round(settings.opacity * 100))
-        for slider in (self.patch, self.threshold, self.opacity):
-            slider.blockSignals(False)
+        self.show_z.setChecked(settings.show_z)
+        for widget in (self.patch, self.threshold, self.opacity, self.show_z):
+            widget.blockSignals(False)
         self._relabel()
 
     def set_sigma_range(self, low: float, high: float, anchors: list[float]) -> None:
@@ -132,9 +142,14 @@ class MapControls(QWidget):
         self._mm_per_px = mm_per_px
         self._relabel()
 
-    def set_threshold_nats(self, nats: float | None) -> None:
-        self._threshold_nats = nats
+    def set_display_threshold(self, value: float | None, unit: str = "nats") -> None:
+        """What "hide below" amounts to for the shown slice, in the shown quantity's unit."""
+        self._display_threshold = None if value is None else (value, unit)
         self._relabel()
+
+    def set_z_available(self, available: bool) -> None:
+        """Whether the shown slice has KL z-scores at these map settings; the choice is kept either way."""
+        self.show_z.setEnabled(available)
 
     def _sigma_low_moved(self, position: int) -> None:
         if position > self.sigma_high.value():
@@ -160,8 +175,11 @@ class MapControls(QWidget):
         self.sigma_high_label.setText(f"σ = {s.sigma_window[1]:.3g}")
         mm = f" · {s.patch * self._mm_per_px:.1f} mm" if self._mm_per_px else ""
         self.patch_label.setText(f"{s.patch} px{mm}")
-        nats = f" · {self._threshold_nats:.3g} nats" if self._threshold_nats is not None else ""
-        self.threshold_label.setText(f"{self.threshold.value()} % of max{nats}")
+        cut = ""
+        if self._display_threshold is not None:
+            value, unit = self._display_threshold
+            cut = f" · {value:.3g} nats" if unit == "nats" else f" · z {value:.3g}"
+        self.threshold_label.setText(f"{self.threshold.value()} % of max{cut}")
         self.opacity_label.setText(f"{self.opacity.value()} %")
 
 

@@ -53,6 +53,7 @@ class OverlayLayer:
         self.frame = frame
         self._extent = extent
         if frame is not None:
+            self.colorbar.axis.setLabel("KL z-score vs healthy" if frame.shows_z else "KL per patch (nats)")
             self.colorbar.setLevels(frame.levels)
             self.image.setImage(frame.pixels, autoLevels=False, levels=frame.levels)
             self.image.setRect(extent)
@@ -87,7 +88,8 @@ class OverlayLayer:
         self.colorbar.setVisible(self.frame is not None)
 
     def value_at(self, row: int, col: int) -> float | None:
-        """KL (nats) of the patch covering data pixel (row, col), whatever the display threshold."""
+        """KL (nats, or z-score when the frame shows z) of the patch covering data pixel (row, col),
+        whatever the display threshold; NaN off the body for z-scores."""
         if self.frame is None:
             return None
         h, w = self.frame.raw_pixels.shape

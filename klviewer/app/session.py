@@ -11,16 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from klviewer.errors import KlviewerInputError
-from klviewer.inference.analysis import AnalysisSettings, SliceResult
-from klviewer.inference.calibration import calibration_key, current_calibrations
-
-MAP_ONLY_KEYS = ("patch", "sigma_window", "flag_threshold")
-
-
-def sampling_key(settings: AnalysisSettings) -> tuple[tuple[str, Any], ...]:
-    """The settings that need a new sampling run when they change."""
-    d = settings.to_dict()
-    return tuple(sorted((k, v if not isinstance(v, list) else tuple(v)) for k, v in d.items() if k not in MAP_ONLY_KEYS))
+from klviewer.inference.analysis import AnalysisSettings, SliceResult, sampling_key
+from klviewer.inference.calibration import CALIBRATION_FILE, calibration_key, current_calibrations, z_calibration_of
+from klviewer.inference.healthy_reference import ZCalibration
 
 
 @dataclass(frozen=True)
@@ -82,15 +75,28 @@ class FlagThresholds:
                 self._entries[prior_path] = []  # an unreadable calibration means: not calibrated
         return self._entries[prior_path]
 
+    def _entry(self, prior_path: Path, settings: AnalysisSettings, patch: int,
+               sigma_window: tuple[float, float]) -> dict[str, Any] | None:
+        key = calibration_key(replace(settings, patch=patch, sigma_window=tuple(sigma_window)))
+        return next((e for e in self._load(prior_path) if e.get("settings") == key), None)
+
     def threshold(self, prior_path: Path, settings: AnalysisSettings, patch: int,
                   sigma_window: tuple[float, float]) -> float | None:
         if settings.flag_threshold is not None:
             return settings.flag_threshold
-        key = calibration_key(replace(settings, patch=patch, sigma_window=tuple(sigma_window)))
-        for entry in self._load(prior_path):
-            if entry.get("settings") == key:
-                return float(entry["threshold"])
-        return None
+        entry = self._entry(prior_path, settings, patch, sigma_window)
+        return None if entry is None else float(entry["threshold"])
+
+    def z_calibration(self, prior_path: Path, settings: AnalysisSettings, patch: int,
+                      sigma_window: tuple[float, float]) -> ZCalibration | None:
+        """The healthy reference for these map settings; none while a threshold in nats is forced."""
+        entry = self._entry(prior_path, settings, patch, sigma_window)
+        if settings.flag_threshold is not None or entry is None:
+            return None
+        try:
+            return z_calibration_of(entry, prior_path / CALIBRATION_FILE)
+        except KlviewerInputError:
+            return None  # a damaged reference means: no reference, as for the thresholds
 
     def calibrated_windows(self, prior_path: Path) -> list[tuple[float, float]]:
         """Sigma windows the prior was calibrated with, so the sliders can land on them exactly."""

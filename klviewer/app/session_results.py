@@ -15,9 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from klviewer.app.display import MapSettings
-from klviewer.app.session import sampling_key
 from klviewer.errors import KlviewerError
-from klviewer.inference.analysis import SliceResult
+from klviewer.inference.analysis import SliceResult, recut, sampling_key
 from klviewer.inference.measurements import PlannedSeries, case_name
 from klviewer.inference.runner import AnalysisRun, prior_fingerprint, summary_row, write_summary
 from klviewer.io.study import Series
@@ -45,12 +44,13 @@ class SessionFolder:
 
 
 def as_shown(result: SliceResult, settings: MapSettings, flagged: bool, threshold: float | None) -> SliceResult:
-    """The result with the KL map, score and flag the app shows under the map settings."""
+    """The result with the KL map, score and flag the app shows under the map settings.
+
+    The KL z-scores stay only while the map settings are those their healthy reference was
+    fitted for; under any other patch or window there is no reference to compare with."""
     clamped = settings.clamped(result.energy.image_shape)
-    kl_map = result.energy.kl_map(clamped.patch, clamped.sigma_window)
-    run_settings = replace(result.settings, patch=clamped.patch, sigma_window=tuple(clamped.sigma_window))
-    return replace(result, kl_map=kl_map, score=kl_map.score, flagged=flagged, flag_threshold=threshold,
-                   settings=run_settings)
+    shown = recut(result, replace(result.settings, patch=clamped.patch, sigma_window=tuple(clamped.sigma_window)))
+    return replace(shown, flagged=flagged, flag_threshold=threshold)
 
 
 def write_session_results(slices: list[SessionSlice], out: Path, settings: MapSettings) -> list[SessionFolder]:
@@ -76,6 +76,7 @@ def _write_group(members: list[SessionSlice], out: Path, settings: MapSettings) 
     run = AnalysisRun(out=out)
     case_notes: dict[str, list[str]] = {}
     summary_settings = None
+    z_thresholds: set[float | None] = set()
     for item in sorted(members, key=lambda m: (m.series.uid, m.index)):
         plan = planned.get(item.series.uid)
         if plan is None:
@@ -84,6 +85,7 @@ def _write_group(members: list[SessionSlice], out: Path, settings: MapSettings) 
         plan.indices.append(item.index)
         shown = as_shown(item.result, settings, item.flagged, item.flag_threshold)
         summary_settings = summary_settings or shown.settings
+        z_thresholds.add(shown.z_threshold)
         target = out / plan.case / f"{item.index:04d}.npz"
         shown.save_npz(target)
         row = summary_row(plan.source, plan.case, item.index, shown, target.relative_to(out))
@@ -91,7 +93,9 @@ def _write_group(members: list[SessionSlice], out: Path, settings: MapSettings) 
         run.rows.append(row)
         if item.note.strip():
             case_notes.setdefault(plan.case, []).append(f"slice {item.index + 1}: {item.note.strip()}")
-    write_summary(run, summary_settings, prior_path, prior_fingerprint(prior_path), members[0].flag_threshold, False)
+    z_thresholds.discard(None)
+    write_summary(run, summary_settings, prior_path, prior_fingerprint(prior_path), members[0].flag_threshold, False,
+                  z_thresholds.pop() if len(z_thresholds) == 1 else None)
     folder.notes = {case: "; ".join(lines) for case, lines in case_notes.items()}
     return folder
 

@@ -350,7 +350,8 @@ class SliceViewer(QWidget):
             br.append("not analysed" if series.analysis_refusal() is None else _esc(f"not analysable: {series.modality}"))
         elif frame is not None:
             state = "<span style='color:#ff6a4d'><b>FLAGGED</b></span>" if frame.flagged else "not flagged"
-            br.append(f"KL score {format_nats(frame.score)} nats · {state}")
+            z = "" if frame.z_score is None else f" · z {frame.z_score:.3g}"
+            br.append(f"KL score {format_nats(frame.score)} nats{z} · {state}")
             lo, hi = frame.kl_map.sigma_window
             br.append(f"patch {frame.kl_map.patch} px · σ {lo:.3g}–{hi:.3g}")
         for name, lines in (("tl", tl), ("tr", tr), ("br", br)):
@@ -474,7 +475,9 @@ class SliceViewer(QWidget):
         if self.overlay.frame is not None:
             kl_col, kl_row = _pixel(self._extent, self.overlay.frame.raw_pixels.shape, point)
             kl = self.overlay.value_at(kl_row, kl_col)
-            if kl is not None:
+            if kl is not None and self.overlay.frame.shows_z:
+                text += f"  KL z {kl:.3g}" if np.isfinite(kl) else "  KL z —"
+            elif kl is not None:
                 text += f"  KL {format_nats(kl)} nats"
         return text
 

@@ -20,7 +20,7 @@ from PySide6.QtCore import QObject, QThread, Signal, SignalInstance
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError
 from klviewer.inference.analysis import AnalysisSettings, analyze_prepared, prepare_slice
-from klviewer.inference.calibration import flag_threshold_for
+from klviewer.inference.calibration import flag_threshold_for, z_calibration_for
 from klviewer.inference.sampler import AnalysisCancelled
 from klviewer.io.study import Series
 from klviewer.priors.checkpoint import load_prior
@@ -120,6 +120,7 @@ class AnalysisThread(CancellableThread):
         device = resolve_device(req.settings.device)
         prior = self._priors.get(req.prior_path, device)
         threshold = flag_threshold_for(req.prior_path, req.settings)
+        z_calibration = z_calibration_for(req.prior_path, req.settings)
         per_slice = req.settings.steps * req.settings.samples
         total = per_slice * len(req.indices)
         for n, index in enumerate(req.indices):
@@ -132,7 +133,8 @@ class AnalysisThread(CancellableThread):
 
             prepared = prepare_slice(req.series, index, prior, req.settings, device)
             result = analyze_prepared(prepared, prior, req.settings, prior_name=req.prior_path.name,
-                                      flag_threshold=threshold, progress=report, cancel=self._cancel)
+                                      flag_threshold=threshold, z_calibration=z_calibration, progress=report,
+                                      cancel=self._cancel)
             self.slice_done.emit(req, index, result)
         self.progress.emit(total, total)
 

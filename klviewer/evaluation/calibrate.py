@@ -1,8 +1,12 @@
-"""`klviewer calibrate`: a flag threshold for one prior and one set of analysis settings.
+"""`klviewer calibrate`: flag thresholds for one prior and one set of analysis settings.
 
 The threshold is the score that at most a fraction `fpr` of held-out healthy phantoms exceed.
 Healthy slices come from their own seed range (CALIBRATION_SEED_BASE), so they overlap neither
 the training pool nor the detection benchmark.
+
+The same slices fit the healthy reference behind KL z-scores (`healthy_reference`). Its z
+threshold is taken from cross-fitted z-scores, each slice scored by a reference fitted
+without it; the reference stored is fitted on all of them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from klviewer.errors import KlviewerError
 from klviewer.evaluation.detection import CALIBRATION_SEED_BASE, run_cases
 from klviewer.inference.analysis import AnalysisSettings
 from klviewer.inference.calibration import calibration_key, write_calibration
+from klviewer.inference.healthy_reference import HealthySlice, cross_fitted_scores, fit_reference
 from klviewer.priors.checkpoint import load_prior, prior_fingerprint, resolve_prior_path
 
 
@@ -32,6 +37,13 @@ class Calibration:
     entry: dict[str, Any]
     """What was written to calibration.json."""
     path: Path | None
+    z_threshold: float | None = None
+    z_scores: np.ndarray | None = None
+    """Cross-fitted healthy KL z-scores; None when there were too few slices for a reference."""
+
+
+MIN_REFERENCE_SLICES = 4
+"""Fewer healthy slices than this leave each cross-fitting fold too thin for a spread per bin."""
 
 
 def threshold_at_fpr(healthy_scores: np.ndarray, fpr: float) -> float:
@@ -80,5 +92,17 @@ def calibrate_prior(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
     }
+    z_threshold = z_scores = None
+    if len(cases) >= MIN_REFERENCE_SLICES:
+        healthy = [HealthySlice(c.result.energy, c.result.recon_hu) for c in cases]
+        z_scores = cross_fitted_scores(healthy, settings.patch, settings.sigma_window)
+        z_threshold = threshold_at_fpr(z_scores, fpr)
+        entry["healthy_reference"] = {
+            **fit_reference(healthy, settings.patch, settings.sigma_window).to_dict(),
+            "z_threshold": z_threshold,
+            "healthy_exceeding": int((z_scores > z_threshold).sum()),
+            "healthy_z_scores": {"min": float(z_scores.min()), "median": float(np.median(z_scores)),
+                                 "max": float(z_scores.max())},
+        }
     path = write_calibration(prior_path, entry, overwrite=overwrite) if write else None
-    return Calibration(threshold, fpr, scores, entry, path)
+    return Calibration(threshold, fpr, scores, entry, path, z_threshold, z_scores)

@@ -8,6 +8,9 @@ Metrics (as in the KLIP paper's code):
 - image-level localisation AUROC: for each OOD slice, over the patches that touch the body
   mask, a patch is positive when it touches the OOD mask; the per-image AUROCs are averaged.
 
+``klip_z`` is KLIP's KL z-score against a healthy reference (`healthy_reference`), fitted on
+healthy slices from the calibration seed range, never on the slices it scores.
+
 The control ``centre_distance`` scores every pixel by its closeness to the image centre and uses
 no measurement at all. Liver lesions sit at mid radius and the body rim is all negatives, so
 localisation AUROC has a floor well above 0.5; a method is only localising by what it adds
@@ -32,8 +35,11 @@ from klviewer.inference.analysis import (
     analyze_prepared,
     load_slice_result,
     prepare_slice,
+    recut,
+    sampling_key,
 )
 from klviewer.inference.energy import patch_sums
+from klviewer.inference.healthy_reference import HealthyReference, HealthySlice
 from klviewer.io.study import Series, Slice
 from klviewer.phantoms import Phantom, make_phantom
 
@@ -95,8 +101,9 @@ def run_cases(
         cached = _cache_file(cache, kind, phantom_seed) if cache is not None else None
         if cached is not None and cached.is_file():
             result = load_slice_result(cached)
-            if result.settings != settings or result.prior_name != prior.config.name:
+            if sampling_key(result.settings) != sampling_key(settings) or result.prior_name != prior.config.name:
                 raise KlviewerInputError(cached, "cached result was made with other settings or another prior; use another cache folder")
+            result = recut(result, settings)
         else:
             prepared = prepare_slice(series_from_phantom(phantom), 0, prior, settings, device)
             result = analyze_prepared(prepared, prior, settings, prior_name=prior.config.name, flag_threshold=None, cancel=cancel)
@@ -155,10 +162,30 @@ class MethodScores:
 def score_method(cases: list[DetectionCase], method: str, patch: int, sigma_window: tuple[float, float] | None,
                  transform: Callable[[np.ndarray], np.ndarray] | None = None) -> MethodScores:
     """Image scores and AUROCs of one method; `transform` maps each per-pixel map before the patch sums."""
+
+    def patches(case: DetectionCase) -> np.ndarray:
+        evidence = method_map(case, method, sigma_window)
+        return patch_sums(evidence if transform is None else transform(evidence), patch).values
+
+    return score_patches(cases, method, patch, patches)
+
+
+def score_z(cases: list[DetectionCase], reference: HealthyReference) -> MethodScores:
+    """KLIP's KL z-scores against a healthy reference (fitted on other slices than `cases`)."""
+    return score_patches(cases, "klip_z", reference.patch,
+                         lambda case: reference.z_map(case.result.energy, case.result.recon_hu).values)
+
+
+def healthy_slices(cases: list[DetectionCase]) -> list[HealthySlice]:
+    return [HealthySlice(c.result.energy, c.result.recon_hu) for c in cases if c.kind == "healthy"]
+
+
+def score_patches(cases: list[DetectionCase], method: str, patch: int,
+                  patch_values: Callable[[DetectionCase], np.ndarray]) -> MethodScores:
+    """Dataset AUROC of the largest patch value, and per-image localisation AUROC over body patches."""
     scores, labels, per_image = [], [], []
     for case in cases:
-        evidence = method_map(case, method, sigma_window)
-        patches = patch_sums(evidence if transform is None else transform(evidence), patch).values
+        patches = patch_values(case)
         scores.append(patches.max())
         is_ood = case.kind != "healthy"
         labels.append(is_ood)

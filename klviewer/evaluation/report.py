@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +12,21 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from klviewer.devices import resolve_device
-from klviewer.evaluation.detection import BASELINES, METHODS, DetectionCase, MethodScores, reconstruction_quality, run_cases, score_method
+from klviewer.evaluation.detection import (
+    BASELINES,
+    CALIBRATION_SEED_BASE,
+    METHODS,
+    DetectionCase,
+    MethodScores,
+    healthy_slices,
+    reconstruction_quality,
+    run_cases,
+    score_method,
+    score_z,
+)
 from klviewer.evaluation.metrics import roc_curve
 from klviewer.inference.analysis import AnalysisSettings
+from klviewer.inference.healthy_reference import fit_reference
 from klviewer.io.safe_write import atomic_write, atomic_write_text
 from klviewer.priors.checkpoint import load_prior, resolve_prior_path
 
@@ -36,8 +48,15 @@ def _fmt_window(w: tuple[float, float] | None) -> str:
     return "all" if w is None else f"{w[0]:g}-{w[1]:g}"
 
 
-def evaluate(cases: list[DetectionCase], settings: AnalysisSettings) -> DetectionReport:
+def evaluate(cases: list[DetectionCase], settings: AnalysisSettings,
+             reference_cases: list[DetectionCase] | None = None) -> DetectionReport:
+    """Every method at the run's settings, KLIP over the sweep, the baselines per patch size.
+    With healthy `reference_cases`, KLIP's KL z-scores (`klip_z`) too, fitted on them per sweep cell."""
+    healthy = healthy_slices(reference_cases or [])
     scores = {m: score_method(cases, m, settings.patch, settings.sigma_window) for m in METHODS}
+    if healthy:
+        z = score_z(cases, fit_reference(healthy, settings.patch, settings.sigma_window))
+        scores = {"klip": scores["klip"], "klip_z": z, **{m: scores[m] for m in BASELINES}}
     baselines = []
     for patch in SWEEP_PATCHES:
         for method in BASELINES:
@@ -49,9 +68,13 @@ def evaluate(cases: list[DetectionCase], settings: AnalysisSettings) -> Detectio
     for patch in SWEEP_PATCHES:
         for window in SWEEP_WINDOWS:
             s = score_method(cases, "klip", patch, window)
-            sweep.append({"patch": patch, "sigma_window": _fmt_window(window),
-                          "dataset_auroc": s.dataset_auroc, "localisation_auroc": s.localisation_auroc,
-                          "centre_control_localisation": controls[patch]})
+            row = {"patch": patch, "sigma_window": _fmt_window(window),
+                   "dataset_auroc": s.dataset_auroc, "localisation_auroc": s.localisation_auroc,
+                   "centre_control_localisation": controls[patch]}
+            if healthy:
+                z = score_z(cases, fit_reference(healthy, patch, window))
+                row.update(z_dataset_auroc=z.dataset_auroc, z_localisation_auroc=z.localisation_auroc)
+            sweep.append(row)
     seconds = float(np.mean([c.result.seconds for c in cases]))
     return DetectionReport(scores, sweep, baselines, reconstruction_quality(cases), seconds)
 
@@ -74,6 +97,10 @@ def markdown(report: DetectionReport, settings: AnalysisSettings, meta: dict[str
         lines.append(f"| {m} | {s.dataset_auroc:.3f} | {s.localisation_auroc:.3f} |")
     lines += ["", "`centre_distance` is a control that uses no measurement (closeness to the image centre): "
               "a localisation AUROC counts only by how far it rises above the control's."]
+    if "klip_z" in report.scores:
+        lines += ["", f"`klip_z` is the KL z-score against a healthy reference fitted on {meta['n_reference']} other healthy "
+                  "phantoms (calibration seeds): each patch's log KL standardised among healthy patches with the same "
+                  "edge energy in the reconstruction."]
     q = report.quality
     lines += [
         "",
@@ -82,11 +109,15 @@ def markdown(report: DetectionReport, settings: AnalysisSettings, meta: dict[str
         "",
         "## KLIP over patch size and sigma window (same runs, no new sampling)",
         "",
-        "| patch | sigma window | dataset AUROC | localisation AUROC | centre_distance control |",
-        "|---|---|---|---|---|",
     ]
+    with_z = "z_dataset_auroc" in report.sweep[0]
+    z_head = " klip_z dataset AUROC | klip_z localisation AUROC |" if with_z else ""
+    lines += [f"| patch | sigma window | dataset AUROC | localisation AUROC | centre_distance control |{z_head}",
+              "|---|---|---|---|---|" + ("---|---|" if with_z else "")]
     lines += [f"| {r['patch']} | {r['sigma_window']} | {r['dataset_auroc']:.3f} | {r['localisation_auroc']:.3f} | "
-              f"{r['centre_control_localisation']:.3f} |" for r in report.sweep]
+              f"{r['centre_control_localisation']:.3f} |"
+              + (f" {r['z_dataset_auroc']:.3f} | {r['z_localisation_auroc']:.3f} |" if with_z else "")
+              for r in report.sweep]
     lines += ["", "## Baselines over patch size (dataset AUROC / localisation AUROC)", "",
               "| patch | " + " | ".join(BASELINES) + " |", "|---|" + "---|" * len(BASELINES)]
     for patch in SWEEP_PATCHES:
@@ -114,8 +145,10 @@ def roc_figure(report: DetectionReport, path: Path) -> None:
 
 def run_detection_benchmark(
     out: Path, settings: AnalysisSettings, *, prior: str, n_id: int, n_ood: int, ood_kind: str, seed: int,
-    cache: Path | None, command: str, progress=None,
+    cache: Path | None, command: str, progress=None, n_reference: int = 0,
 ) -> DetectionReport:
+    """`n_reference` healthy phantoms from the calibration seed range fit the `klip_z` reference
+    (0: no `klip_z`); they are analysed as `klviewer calibrate` analyses them and cached beside the others."""
     device = resolve_device(settings.device)
     prior_path = resolve_prior_path(prior)
     model = load_prior(prior_path, device=device)
@@ -124,8 +157,13 @@ def run_detection_benchmark(
     start = time.perf_counter()
     cases = run_cases(model, settings, n_id=n_id, n_ood=n_ood, ood_kind=ood_kind, seed=seed, cache=cache,
                       device=device, progress=progress)
-    report = evaluate(cases, settings)
-    meta = {"command": command, "prior": prior_path.name, "n_id": n_id, "n_ood": n_ood, "ood_kind": ood_kind,
+    # Seed 0 as `klviewer calibrate` uses by default: the reference is the one a calibrated prior carries.
+    reference = run_cases(model, replace(settings, seed=0), n_id=n_reference, n_ood=0, seed_base=CALIBRATION_SEED_BASE, cache=cache,
+                          device=device,
+                          progress=None if progress is None else lambda d, t: progress(n_id + n_ood + d, n_id + n_ood + t))
+    report = evaluate(cases, settings, reference)
+    meta = {"command": command, "prior": prior_path.name, "n_id": n_id, "n_ood": n_ood, "n_reference": n_reference,
+            "ood_kind": ood_kind,
             "size": model.config.image_size[0], "device": str(device), "wall_seconds": time.perf_counter() - start}
     out.mkdir(parents=True, exist_ok=True)
     stem = f"detection_{ood_kind}"

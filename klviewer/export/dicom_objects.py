@@ -120,11 +120,13 @@ def parametric_map(sources: Sequence[Dataset], kl_maps: np.ndarray, *, levels: t
 
 
 def segmentation(sources: Sequence[Dataset], masks: np.ndarray, *, threshold: float, patch: int,
-                 prior_sha256: str) -> hd.seg.Segmentation:
-    """`masks` is (n, Rows, Columns) bool: pixels in a patch whose KL exceeds `threshold`."""
+                 prior_sha256: str, rule: str = "nats") -> hd.seg.Segmentation:
+    """`masks` is (n, Rows, Columns) bool: pixels in a patch above `threshold` by the flag rule,
+    "nats" (the patch's KL) or "z" (its KL z-score against the prior's healthy reference)."""
+    parameter = "flag_threshold_nats" if rule == "nats" else "flag_threshold_kl_z"
     algorithm = hd.AlgorithmIdentificationSequence(
         name="klviewer KLIP", family=codes.cid7162.ArtificialIntelligence, version=__version__,
-        parameters={"flag_threshold_nats": f"{threshold:.6g}", "patch_px": str(patch), "prior_sha256": prior_sha256[:64]},
+        parameters={parameter: f"{threshold:.6g}", "patch_px": str(patch), "prior_sha256": prior_sha256[:64]},
     )
     segment = hd.seg.SegmentDescription(
         segment_number=1, segment_label="KL above threshold",
@@ -137,7 +139,8 @@ def segmentation(sources: Sequence[Dataset], masks: np.ndarray, *, threshold: fl
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[segment],
         series_instance_uid=generate_uid(), series_number=SERIES_NUMBERS["seg"], sop_instance_uid=generate_uid(),
         instance_number=1, content_label="KL_FLAGGED",
-        content_description=f"patches with KL above {threshold:.4g} nats"[:64],
+        content_description=(f"patches with KL above {threshold:.4g} nats" if rule == "nats"
+                             else f"patches with KL z-score above {threshold:.4g}")[:64],
         series_description="klviewer patches above the KL flag threshold",
         coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(LOCAL_SCHEME, name="klviewer local codes")],
         **_EQUIPMENT,

@@ -95,6 +95,9 @@ class _Job:
     threshold_source: str
     selection_threshold: float | None
     """The export's own threshold (None: use the analysis' flags)."""
+    z_threshold: float | None
+    """Set when the export uses the analysis' flags and they came from KL z-scores: then the
+    Segmentation and the captions follow the z-scores too."""
     pseudonyms: Pseudonymizer | None
     overwrite: bool
     notes: dict[str, str]
@@ -129,10 +132,14 @@ def export_results(
         raise KlviewerInputError(None, f"flag threshold must be a positive number of nats, got {flag_threshold!r}")
     results = read_results(results_dir)
     out = Path(out)
+    z_threshold = None
     if flag_threshold is not None:
         threshold, source = float(flag_threshold), "export --flag-threshold"
     else:
         threshold, source = results.analysis_threshold
+        z_threshold = results.z_threshold
+        if z_threshold is not None:
+            source = f"KL z-score above {z_threshold:.4g} (prior's healthy reference)"
     if cases is not None:
         selection = "named cases"
         selected = [results.case(name) for name in dict.fromkeys(cases)]
@@ -146,7 +153,7 @@ def export_results(
     if not selected:
         return ExportReport(out, [], [])
     _prepare_folder(out)
-    job = _Job(results, out, chosen, threshold, source, flag_threshold, Pseudonymizer() if deidentify else None,
+    job = _Job(results, out, chosen, threshold, source, flag_threshold, z_threshold, Pseudonymizer() if deidentify else None,
                overwrite, dict(notes or {}), datetime.now(timezone.utc).isoformat(timespec="seconds"))
     exports: list[CaseExport] = []
     records: list[dict[str, Any]] = []
@@ -292,10 +299,20 @@ def _sources(job: _Job, case: CaseEntry, skipped: list[str]) -> _Sources:
     return _Sources(datasets if want_dicom else None, patient, source_window(first) or SOFT_TISSUE_WINDOW)
 
 
-def _caption(entry: SliceEntry, flagged: bool, threshold: float | None) -> str:
+def _above_z(result: SliceResult, z_threshold: float) -> np.ndarray:
+    """Pixels of the patches whose KL z-score is above `z_threshold` (none without z-scores)."""
+    if result.z_map is None:
+        return np.zeros(result.recon_hu.shape, bool)
+    return result.z_map.to_pixels() > z_threshold
+
+
+def _caption(entry: SliceEntry, flagged: bool, threshold: float | None, z_threshold: float | None = None) -> str:
     """The line burned into overlays: no patient data, so it is safe under de-identification too."""
     flag = "FLAGGED" if flagged else "not flagged"
-    limit = f" (> {threshold:.4g})" if flagged and threshold is not None else ""
+    if z_threshold is not None:
+        limit = f" (KL z > {z_threshold:.4g})" if flagged else ""
+    else:
+        limit = f" (> {threshold:.4g})" if flagged and threshold is not None else ""
     return f"slice {entry.slice_index}   score {entry.score:.4g} nats   {flag}{limit}"
 
 
@@ -316,6 +333,7 @@ def _write_case(job: _Job, case: CaseEntry, staging: Path, skipped: list[str]) -
     top = case.top
     pictured = flagged or {top.slice_index}
     on_source: list[np.ndarray] = []
+    z_on_source: list[np.ndarray] = []
     top_result: SliceResult | None = None
     sc_series, sc_number = generate_uid(), 0
     for number, entry in enumerate(case.slices):
@@ -324,7 +342,7 @@ def _write_case(job: _Job, case: CaseEntry, staging: Path, skipped: list[str]) -
         result = load_slice_result(entry.file)
         kl = result.kl_map.to_pixels().astype(np.float32)
         style = OverlayStyle.for_map(kl, job.threshold)
-        caption = _caption(entry, entry.slice_index in flagged, job.threshold)
+        caption = _caption(entry, entry.slice_index in flagged, job.threshold, job.z_threshold)
         stem = f"{entry.slice_index:04d}"
         if "png" in job.formats and entry.slice_index in pictured:
             _save_pngs(save, stem, result, kl, style, sources.window, caption)
@@ -333,6 +351,8 @@ def _write_case(job: _Job, case: CaseEntry, staging: Path, skipped: list[str]) -
             hu = source_hu(ds)
             kl_source = to_source_grid(kl, hu.shape)
             on_source.append(kl_source)
+            if job.z_threshold is not None:
+                z_on_source.append(to_source_grid(_above_z(result, job.z_threshold), hu.shape))
             if entry.slice_index in pictured:
                 sc_number += 1
                 rgb = add_colorbar(overlay_rgb(hu, kl_source, sources.window, style), style, caption)
@@ -341,7 +361,8 @@ def _write_case(job: _Job, case: CaseEntry, staging: Path, skipped: list[str]) -
         if entry is top:
             top_result = result
     if sources.datasets is not None:
-        _save_maps(job, case, sources.datasets, np.stack(on_source), save, skipped)
+        _save_maps(job, case, sources.datasets, np.stack(on_source), save, skipped,
+                   np.stack(z_on_source) if z_on_source else None)
     if "pdf" in job.formats and top_result is not None:
         ctx = _report_context(job, case, sources.patient, flagged)
         kl = top_result.kl_map.to_pixels().astype(np.float32)
@@ -362,20 +383,25 @@ def _save_pngs(save: Callable[[str, Callable[[Any], None]], None], stem: str, re
 
 
 def _save_maps(job: _Job, case: CaseEntry, datasets: list[Dataset], kl_maps: np.ndarray,
-               save: Callable[[str, Callable[[Any], None]], None], skipped: list[str]) -> None:
+               save: Callable[[str, Callable[[Any], None]], None], skipped: list[str],
+               z_masks: np.ndarray | None) -> None:
+    """The Parametric Map of KL, and the Segmentation of the patches the flag rule marks."""
     threshold = job.threshold
     upper = 2.0 * threshold if threshold is not None else float(kl_maps.max())
     pm = parametric_map(datasets, kl_maps, levels=(0.0, upper if upper > 0 else 1.0),
                         description=f"KL per {case.slices[0].row.get('patch', '?')} px patch, nats")
     save("dicom/parametric_map.dcm", lambda f: _save_dicom(job, pm, f))
-    if threshold is None:
+    if job.z_threshold is not None and z_masks is not None:
+        masks, rule, limit, unit = z_masks, "z", job.z_threshold, "KL z-score"
+    elif threshold is not None:
+        masks, rule, limit, unit = kl_maps > threshold, "nats", threshold, "nats"
+    else:
         skipped.append("dicom segmentation: no flag threshold (none calibrated for these settings; pass a flag threshold)")
         return
-    masks = kl_maps > threshold
     if not masks.any():
-        skipped.append(f"dicom segmentation: no patch above the flag threshold {threshold:.4g} nats")
+        skipped.append(f"dicom segmentation: no patch above the flag threshold {limit:.4g} ({unit})")
         return
-    seg = segmentation(datasets, masks, threshold=threshold, patch=int(case.slices[0].row.get("patch") or 0),
+    seg = segmentation(datasets, masks, rule=rule, threshold=limit, patch=int(case.slices[0].row.get("patch") or 0),
                        prior_sha256=str(job.results.prior.get("sha256", "")))
     save("dicom/segmentation.dcm", lambda f: _save_dicom(job, seg, f))
 
@@ -404,7 +430,7 @@ def _report_context(job: _Job, case: CaseEntry, patient: str, flagged: set[int])
         case=case, patient=patient, flagged_slices=flagged, threshold=job.threshold, threshold_source=job.threshold_source,
         note=job.notes.get(case.name, ""), settings=job.results.settings, prior=job.results.prior,
         analysis_version=str(summary.get("klviewer_version", "unknown")), analysis_date=str(summary.get("created", "unknown")),
-        export_date=job.date,
+        export_date=job.date, z_threshold=job.z_threshold,
     )
 
 

@@ -43,6 +43,8 @@ class ReportContext:
     analysis_version: str
     analysis_date: str
     export_date: str
+    z_threshold: float | None = None
+    """Set when the flags came from KL z-scores against the prior's healthy reference."""
 
     @property
     def flagged(self) -> bool:
@@ -66,9 +68,18 @@ def report_sections(ctx: ReportContext) -> list[tuple[str, list[str]]]:
         note = note[:MAX_NOTE_LINES - 1] + ["... (the full note is in cases.json)"]
     views = ("as measured (sinogram input)" if ctx.case.source_kind == "sinogram"
              else f"{s.get('views')} simulated parallel-beam views over 180 deg")
+    flag = f"Flag: {'FLAGGED' if ctx.flagged else 'not flagged'}   "
+    if ctx.z_threshold is not None:
+        flag += f"KL z-score threshold {ctx.z_threshold:.4g} (prior's healthy reference)"
+        z_scores = [x.row.get("z_score") for x in ctx.case.slices]
+        largest = max((float(z) for z in z_scores if z is not None), default=None)
+        if largest is not None:
+            flag += f", largest slice z-score {largest:.4g}"
+    else:
+        flag += f"threshold {_nats(ctx.threshold)} ({ctx.threshold_source})"
     return [
         ("Result", [
-            f"Flag: {'FLAGGED' if ctx.flagged else 'not flagged'}   threshold {_nats(ctx.threshold)} ({ctx.threshold_source})",
+            flag,
             f"Score (largest patch KL): {_nats(top.score)}   on slice {top.slice_index}",
             f"Total KL of that slice: {_nats(top.total_kl)}",
             f"Slices analysed: {len(ctx.case.slices)}, flagged: {len(flagged_indices)}",

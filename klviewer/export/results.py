@@ -93,6 +93,16 @@ class ResultsFolder:
             return float(calibrated), "prior calibration"
         return None, "none (no calibrated threshold for these settings)"
 
+    @property
+    def z_threshold(self) -> float | None:
+        """The KL z-score threshold the analysis flagged with; None when it flagged by nats."""
+        if self.summary.get("flag_rule") != "z" or self.summary.get("z_threshold") is None:
+            return None
+        try:
+            return float(self.summary["z_threshold"])
+        except (TypeError, ValueError) as exc:
+            raise KlviewerInputError(self.path / SUMMARY_FILE, f"z_threshold is not a number ({exc})") from exc
+
     def case(self, name: str) -> CaseEntry:
         for case in self.cases:
             if case.name == name:

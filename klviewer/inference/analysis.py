@@ -22,6 +22,7 @@ import torch
 from klviewer import __version__
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.energy import EnergyField, KLMap
+from klviewer.inference.healthy_reference import ZCalibration
 from klviewer.inference.likelihood import MeasurementModel
 from klviewer.inference.sampler import PosteriorRun, SamplerSettings, posterior_sample
 from klviewer.io.safe_write import atomic_write
@@ -77,6 +78,15 @@ class AnalysisSettings:
         return cls(**d)
 
 
+MAP_ONLY_KEYS = ("patch", "sigma_window", "flag_threshold")
+
+
+def sampling_key(settings: AnalysisSettings) -> tuple[tuple[str, Any], ...]:
+    """The settings that need a new sampling run when they change."""
+    d = settings.to_dict()
+    return tuple(sorted((k, v if not isinstance(v, list) else tuple(v)) for k, v in d.items() if k not in MAP_ONLY_KEYS))
+
+
 @dataclass
 class PreparedSlice:
     """A slice on the prior's grid, with its measurement, ready to sample."""
@@ -111,6 +121,23 @@ class SliceResult:
     seconds: float
     original_hu: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
+    z_map: KLMap | None = None
+    """KL z-score per patch against healthy patches with the same edge content (see
+    `healthy_reference`); None without a healthy reference calibrated for these settings."""
+    z_threshold: float | None = None
+
+    @property
+    def z_score(self) -> float | None:
+        """The slice's KL z-score: its most unusual patch (None when no patch touches the body)."""
+        if self.z_map is None or not np.isfinite(self.z_map.score):
+            return None
+        return self.z_map.score
+
+    @property
+    def flag_rule(self) -> str | None:
+        """What `flagged` compares: "z" (KL z-score against the healthy reference's threshold),
+        "nats" (largest patch KL against a threshold in nats), or None (nothing to compare with)."""
+        return flag_rule(self.flag_threshold, self.z_threshold, self.settings.flag_threshold)
 
     def save_npz(self, path: Path, overwrite: bool = False) -> Path:
         """Write atomically; an existing file is kept unless `overwrite`."""
@@ -130,6 +157,9 @@ class SliceResult:
         }
         if self.original_hu is not None:
             arrays["original_hu"] = self.original_hu
+        if self.z_map is not None:
+            # Patches off the body have no z-score: NaN in the file, -inf in memory (so max() skips them).
+            arrays["kl_z_map"] = np.where(np.isfinite(self.z_map.values), self.z_map.values, np.nan).astype(np.float32)
         return atomic_write(path, lambda f: np.savez_compressed(f, **arrays), overwrite=overwrite)
 
     def metadata(self) -> dict[str, Any]:
@@ -149,7 +179,24 @@ class SliceResult:
             "samples": self.energy.samples,
             "seconds": self.seconds,
             "notes": self.notes,
+            "z_score": self.z_score,
+            "z_threshold": self.z_threshold,
+            "flag_rule": self.flag_rule,
         }
+
+
+def recut(result: SliceResult, settings: AnalysisSettings) -> SliceResult:
+    """`result` under `settings`, which may differ from its own only in map settings: the KL map,
+    score and total are cut again from the energy field, without sampling. KL z-scores stay only
+    while patch and sigma window are unchanged, because their reference holds for those alone;
+    the flag is left for the caller to decide."""
+    if sampling_key(settings) != sampling_key(result.settings):
+        raise KlviewerInputError(None, "only map settings (patch, sigma window, flag threshold) can change without sampling")
+    kl_map = result.energy.kl_map(settings.patch, settings.sigma_window)
+    z = result.z_map
+    keep_z = z is not None and z.patch == kl_map.patch and tuple(z.sigma_window) == tuple(kl_map.sigma_window)
+    return dataclasses.replace(result, settings=settings, kl_map=kl_map, score=kl_map.score, total_kl=kl_map.total,
+                               z_map=z if keep_z else None, z_threshold=result.z_threshold if keep_z else None)
 
 
 def load_slice_result(path: Path) -> SliceResult:
@@ -164,6 +211,12 @@ def load_slice_result(path: Path) -> SliceResult:
             col_starts=arrays["kl_map_col_starts"], patch=int(meta["patch"]), stride=int(meta["stride"]),
             image_shape=energy.image_shape, sigma_window=tuple(meta["sigma_window"]),
         )
+        z_map = None
+        if "kl_z_map" in arrays:
+            z = arrays["kl_z_map"].astype(np.float64)
+            z_map = dataclasses.replace(kl_map, values=np.where(np.isnan(z), -np.inf, z))
+            if z_map.values.shape != kl_map.values.shape:
+                raise ValueError(f"kl_z_map {z_map.values.shape} does not match kl_map {kl_map.values.shape}")
         return SliceResult(
             recon_hu=arrays["recon_hu"], posterior_std_hu=arrays["posterior_std_hu"], fbp_hu=arrays["fbp_hu"],
             residual_backprojection=arrays["residual_backprojection"], energy=energy, kl_map=kl_map,
@@ -172,11 +225,33 @@ def load_slice_result(path: Path) -> SliceResult:
             flag_threshold=meta["flag_threshold"], pixel_spacing_mm=float(meta["pixel_spacing_mm"]),
             settings=AnalysisSettings.from_dict(meta["settings"]), prior_name=str(meta["prior"]),
             seconds=float(meta["seconds"]), original_hu=arrays.get("original_hu"), notes=list(meta["notes"]),
+            z_map=z_map, z_threshold=None if meta.get("z_threshold") is None else float(meta["z_threshold"]),
         )
     except KlviewerInputError:
         raise
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
         raise KlviewerInputError(path, f"not a readable klviewer slice result ({exc})") from exc
+
+
+def flag_rule(flag_threshold: float | None, z_threshold: float | None, forced_nats: float | None) -> str | None:
+    """The one flagging rule of every caller (see SliceResult.flag_rule).
+
+    The KL z-score rule wins whenever the prior has a healthy reference for the settings: on
+    lesion phantoms the largest patch KL does not separate healthy from lesion slices, because
+    healthy anatomy carries as much KL (see docs/detection.md). A threshold in nats that the
+    user sets forces the nats rule.
+    """
+    if forced_nats is None and z_threshold is not None:
+        return "z"
+    return "nats" if flag_threshold is not None else None
+
+
+def is_flagged(score: float, flag_threshold: float | None, z_score: float | None, z_threshold: float | None,
+               forced_nats: float | None = None) -> bool:
+    rule = flag_rule(flag_threshold, z_threshold, forced_nats)
+    if rule == "z":
+        return z_score is not None and z_score > z_threshold
+    return rule == "nats" and score > flag_threshold
 
 
 def _resampled(hu: np.ndarray, size: tuple[int, int], spacing: float, notes: list[str]) -> tuple[np.ndarray, float]:
@@ -252,9 +327,12 @@ def analyze_prepared(
     *,
     prior_name: str,
     flag_threshold: float | None,
+    z_calibration: ZCalibration | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> SliceResult:
+    """Sample the posterior of one prepared slice and cut its maps; `z_calibration` (the
+    prior's healthy reference for these settings) adds the KL z-score map."""
     start = time.perf_counter()
     acq = prepared.acquisition
     model = ct_measurement_model(acq, prior)
@@ -266,8 +344,11 @@ def analyze_prepared(
     kl_map = run.energy.kl_map(settings.patch, settings.sigma_window)
     score = kl_map.score
     threshold = settings.flag_threshold if settings.flag_threshold is not None else flag_threshold
-    return SliceResult(
-        recon_hu=np.asarray(prior.x_to_hu(run.mean), np.float32),
+    recon_hu = np.asarray(prior.x_to_hu(run.mean), np.float32)
+    z_map = None if z_calibration is None else z_calibration.reference.z_map(run.energy, recon_hu)
+    z_threshold = None if z_calibration is None else z_calibration.threshold
+    result = SliceResult(
+        recon_hu=recon_hu,
         posterior_std_hu=np.asarray(run.std * abs(prior.config.hu_scale), np.float32),
         fbp_hu=mu_to_hu_image(fbp, acq.mu_water_per_mm),
         residual_backprojection=residual,
@@ -276,7 +357,7 @@ def analyze_prepared(
         score=score,
         total_kl=kl_map.total,
         total_kl_all_sigma=run.energy.total(),
-        flagged=bool(threshold is not None and score > threshold),
+        flagged=False,
         flag_threshold=threshold,
         pixel_spacing_mm=prepared.pixel_spacing_mm,
         settings=settings,
@@ -284,5 +365,9 @@ def analyze_prepared(
         seconds=time.perf_counter() - start,
         original_hu=prepared.original_hu,
         notes=prepared.notes + run.notes,
+        z_map=z_map,
+        z_threshold=z_threshold,
     )
+    result.flagged = is_flagged(score, threshold, result.z_score, z_threshold, settings.flag_threshold)
+    return result
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from klviewer.errors import KlviewerError, KlviewerInputError
 from klviewer.inference.analysis import AnalysisSettings
+from klviewer.inference.healthy_reference import HealthyReference, ZCalibration
 from klviewer.io.safe_write import atomic_write_text
 from klviewer.priors.checkpoint import prior_fingerprint
 
@@ -51,14 +52,40 @@ def current_calibrations(prior_path: Path) -> list[dict[str, Any]]:
     return [e for e in entries if e.get("prior_sha256", fingerprint) == fingerprint]
 
 
+def _entry_for(prior_path: Path, settings: AnalysisSettings) -> dict[str, Any] | None:
+    key = calibration_key(settings)
+    return next((e for e in current_calibrations(prior_path) if e.get("settings") == key), None)
+
+
 def flag_threshold_for(prior_path: Path, settings: AnalysisSettings) -> float | None:
     """The calibrated threshold for these settings, or None when there is none."""
-    key = calibration_key(settings)
-    for entry in current_calibrations(prior_path):
-        if entry.get("settings") == key:
-            return float(entry["threshold"])
-    return None
+    entry = _entry_for(prior_path, settings)
+    return None if entry is None else float(entry["threshold"])
 
+
+def z_calibration_for(prior_path: Path, settings: AnalysisSettings) -> ZCalibration | None:
+    """The healthy reference and z threshold for these settings, or None when they were not calibrated."""
+    entry = _entry_for(prior_path, settings)
+    return None if entry is None else z_calibration_of(entry, prior_path / CALIBRATION_FILE)
+
+
+def z_calibration_of(entry: dict[str, Any], source: Path) -> ZCalibration | None:
+    """An entry's healthy reference and z threshold (None when it has none), checked against the
+    settings it is stored under, because anyone may have edited the file."""
+    if "healthy_reference" not in entry:
+        return None
+    doc = entry["healthy_reference"]
+    try:
+        threshold = float(doc["z_threshold"])
+        patch, window = entry["settings"]["patch"], entry["settings"]["sigma_window"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise KlviewerInputError(source, f"healthy reference without a usable z_threshold or settings ({exc})") from exc
+    reference = HealthyReference.from_dict(doc, source)
+    stored = None if window is None else tuple(float(v) for v in window)
+    if reference.patch != patch or reference.sigma_window != stored:
+        raise KlviewerInputError(source, f"healthy reference was fitted for patch {reference.patch} and window "
+                                         f"{reference.sigma_window}, but is stored under patch {patch}, window {window}")
+    return ZCalibration(reference, threshold)
 
 
 def write_calibration(prior_path: Path, entry: dict[str, Any], overwrite: bool = False) -> Path:

@@ -27,7 +27,7 @@ from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerInputError
 from klviewer.evaluation.metrics import psnr_hu, ssim_hu
 from klviewer.inference.analysis import AnalysisSettings, PreparedSlice, SliceResult, analyze_prepared, ct_measurement_model
-from klviewer.inference.calibration import flag_threshold_for
+from klviewer.inference.calibration import flag_threshold_for, z_calibration_for
 from klviewer.inference.measurements import collect_measurements
 from klviewer.inference.runner import check_output_folder
 from klviewer.inference.shift_kl.core import grid_differences
@@ -157,6 +157,7 @@ def compare_priors(
         if role in priors:
             check_same_grid(priors["before"], priors[role], paths[role], role)
     thresholds = {side: flag_threshold_for(paths[side], settings) for side in SIDES}
+    z_calibrations = {side: z_calibration_for(paths[side], settings) for side in SIDES}
 
     measurements = collect_measurements(inputs, priors["before"], settings, slices=slices, device=device)
     per_slice = settings.steps * settings.samples
@@ -176,7 +177,8 @@ def compare_priors(
         results, metrics = {}, {}
         for side in SIDES:
             results[side] = analyze_prepared(measured.prepared, priors[side], settings, prior_name=paths[side].name,
-                                             flag_threshold=thresholds[side], progress=tick(done), cancel=cancel)
+                                             flag_threshold=thresholds[side], z_calibration=z_calibrations[side],
+                                             progress=tick(done), cancel=cancel)
             metrics[side] = slice_metrics(results[side], measured.prepared, priors[side])
             done += per_slice
         cases.append(CaseComparison(measured.case, measured.source, measured.index, results["before"],

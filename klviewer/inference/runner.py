@@ -23,15 +23,16 @@ import torch
 from klviewer import __version__
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerInputError
-from klviewer.inference.analysis import AnalysisSettings, SliceResult, analyze_prepared, prepare_slice
-from klviewer.inference.calibration import flag_threshold_for
+from klviewer.inference.analysis import AnalysisSettings, SliceResult, analyze_prepared, flag_rule, prepare_slice
+from klviewer.inference.calibration import flag_threshold_for, z_calibration_for
+from klviewer.inference.healthy_reference import ZCalibration
 from klviewer.inference.measurements import SeriesPlan, plan_series
 from klviewer.io.loader import open_images
 from klviewer.io.safe_write import OutputExistsError, atomic_write_text
 from klviewer.priors.checkpoint import DEFAULT_PRIOR, load_prior, prior_fingerprint, resolve_prior_path
 
 CSV_COLUMNS = [
-    "input", "case", "slice_index", "score", "total_kl", "flagged", "views", "dose_i0", "noise_sigma",
+    "input", "case", "slice_index", "score", "total_kl", "flagged", "z_score", "views", "dose_i0", "noise_sigma",
     "steps", "samples", "guidance", "patch", "sigma_lo", "sigma_hi", "seed", "prior", "seconds", "file",
     "source_kind", "series_uid", "source_file", "sop_instance_uid",
 ]
@@ -70,12 +71,14 @@ class LoadedPrior:
     device: torch.device
     threshold: float | None
     fingerprint: str
+    z_calibration: ZCalibration | None = None
 
     @classmethod
     def load(cls, prior: str | Path, settings: AnalysisSettings) -> "LoadedPrior":
         device = resolve_device(settings.device)
         path = resolve_prior_path(prior)
-        return cls(path, load_prior(path, device=device), device, flag_threshold_for(path, settings), prior_fingerprint(path))
+        return cls(path, load_prior(path, device=device), device, flag_threshold_for(path, settings), prior_fingerprint(path),
+                   z_calibration_for(path, settings))
 
 
 def run_analysis(
@@ -130,7 +133,8 @@ def analyze_plan(
                     progress(base + done, total)
 
             result = analyze_prepared(prepared, loaded.model, settings, prior_name=loaded.path.name,
-                                      flag_threshold=loaded.threshold, progress=slice_progress, cancel=cancel)
+                                      flag_threshold=loaded.threshold, z_calibration=loaded.z_calibration,
+                                      progress=slice_progress, cancel=cancel)
             done_before += steps_per_slice
             target = out / planned.case / f"{index:04d}.npz"
             result.save_npz(target, overwrite=overwrite)
@@ -139,7 +143,8 @@ def analyze_plan(
             run.rows.append(row)
             if on_slice is not None:
                 on_slice(row, result)
-    write_summary(run, settings, loaded.path, loaded.fingerprint, loaded.threshold, overwrite)
+    write_summary(run, settings, loaded.path, loaded.fingerprint, loaded.threshold, overwrite,
+                  None if loaded.z_calibration is None else loaded.z_calibration.threshold)
     return run
 
 
@@ -148,7 +153,9 @@ def summary_row(source: str, case: str, index: int, result: SliceResult, file: P
     lo, hi = result.kl_map.sigma_window
     return {
         "input": source, "case": case, "slice_index": index, "score": round(result.score, 6),
-        "total_kl": round(result.total_kl, 6), "flagged": result.flagged, "views": s.views,
+        "total_kl": round(result.total_kl, 6), "flagged": result.flagged,
+        "z_score": None if result.z_score is None else round(result.z_score, 6),
+        "views": s.views,
         "dose_i0": s.dose_i0, "noise_sigma": s.noise_sigma, "steps": s.steps, "samples": s.samples,
         "guidance": s.guidance, "patch": result.kl_map.patch, "sigma_lo": lo, "sigma_hi": hi, "seed": s.seed,
         "prior": result.prior_name, "seconds": round(result.seconds, 3), "file": str(file),
@@ -156,13 +163,15 @@ def summary_row(source: str, case: str, index: int, result: SliceResult, file: P
 
 
 def write_summary(run: AnalysisRun, settings: AnalysisSettings, prior_path: Path, fingerprint: str,
-                   threshold: float | None, overwrite: bool) -> None:
+                   threshold: float | None, overwrite: bool, z_threshold: float | None = None) -> None:
     summary = {
         "klviewer_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "prior": {"name": prior_path.name, "path": str(prior_path), "sha256": fingerprint},
         "settings": settings.to_dict(),
         "flag_threshold": threshold,
+        "z_threshold": z_threshold,
+        "flag_rule": flag_rule(threshold, z_threshold, settings.flag_threshold),
         "rows": run.rows,
         "skipped": run.skipped,
     }

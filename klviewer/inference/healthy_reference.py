@@ -1,0 +1,160 @@
+"""KL z-scores: how unusual a patch's KL is for healthy anatomy with the same structure in it.
+
+A healthy slice does not carry its KL evenly. Bowel gas and the edges of vessels and organs
+carry tens of times the KL of a liver lesion, because the prior cannot know where they lie
+until the measurement says so; the largest patch KL of a healthy slice is therefore as large
+as that of a slice with a lesion. A patch's KL says "out of distribution" only against healthy
+patches that hold the same kind of structure.
+
+The reference is fitted on healthy slices analysed with the same prior and settings. Its one
+covariate is a patch's edge energy in the reconstruction (the sum of squared HU gradients),
+binned at healthy quantiles; per bin it keeps the mean and spread of log patch KL. A patch's
+z-score is its log KL standardised by its bin, and a slice's z-score is its largest patch's.
+Only patches touching the body count, because air carries neither KL nor edges and would
+otherwise fill the smoothest bins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from klviewer.errors import KlviewerInputError
+from klviewer.inference.energy import EnergyField, KLMap, patch_sums
+
+BODY_HU = -500.0
+"""Reconstructed pixels above this, with the holes (bowel gas) filled, are the body."""
+KL_FLOOR = 1e-3
+"""Nats added before the log, so that a patch without KL has a finite z-score."""
+MIN_PATCHES_PER_BIN = 20
+
+
+@dataclass
+class HealthySlice:
+    """What the reference needs of one analysed healthy slice."""
+
+    energy: EnergyField
+    recon_hu: np.ndarray
+
+
+def body_mask(recon_hu: np.ndarray) -> np.ndarray:
+    return ndimage.binary_fill_holes(recon_hu > BODY_HU)
+
+
+def _patch_statistics(energy: EnergyField, recon_hu: np.ndarray, patch: int, sigma_window: tuple[float, float] | None,
+                      stride: int | None) -> tuple[KLMap, np.ndarray, np.ndarray]:
+    """(KL map, log edge energy per patch, which patches touch the body)."""
+    kl = energy.kl_map(patch, sigma_window, stride)
+    gy, gx = np.gradient(recon_hu.astype(np.float64))
+    edges = patch_sums(gy ** 2 + gx ** 2, patch, stride).values
+    inside = patch_sums(body_mask(recon_hu).astype(np.float64), patch, stride).values > 0
+    return kl, np.log1p(edges), inside
+
+
+@dataclass(frozen=True)
+class HealthyReference:
+    """Mean and spread of healthy log patch KL per edge-energy bin, for one patch size and sigma window."""
+
+    patch: int
+    sigma_window: tuple[float, float] | None
+    bin_edges: np.ndarray
+    """(bins - 1,) inner edges on log(1 + edge energy in HU^2)."""
+    mean: np.ndarray
+    """(bins,) mean log(KL + KL_FLOOR) of healthy patches in each bin."""
+    std: np.ndarray
+    n_slices: int
+
+    def z_map(self, energy: EnergyField, recon_hu: np.ndarray, stride: int | None = None) -> KLMap:
+        """Per-patch z-scores; patches off the body get -inf, so they never set the slice's score."""
+        kl, log_edges, inside = _patch_statistics(energy, recon_hu, self.patch, self.sigma_window, stride)
+        k = np.digitize(log_edges, self.bin_edges, right=True)
+        z = (np.log(kl.values + KL_FLOOR) - self.mean[k]) / self.std[k]
+        return KLMap(values=np.where(inside, z, -np.inf), row_starts=kl.row_starts, col_starts=kl.col_starts,
+                     patch=kl.patch, stride=kl.stride, image_shape=kl.image_shape, sigma_window=kl.sigma_window)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"patch": self.patch, "sigma_window": None if self.sigma_window is None else list(self.sigma_window),
+                "bin_edges": self.bin_edges.tolist(), "mean": self.mean.tolist(), "std": self.std.tolist(),
+                "n_slices": self.n_slices}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: Any = None) -> HealthyReference:
+        """Checked, because it is read from a calibration file anyone may have edited."""
+        try:
+            edges, mean, std = (np.asarray(d[k], dtype=np.float64) for k in ("bin_edges", "mean", "std"))
+            window = d["sigma_window"]
+            ref = cls(patch=int(d["patch"]), sigma_window=None if window is None else (float(window[0]), float(window[1])),
+                      bin_edges=edges, mean=mean, std=std, n_slices=int(d["n_slices"]))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise KlviewerInputError(source, f"unreadable healthy reference ({exc})") from exc
+        if (mean.ndim != 1 or mean.size < 1 or std.shape != mean.shape or edges.shape != (mean.size - 1,)
+                or not np.isfinite(np.concatenate([edges, mean, std])).all() or (std <= 0).any()
+                or (np.diff(edges) < 0).any() or ref.patch < 1):
+            raise KlviewerInputError(source, "healthy reference has inconsistent bins (need finite, sorted edges, "
+                                             "one mean and one positive spread per bin)")
+        return ref
+
+
+@dataclass(frozen=True)
+class ZCalibration:
+    """A prior's healthy reference for one set of settings, with the z-score that at most the
+    calibrated fraction of healthy slices exceed."""
+
+    reference: HealthyReference
+    threshold: float
+
+
+def fit_reference(slices: Sequence[HealthySlice], patch: int, sigma_window: tuple[float, float] | None,
+                  bins: int = 20) -> HealthyReference:
+    """Fit on healthy slices. Bins are healthy quantiles, merged down until each holds
+    MIN_PATCHES_PER_BIN patches, so no bin's spread rests on a handful of patches."""
+    log_kl, log_edges = [], []
+    for s in slices:
+        kl, edges, inside = _patch_statistics(s.energy, s.recon_hu, patch, sigma_window, None)
+        log_kl.append(np.log(kl.values[inside] + KL_FLOOR))
+        log_edges.append(edges[inside])
+    y, x = np.concatenate(log_kl) if log_kl else np.empty(0), np.concatenate(log_edges) if log_edges else np.empty(0)
+    bins = min(bins, x.size // MIN_PATCHES_PER_BIN)
+    if bins < 1:
+        raise KlviewerInputError(None, f"a healthy reference needs at least {MIN_PATCHES_PER_BIN} body patches, "
+                                       f"got {x.size}")
+    inner = np.unique(np.quantile(x, np.linspace(0, 1, bins + 1)[1:-1]))
+    # Closed on the right, so that many patches tied at one edge value (flat tissue) make a bin
+    # of their own instead of sharing one with the patches just above them.
+    k = np.digitize(x, inner, right=True)
+    counts = np.bincount(k, minlength=inner.size + 1)
+    mean = np.full(inner.size + 1, np.nan)
+    std = np.full(inner.size + 1, np.nan)
+    for j in np.flatnonzero(counts > 1):
+        mean[j], std[j] = y[k == j].mean(), y[k == j].std()
+    # A bin that ties left (nearly) empty borrows its nearest neighbour's statistics.
+    mean, std = _fill_empty(mean), _fill_empty(std)
+    return HealthyReference(patch, sigma_window, inner, mean, np.maximum(std, 1e-6), len(slices))
+
+
+def _fill_empty(values: np.ndarray) -> np.ndarray:
+    good = np.flatnonzero(np.isfinite(values))
+    nearest = good[np.abs(np.arange(values.size)[:, None] - good[None, :]).argmin(axis=1)]
+    return values[nearest]
+
+
+def cross_fitted_scores(slices: Sequence[HealthySlice], patch: int, sigma_window: tuple[float, float] | None,
+                        folds: int = 2) -> np.ndarray:
+    """Each healthy slice's z-score under a reference fitted without it.
+
+    Scored in-sample, the slices that set the bins would look more typical than new healthy
+    slices do, and a threshold taken from them would flag more than its false-positive rate.
+    """
+    if len(slices) < folds:
+        raise KlviewerInputError(None, f"cross-fitting needs at least {folds} healthy slices, got {len(slices)}")
+    scores = np.empty(len(slices))
+    fold_of = np.arange(len(slices)) % folds
+    for f in range(folds):
+        ref = fit_reference([s for s, g in zip(slices, fold_of) if g != f], patch, sigma_window)
+        for i in np.flatnonzero(fold_of == f):
+            scores[i] = ref.z_map(slices[i].energy, slices[i].recon_hu).score
+    return scores

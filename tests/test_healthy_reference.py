@@ -1,0 +1,242 @@
+"""KL z-scores against a healthy reference: the statistic, its calibration, and where it shows up."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY_PRIOR_SIZE
+
+from klviewer.errors import KlviewerInputError
+from klviewer.evaluation.calibrate import calibrate_prior
+from klviewer.evaluation.detection import DetectionCase
+from klviewer.inference.analysis import AnalysisSettings, load_slice_result
+from klviewer.inference.calibration import CALIBRATION_FILE, z_calibration_for
+from klviewer.inference.energy import EnergyField
+from klviewer.inference.healthy_reference import (
+    MIN_PATCHES_PER_BIN,
+    HealthyReference,
+    HealthySlice,
+    cross_fitted_scores,
+    fit_reference,
+)
+from klviewer.inference.runner import CSV_COLUMNS, run_analysis
+from klviewer.phantoms import make_phantom
+
+SIZE = 64
+PATCH = 4
+EDGES = np.array([0.001, 1.0, 10.0])
+
+
+def _anatomy(rng: np.random.Generator) -> np.ndarray:
+    """A body disc of soft tissue with random sharp-edged gas pockets, in HU."""
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    hu = np.where((yy - 32) ** 2 + (xx - 32) ** 2 < 28 ** 2, 40.0, -1000.0)
+    for _ in range(4):
+        r, c = rng.integers(14, 50, 2)
+        hu[r - 3:r + 3, c - 3:c + 3] = -1000.0
+    return hu
+
+
+def _slice(seed: int, lesion: bool = False) -> HealthySlice:
+    """Energy that follows the edges of the reconstruction, as healthy anatomy's does, plus noise;
+    a lesion adds energy in smooth tissue, far less than an edge carries."""
+    rng = np.random.default_rng(seed)
+    hu = _anatomy(rng)
+    gy, gx = np.gradient(hu)
+    energy = 1e-4 * (gy ** 2 + gx ** 2) * rng.lognormal(0, 0.3, hu.shape) + 0.01 * rng.lognormal(0, 0.3, hu.shape)
+    if lesion:
+        energy[40:44, 20:24] += 2.0
+        hu[40:44, 20:24] = 40.0  # the reconstruction shows no edge there: the prior smoothed it away
+    return HealthySlice(EnergyField(np.stack([energy, energy]).astype(np.float32), EDGES), hu.astype(np.float32))
+
+
+def test_z_score_finds_a_lesion_that_raw_kl_ranks_below_healthy_edges() -> None:
+    healthy = [_slice(s) for s in range(12)]
+    ref = fit_reference(healthy, PATCH, None)
+    sick = _slice(100, lesion=True)
+    raw = sick.energy.kl_map(PATCH)
+    assert raw.values[10, 5] < raw.score, "the lesion's KL is below the largest edge patch"
+    z = ref.z_map(sick.energy, sick.recon_hu)
+    assert np.unravel_index(np.argmax(z.values), z.values.shape) == (10, 5)
+    fresh = [_slice(s) for s in range(200, 220)]
+    assert z.score > 2 * max(ref.z_map(h.energy, h.recon_hu).score for h in fresh)
+    assert raw.score < max(h.energy.kl_map(PATCH).score for h in fresh), "by raw KL the lesion slice looks healthy"
+
+    # Air patches have no z-score and never set the slice's.
+    corner = z.values[0, 0]
+    assert corner == -np.inf and np.isfinite(z.values[8, 8])
+
+
+def test_bins_hold_enough_patches_and_cross_fitting_scores_each_slice_out_of_sample() -> None:
+    healthy = [_slice(s) for s in range(6)]
+    ref = fit_reference(healthy, PATCH, None, bins=50)
+    body = sum(int(np.isfinite(ref.z_map(h.energy, h.recon_hu).values).sum()) for h in healthy)
+    assert ref.mean.size <= body // MIN_PATCHES_PER_BIN and ref.bin_edges.size == ref.mean.size - 1
+    assert (np.diff(ref.bin_edges) > 0).all() and (ref.std > 0).all()
+    with pytest.raises(KlviewerInputError, match="at least"):
+        fit_reference(healthy[:1], 32, None)
+
+    # A healthy-looking outlier: in-sample it shapes its own bins and looks more typical.
+    odd = _slice(7)
+    odd.energy.energy[:, 30:34, 30:34] *= 50
+    pool = healthy + [odd]
+    in_sample = fit_reference(pool, PATCH, None).z_map(odd.energy, odd.recon_hu).score
+    assert cross_fitted_scores(pool, PATCH, None)[-1] > in_sample
+
+
+def test_reference_round_trips_and_refuses_malformed_files() -> None:
+    ref = fit_reference([_slice(s) for s in range(4)], PATCH, (0.01, 5.0))
+    again = HealthyReference.from_dict(json.loads(json.dumps(ref.to_dict())), "x.json")
+    assert again.sigma_window == (0.01, 5.0) and np.array_equal(again.mean, ref.mean)
+    good = ref.to_dict()
+    for broken in ({**good, "std": [-1.0] * len(good["std"])}, {**good, "bin_edges": good["bin_edges"][::-1] + [0.0]},
+                   {k: v for k, v in good.items() if k != "mean"}, {**good, "mean": "high"}):
+        with pytest.raises(KlviewerInputError, match="x.json"):
+            HealthyReference.from_dict(broken, "x.json")
+
+
+def test_calibrate_stores_the_reference_and_analyze_writes_z_scores(tiny_prior: Path, tmp_path: Path) -> None:
+    prior = tmp_path / "prior"
+    shutil.copytree(tiny_prior, prior)
+    settings = AnalysisSettings(views=12, steps=4, patch=4, device="cpu")
+    cal = calibrate_prior(prior, settings, n=6, fpr=0.2)
+    entry = cal.entry["healthy_reference"]
+    assert cal.z_scores is not None and cal.z_scores.shape == (6,)
+    assert cal.z_threshold == entry["z_threshold"] == np.sort(cal.z_scores)[-2]
+    loaded = z_calibration_for(prior, settings)
+    assert loaded is not None and loaded.threshold == cal.z_threshold and loaded.reference.patch == 4
+    assert z_calibration_for(prior, AnalysisSettings(views=12, steps=4, patch=8)) is None
+    assert "healthy_reference" not in calibrate_prior(prior, AnalysisSettings(views=12, steps=4, patch=8), n=2).entry
+
+    (tmp_path / "inputs").mkdir()
+    np.save(tmp_path / "inputs" / "in.npy", make_phantom("lesion", TINY_PRIOR_SIZE, seed=3).hu)
+    run = run_analysis([tmp_path / "inputs" / "in.npy"], tmp_path / "out", settings, prior=prior)
+    row = run.rows[0]
+    result = load_slice_result(run.out / row["file"])
+    expected = loaded.reference.z_map(result.energy, result.recon_hu)
+    np.testing.assert_allclose(result.z_map.values, expected.values, rtol=1e-5)
+    assert row["z_score"] == pytest.approx(expected.score, rel=1e-5)
+    assert result.flag_rule == "z" and row["flagged"] == (expected.score > cal.z_threshold) == result.flagged
+    with open(run.out / "summary.csv") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == CSV_COLUMNS and float(table[0]["z_score"]) == pytest.approx(row["z_score"])
+    assert json.loads((run.out / "summary.json").read_text())["z_threshold"] == cal.z_threshold
+
+    # The file anyone may edit: a broken reference is refused with the file named.
+    doc = json.loads((prior / CALIBRATION_FILE).read_text())
+    doc["calibrations"][0]["healthy_reference"]["mean"] = []
+    (prior / CALIBRATION_FILE).write_text(json.dumps(doc))
+    with pytest.raises(KlviewerInputError, match=CALIBRATION_FILE):
+        z_calibration_for(prior, settings)
+
+
+def test_detection_report_scores_klip_z_against_reference_cases() -> None:
+    from klviewer.evaluation.report import SWEEP_PATCHES, SWEEP_WINDOWS, evaluate, markdown
+    from klviewer.inference.analysis import SliceResult
+
+    def case(kind: str, s: HealthySlice, seed: int) -> DetectionCase:
+        ood = np.zeros((SIZE, SIZE), bool)
+        if kind == "lesion":
+            ood[40:44, 20:24] = True
+        zero = np.zeros((SIZE, SIZE), np.float32)
+        result = SliceResult(recon_hu=s.recon_hu, posterior_std_hu=zero, fbp_hu=zero, residual_backprojection=zero,
+                             energy=s.energy, kl_map=s.energy.kl_map(PATCH), score=0.0, total_kl=0.0,
+                             total_kl_all_sigma=0.0, flagged=False, flag_threshold=None, pixel_spacing_mm=1.0,
+                             settings=AnalysisSettings(), prior_name="x", seconds=0.0)
+        return DetectionCase(kind, seed, s.recon_hu > -500, ood, s.recon_hu + 10.0, result)
+
+    cases = [case("healthy", _slice(s), s) for s in range(20, 24)] + [case("lesion", _slice(s, True), s) for s in range(30, 34)]
+    reference = [case("healthy", _slice(s), s) for s in range(12)]
+    settings = AnalysisSettings(patch=PATCH, sigma_window=None)
+    report = evaluate(cases, settings, reference)
+    assert list(report.scores)[:2] == ["klip", "klip_z"]
+    assert report.scores["klip_z"].dataset_auroc == 1.0 > report.scores["klip"].dataset_auroc
+    assert len(report.sweep) == len(SWEEP_PATCHES) * len(SWEEP_WINDOWS) and "z_dataset_auroc" in report.sweep[0]
+    meta = {"command": "t", "prior": "x", "n_id": 4, "n_ood": 4, "n_reference": 12, "ood_kind": "lesion",
+            "size": SIZE, "device": "cpu"}
+    text = markdown(report, settings, meta)
+    assert "| klip_z |" in text and "12 other healthy" in text and "klip_z localisation AUROC" in text
+    assert "klip_z" not in evaluate(cases, settings).scores
+
+
+def test_the_app_flags_and_outlines_by_z_only_at_the_reference_settings(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from klviewer.app.display import MapSettings, overlay_frame, with_result_z
+    from klviewer.app.session import FlagThresholds
+    from klviewer.app.session_results import as_shown
+    from klviewer.inference.analysis import SliceResult
+    from klviewer.inference.calibration import calibration_key
+
+    settings = AnalysisSettings(patch=PATCH, sigma_window=(0.01, 5.0))
+    ref = fit_reference([_slice(s) for s in range(12)], PATCH, (0.01, 5.0))
+    sick = _slice(100, lesion=True)
+    raw_score = sick.energy.kl_map(PATCH, (0.01, 5.0)).score
+    entry = {"settings": calibration_key(settings), "threshold": 10 * raw_score,
+             "healthy_reference": {**ref.to_dict(), "z_threshold": 6.0}}
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps({"calibrations": [entry]}))
+    thresholds = FlagThresholds()
+    z = thresholds.z_calibration(tmp_path, settings, PATCH, (0.01, 5.0))
+    assert z is not None and z.threshold == 6.0
+    assert thresholds.z_calibration(tmp_path, settings, 8, (0.01, 5.0)) is None
+    assert thresholds.z_calibration(tmp_path, replace(settings, flag_threshold=1.0), PATCH, (0.01, 5.0)) is None
+
+    map_settings = MapSettings(patch=PATCH, sigma_window=(0.01, 5.0))
+    by_nats = overlay_frame(sick.energy, map_settings, entry["threshold"])
+    assert not by_nats.flagged and not by_nats.boxes
+    by_z = overlay_frame(sick.energy, map_settings, entry["threshold"], (z, sick.recon_hu))
+    assert by_z.flagged and by_z.boxes == [(40, 44, 20, 24)], "the lesion patch alone is outlined"
+
+    zero = np.zeros((SIZE, SIZE), np.float32)
+    result = SliceResult(recon_hu=sick.recon_hu, posterior_std_hu=zero, fbp_hu=zero, residual_backprojection=zero,
+                         energy=sick.energy, kl_map=sick.energy.kl_map(PATCH, (0.01, 5.0)), score=raw_score, total_kl=0.0,
+                         total_kl_all_sigma=0.0, flagged=True, flag_threshold=None, pixel_spacing_mm=1.0,
+                         settings=settings, prior_name="x", seconds=0.0, z_map=by_z.z_map, z_threshold=6.0)
+    assert as_shown(result, map_settings, True, None).z_map is by_z.z_map
+    compared = with_result_z(by_nats, result)  # a comparison side: its own z-scores, no reference at hand
+    assert compared.flagged and compared.boxes == by_z.boxes
+    assert with_result_z(overlay_frame(sick.energy, replace(map_settings, patch=8), None), result).z_map is None
+    moved = as_shown(result, replace(map_settings, patch=8), True, None)
+    assert moved.z_map is None and moved.z_threshold is None, "z-scores only hold at the reference's patch and window"
+
+
+def test_export_follows_the_z_rule_when_the_analysis_flagged_by_it(tiny_prior: Path, tmp_path: Path) -> None:
+    import highdicom as hd
+    from export_fixtures import SETTINGS, phantom_stack
+
+    from klviewer.export import export_results
+    from klviewer.export.geometry import to_source_grid
+    from klviewer.io.dicom_write import write_ct_series
+
+    prior = tmp_path / "prior"
+    shutil.copytree(tiny_prior, prior)
+    calibrate_prior(prior, SETTINGS, n=4, fpr=0.0)
+    write_ct_series(phantom_stack(2, TINY_PRIOR_SIZE, 50), tmp_path / "src", pixel_spacing_mm=12.0, patient_id="P-1",
+                    patient_name="Z^Test", series_description="z", series_number=2, slice_thickness_mm=5.0,
+                    study_description="z test")
+    first = run_analysis([tmp_path / "src"], tmp_path / "first", SETTINGS, prior=prior)
+    z_scores = sorted(r["z_score"] for r in first.rows)
+    # Put the z threshold between the two slices' z-scores, so that exactly one is flagged.
+    doc = json.loads((prior / CALIBRATION_FILE).read_text())
+    doc["calibrations"][0]["healthy_reference"]["z_threshold"] = sum(z_scores) / 2
+    (prior / CALIBRATION_FILE).write_text(json.dumps(doc))
+    run = run_analysis([tmp_path / "src"], tmp_path / "results", SETTINGS, prior=prior)
+    summary = json.loads((run.out / "summary.json").read_text())
+    assert summary["flag_rule"] == "z" and [r["flagged"] for r in run.rows].count(True) == 1
+
+    report = export_results(run.out, tmp_path / "export", formats=("dicom", "pdf"))
+    case = run.rows[0]["case"]
+    seg = hd.seg.segread(report.out / case / "dicom" / "segmentation.dcm")
+    assert "z-score" in seg.ContentDescription
+    masks = seg.get_pixels_by_source_instance([r["sop_instance_uid"] for r in run.rows],
+                                              assert_missing_frames_are_empty=True)[..., 0]
+    for mask, row in zip(masks, run.rows):
+        result = load_slice_result(run.out / row["file"])
+        expected = to_source_grid(result.z_map.to_pixels() > summary["z_threshold"], mask.shape)
+        np.testing.assert_array_equal(mask.astype(bool), expected)
+        assert expected.any() == row["flagged"]

@@ -14,6 +14,7 @@ from klviewer.cli_options import add_analysis_options, non_negative_int, positiv
 from klviewer.errors import KlviewerError
 
 PHANTOM_KINDS = ("healthy", "lesion", "metal", "shift", "mixed")
+DEFAULT_CALIBRATION_SLICES = 20
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -77,11 +78,22 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     from klviewer.evaluation.calibrate import calibrate_prior
 
-    with tqdm(total=args.n, unit="slice", file=sys.stderr, dynamic_ncols=True) as bar:
+    if args.healthy and args.n is not None:
+        raise KlviewerError("-n counts healthy phantoms; with --healthy every picked slice of the studies is scored")
+    if args.slices != "all" and not args.healthy:
+        raise KlviewerError("--slices picks slices of the --healthy studies; phantoms are counted with -n")
+    n = DEFAULT_CALIBRATION_SLICES if args.n is None else args.n
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    with tqdm(total=n, unit="slice", file=sys.stderr, dynamic_ncols=True) as bar:
         cal = calibrate_prior(
-            args.prior, settings_from_args(args), n=args.n, fpr=args.fpr, seed=args.seed,
+            args.prior, settings_from_args(args), n=n, fpr=args.fpr, seed=args.seed,
             cache=Path(args.cache) if args.cache else None, write=not args.dry_run, overwrite=args.overwrite,
-            command="klviewer " + " ".join(sys.argv[1:]), progress=lambda d, t: bar.update(d - bar.n),
+            command="klviewer " + " ".join(sys.argv[1:]), progress=progress,
+            healthy=args.healthy, slices=args.slices,
         )
     s = cal.entry["healthy_scores"]
     print(f"healthy scores (nats): min {s['min']:.4g}, median {s['median']:.4g}, max {s['max']:.4g} over {cal.scores.size} slices")
@@ -178,8 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_analysis_options(det)
     det.set_defaults(func=_cmd_evaluate_detect)
 
-    cal = sub.add_parser("calibrate", help="set a prior's flag thresholds and KL z-score reference from held-out healthy phantoms (calibration.json)")
-    cal.add_argument("-n", type=positive_int, default=20, help="healthy phantoms to score (default 20)")
+    cal = sub.add_parser("calibrate", help="set a prior's flag thresholds and KL z-score reference from held-out healthy "
+                                           "phantoms or healthy studies (calibration.json)")
+    cal.add_argument("-n", type=positive_int, help=f"healthy phantoms to score (default {DEFAULT_CALIBRATION_SLICES})")
+    cal.add_argument("--healthy", nargs="+", metavar="INPUT",
+                     help="score these healthy studies (DICOM, arrays or sinograms) instead of phantoms")
+    cal.add_argument("--slices", default="all", help="with --healthy: 'all', 'mid', or 0-based indices like 0,3,5-7")
     cal.add_argument("--fpr", type=float, default=0.05, help="false-positive rate allowed on them (default 0.05)")
     cal.add_argument("--cache", help="folder keeping per-slice results, so re-runs skip sampling")
     cal.add_argument("--overwrite", action="store_true", help="replace the threshold already stored for these settings")

@@ -240,3 +240,28 @@ def test_export_follows_the_z_rule_when_the_analysis_flagged_by_it(tiny_prior: P
         expected = to_source_grid(result.z_map.to_pixels() > summary["z_threshold"], mask.shape)
         np.testing.assert_array_equal(mask.astype(bool), expected)
         assert expected.any() == row["flagged"]
+
+
+def test_calibrate_on_healthy_studies_instead_of_phantoms(tiny_prior: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    from klviewer.cli import main
+
+    prior = tmp_path / "prior"
+    shutil.copytree(tiny_prior, prior)
+    (tmp_path / "healthy").mkdir()
+    stack = np.stack([make_phantom("healthy", TINY_PRIOR_SIZE, seed=s).hu for s in range(5)])
+    np.save(tmp_path / "healthy" / "stack.npy", stack)
+    options = ["--prior", str(prior), "--steps", "3", "--views", "8", "--patch", "4"]
+    assert main(["calibrate", *options, "--healthy", str(tmp_path / "healthy"), "--slices", "0-3"]) == 0
+    assert "KL z-score threshold" in capsys.readouterr().out
+    entry = json.loads((prior / CALIBRATION_FILE).read_text())["calibrations"][0]
+    assert entry["n_healthy"] == 4 and entry["healthy_slices"] == "0-3" and "phantom_seeds" not in entry
+    assert entry["healthy_inputs"] == [str((tmp_path / "healthy").resolve())]
+    assert entry["healthy_reference"]["n_slices"] == 4
+    assert z_calibration_for(prior, AnalysisSettings(steps=4, views=8, patch=4)) is None, "steps are part of the key"
+    assert z_calibration_for(prior, AnalysisSettings(steps=3, views=8, patch=4)) is not None
+
+    for refused in (["-n", "5"], ["--cache", str(tmp_path / "c")]):
+        assert main(["calibrate", *options, "--healthy", str(tmp_path / "healthy"), "--dry-run", *refused]) == 2
+    assert main(["calibrate", *options, "--slices", "0", "--dry-run"]) == 2
+    assert "--slices picks slices" in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """`klviewer calibrate`: flag thresholds for one prior and one set of analysis settings.
 
-The threshold is the score that at most a fraction `fpr` of held-out healthy phantoms exceed.
-Healthy slices come from their own seed range (CALIBRATION_SEED_BASE), so they overlap neither
-the training pool nor the detection benchmark.
+The threshold is the score that at most a fraction `fpr` of held-out healthy slices exceed.
+By default they are phantoms from their own seed range (CALIBRATION_SEED_BASE), so they overlap
+neither the training pool nor the detection benchmark. For real data, `healthy` names studies
+the user vouches for as healthy; every picked slice of them is scored instead.
 
 The same slices fit the healthy reference behind KL z-scores (`healthy_reference`). Its z
 threshold is taken from cross-fitted z-scores, each slice scored by a reference fitted
@@ -11,7 +12,7 @@ without it; the reference stored is fitted on all of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,9 +23,11 @@ import numpy as np
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError
 from klviewer.evaluation.detection import CALIBRATION_SEED_BASE, run_cases
-from klviewer.inference.analysis import AnalysisSettings
+from klviewer.inference.analysis import AnalysisSettings, SliceResult, analyze_prepared, prepare_slice
 from klviewer.inference.calibration import calibration_key, write_calibration
 from klviewer.inference.healthy_reference import HealthySlice, cross_fitted_scores, fit_reference
+from klviewer.inference.measurements import plan_series
+from klviewer.io.loader import open_images
 from klviewer.priors.checkpoint import load_prior, prior_fingerprint, resolve_prior_path
 
 
@@ -69,16 +72,25 @@ def calibrate_prior(
     overwrite: bool = False,
     command: str = "",
     progress: Callable[[int, int], None] | None = None,
+    healthy: Sequence[str | Path] | None = None,
+    slices: str = "all",
 ) -> Calibration:
-    """Score `n` healthy phantoms with `settings` and set the threshold at false-positive rate `fpr`."""
+    """Score `n` healthy phantoms (or the `slices` of the `healthy` studies) with `settings` and set
+    the thresholds at false-positive rate `fpr`."""
     device = resolve_device(settings.device)
     prior_path = resolve_prior_path(prior)
     model = load_prior(prior_path, device=device)
-    if cache is not None:
-        cache.mkdir(parents=True, exist_ok=True)
-    cases = run_cases(model, settings, n_id=n, n_ood=0, seed=seed, seed_base=CALIBRATION_SEED_BASE, cache=cache,
-                      device=device, progress=progress)
-    scores = np.array([c.result.score for c in cases])
+    if healthy is not None:
+        if cache is not None:
+            raise KlviewerError("a cache folder holds phantom results only; it cannot be used with healthy studies")
+        results, source = _score_studies(model, prior_path.name, settings, healthy, slices, device, progress)
+    else:
+        if cache is not None:
+            cache.mkdir(parents=True, exist_ok=True)
+        cases = run_cases(model, settings, n_id=n, n_ood=0, seed=seed, seed_base=CALIBRATION_SEED_BASE, cache=cache,
+                          device=device, progress=progress)
+        results, source = [c.result for c in cases], {"phantom_seeds": [c.seed for c in cases]}
+    scores = np.array([r.score for r in results])
     threshold = threshold_at_fpr(scores, fpr)
     entry = {
         "settings": calibration_key(settings),
@@ -87,18 +99,18 @@ def calibrate_prior(
         "n_healthy": int(scores.size),
         "healthy_exceeding": int((scores > threshold).sum()),
         "healthy_scores": {"min": float(scores.min()), "median": float(np.median(scores)), "max": float(scores.max())},
-        "phantom_seeds": [c.seed for c in cases],
+        **source,
         "prior_sha256": prior_fingerprint(prior_path),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
     }
     z_threshold = z_scores = None
-    if len(cases) >= MIN_REFERENCE_SLICES:
-        healthy = [HealthySlice(c.result.energy, c.result.recon_hu) for c in cases]
-        z_scores = cross_fitted_scores(healthy, settings.patch, settings.sigma_window)
+    if len(results) >= MIN_REFERENCE_SLICES:
+        reference_slices = [HealthySlice(r.energy, r.recon_hu) for r in results]
+        z_scores = cross_fitted_scores(reference_slices, settings.patch, settings.sigma_window)
         z_threshold = threshold_at_fpr(z_scores, fpr)
         entry["healthy_reference"] = {
-            **fit_reference(healthy, settings.patch, settings.sigma_window).to_dict(),
+            **fit_reference(reference_slices, settings.patch, settings.sigma_window).to_dict(),
             "z_threshold": z_threshold,
             "healthy_exceeding": int((z_scores > z_threshold).sum()),
             "healthy_z_scores": {"min": float(z_scores.min()), "median": float(np.median(z_scores)),
@@ -106,3 +118,19 @@ def calibrate_prior(
         }
     path = write_calibration(prior_path, entry, overwrite=overwrite) if write else None
     return Calibration(threshold, fpr, scores, entry, path, z_threshold, z_scores)
+
+
+def _score_studies(model, prior_name: str, settings: AnalysisSettings, inputs: Sequence[str | Path], slices: str,
+                   device, progress: Callable[[int, int], None] | None) -> tuple[list[SliceResult], dict[str, Any]]:
+    """Analyse every picked slice of the healthy studies; returns the results and what the entry records of them."""
+    plan = plan_series(open_images(inputs), slices)
+    results: list[SliceResult] = []
+    for planned in plan.series:
+        for index in planned.indices:
+            prepared = prepare_slice(planned.series, index, model, settings, device)
+            results.append(analyze_prepared(prepared, model, settings, prior_name=prior_name, flag_threshold=None))
+            if progress is not None:
+                progress(len(results), plan.n_slices)
+    source = {"healthy_inputs": [str(Path(p).resolve()) for p in inputs], "healthy_slices": slices,
+              "skipped": plan.skipped}
+    return results, source

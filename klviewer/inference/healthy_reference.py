@@ -110,8 +110,8 @@ class ZCalibration:
 
 def fit_reference(slices: Sequence[HealthySlice], patch: int, sigma_window: tuple[float, float] | None,
                   bins: int = 20) -> HealthyReference:
-    """Fit on healthy slices. Bins are healthy quantiles, merged down until each holds
-    MIN_PATCHES_PER_BIN patches, so no bin's spread rests on a handful of patches."""
+    """Fit on healthy slices. Bins are healthy quantiles, and fewer of them are used when there are
+    too few patches for each to hold MIN_PATCHES_PER_BIN, so no bin's spread rests on a handful."""
     log_kl, log_edges = [], []
     for s in slices:
         kl, edges, inside = _patch_statistics(s.energy, s.recon_hu, patch, sigma_window, None)

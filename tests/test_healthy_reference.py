@@ -229,7 +229,9 @@ def test_export_follows_the_z_rule_when_the_analysis_flagged_by_it(tiny_prior: P
     summary = json.loads((run.out / "summary.json").read_text())
     assert summary["flag_rule"] == "z" and [r["flagged"] for r in run.rows].count(True) == 1
 
-    report = export_results(run.out, tmp_path / "export", formats=("dicom", "pdf"))
+    report = export_results(run.out, tmp_path / "export", formats=("dicom", "pdf", "csv"))
+    table = json.loads((report.out / "cases.json").read_text())
+    assert table["flag_threshold"] == summary["z_threshold"] and "z-score" in table["flag_threshold_source"]
     case = run.rows[0]["case"]
     seg = hd.seg.segread(report.out / case / "dicom" / "segmentation.dcm")
     assert "z-score" in seg.ContentDescription

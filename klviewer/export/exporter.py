@@ -139,7 +139,7 @@ def export_results(
         threshold, source = results.analysis_threshold
         z_threshold = results.z_threshold
         if z_threshold is not None:
-            source = f"KL z-score above {z_threshold:.4g} (prior's healthy reference)"
+            source = "prior's healthy reference: the threshold is a KL z-score, not nats"
     if cases is not None:
         selection = "named cases"
         selected = [results.case(name) for name in dict.fromkeys(cases)]
@@ -457,12 +457,17 @@ def _record(job: _Job, case: CaseEntry, export: CaseExport, info: dict[str, Any]
     return {
         "case": case.name, "status": "failed" if export.error else "exported", "flagged": bool(flagged),
         "score": top.score, "top_slice": top.slice_index, "total_kl": top.total_kl, "slices": slices,
-        "flagged_slices": len(flagged), "flag_threshold": job.threshold, "source_kind": case.source_kind or "",
+        "flagged_slices": len(flagged), "flag_threshold": _flag_threshold(job), "source_kind": case.source_kind or "",
         "patient": info.get("patient", ""), "series_uid": uid(top.series_uid),
         "folder": case.name if export.folder is not None else "",
         "files": [str(p.relative_to(job.out)) for p in export.files], "skipped": export.skipped,
         "error": export.error or "", "note": job.notes.get(case.name, ""),
     }
+
+
+def _flag_threshold(job: _Job) -> float | None:
+    """The threshold the flags in the tables were decided by (a z-score under the z rule)."""
+    return job.z_threshold if job.z_threshold is not None else job.threshold
 
 
 def _table_header(job: _Job, selection: str) -> dict[str, Any]:
@@ -472,6 +477,6 @@ def _table_header(job: _Job, selection: str) -> dict[str, Any]:
         "analysis": {"klviewer_version": summary.get("klviewer_version"), "created": summary.get("created"),
                      "settings": job.results.settings},
         "prior": {k: job.results.prior.get(k) for k in ("name", "sha256")},
-        "flag_threshold": job.threshold, "flag_threshold_source": job.threshold_source,
+        "flag_threshold": _flag_threshold(job), "flag_threshold_source": job.threshold_source,
         "selection": selection, "formats": sorted(job.formats), "deidentified": job.pseudonyms is not None,
     }

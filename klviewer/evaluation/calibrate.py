@@ -23,11 +23,10 @@ import numpy as np
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError
 from klviewer.evaluation.detection import CALIBRATION_SEED_BASE, run_cases
-from klviewer.inference.analysis import AnalysisSettings, SliceResult, analyze_prepared, prepare_slice
+from klviewer.inference.analysis import AnalysisSettings, SliceResult, analyze_prepared
 from klviewer.inference.calibration import calibration_key, write_calibration
 from klviewer.inference.healthy_reference import HealthySlice, cross_fitted_scores, fit_reference
-from klviewer.inference.measurements import plan_series
-from klviewer.io.loader import open_images
+from klviewer.inference.measurements import collect_measurements
 from klviewer.priors.checkpoint import load_prior, prior_fingerprint, resolve_prior_path
 
 
@@ -123,14 +122,12 @@ def calibrate_prior(
 def _score_studies(model, prior_name: str, settings: AnalysisSettings, inputs: Sequence[str | Path], slices: str,
                    device, progress: Callable[[int, int], None] | None) -> tuple[list[SliceResult], dict[str, Any]]:
     """Analyse every picked slice of the healthy studies; returns the results and what the entry records of them."""
-    plan = plan_series(open_images(inputs), slices)
+    measurements = collect_measurements(inputs, model, settings, slices=slices, device=device)
     results: list[SliceResult] = []
-    for planned in plan.series:
-        for index in planned.indices:
-            prepared = prepare_slice(planned.series, index, model, settings, device)
-            results.append(analyze_prepared(prepared, model, settings, prior_name=prior_name, flag_threshold=None))
-            if progress is not None:
-                progress(len(results), plan.n_slices)
+    for measured in measurements.slices:
+        results.append(analyze_prepared(measured.prepared, model, settings, prior_name=prior_name, flag_threshold=None))
+        if progress is not None:
+            progress(len(results), len(measurements))
     source = {"healthy_inputs": [str(Path(p).resolve()) for p in inputs], "healthy_slices": slices,
-              "skipped": plan.skipped}
+              "skipped": measurements.skipped}
     return results, source

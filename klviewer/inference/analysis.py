@@ -22,7 +22,7 @@ import torch
 from klviewer import __version__
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.energy import EnergyField, KLMap
-from klviewer.inference.healthy_reference import ZCalibration
+from klviewer.inference.healthy_reference import ZCalibration, slice_z_score
 from klviewer.inference.likelihood import MeasurementModel
 from klviewer.inference.sampler import PosteriorRun, SamplerSettings, posterior_sample
 from klviewer.io.safe_write import atomic_write
@@ -128,10 +128,7 @@ class SliceResult:
 
     @property
     def z_score(self) -> float | None:
-        """The slice's KL z-score: its most unusual patch (None when no patch touches the body)."""
-        if self.z_map is None or not np.isfinite(self.z_map.score):
-            return None
-        return self.z_map.score
+        return slice_z_score(self.z_map)
 
     @property
     def flag_rule(self) -> str | None:
@@ -194,7 +191,7 @@ def recut(result: SliceResult, settings: AnalysisSettings) -> SliceResult:
         raise KlviewerInputError(None, "only map settings (patch, sigma window, flag threshold) can change without sampling")
     kl_map = result.energy.kl_map(settings.patch, settings.sigma_window)
     z = result.z_map
-    keep_z = z is not None and z.patch == kl_map.patch and tuple(z.sigma_window) == tuple(kl_map.sigma_window)
+    keep_z = z is not None and z.same_cut(kl_map)
     return dataclasses.replace(result, settings=settings, kl_map=kl_map, score=kl_map.score, total_kl=kl_map.total,
                                z_map=z if keep_z else None, z_threshold=result.z_threshold if keep_z else None)
 

@@ -63,6 +63,10 @@ class KLMap:
     def total(self) -> float:
         return float(self.values.sum())
 
+    def same_cut(self, other: KLMap) -> bool:
+        """Whether both maps are cut the same way: patch size, stride and sigma window."""
+        return (self.patch, self.stride, tuple(self.sigma_window)) == (other.patch, other.stride, tuple(other.sigma_window))
+
     def patch_box(self, row: int, col: int) -> tuple[int, int, int, int]:
         """(r0, r1, c0, c1) pixel bounds of one patch, clipped to the image."""
         h, w = self.image_shape

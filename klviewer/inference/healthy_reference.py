@@ -99,6 +99,11 @@ class HealthyReference:
         return ref
 
 
+def slice_z_score(z_map: KLMap | None) -> float | None:
+    """A slice's KL z-score: its most unusual patch (None without z-scores, or when no patch touches the body)."""
+    return None if z_map is None or not np.isfinite(z_map.score) else z_map.score
+
+
 @dataclass(frozen=True)
 class ZCalibration:
     """A prior's healthy reference for one set of settings, with the z-score that at most the

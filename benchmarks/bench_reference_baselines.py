@@ -41,8 +41,8 @@ def table(reference: list[DetectionCase], cases: list[DetectionCase]) -> list[st
         for patch, window in CELLS:
             healthy = [HealthySlice(as_energy(c, method, window), c.result.recon_hu) for c in reference]
             ref = fit_reference(healthy, patch, None)
-            scores = score_patches(cases, f"{method}_z", patch,
-                                   lambda c: ref.z_map(as_energy(c, method, window), c.result.recon_hu).values)
+            scores = score_patches(cases, f"{method}_z",
+                                   lambda c: ref.z_map(as_energy(c, method, window), c.result.recon_hu))
             cells.append(f"{scores.dataset_auroc:.3f} / {scores.localisation_auroc:.3f}")
         lines.append(f"| {method}_z | " + " | ".join(cells) + " |")
     return lines

@@ -12,7 +12,7 @@ import numpy as np
 
 from klviewer.inference.analysis import SliceResult, is_flagged
 from klviewer.inference.energy import EnergyField, KLMap
-from klviewer.inference.healthy_reference import ZCalibration, slice_z_score
+from klviewer.inference.healthy_reference import ZCalibration, slice_z_score, z_map_fits
 from klviewer.io.study import Series
 from klviewer.overlay_rules import DISPLAY_FRACTION, OVERLAY_OPACITY, display_cut, overlay_levels
 
@@ -192,7 +192,7 @@ def with_result_z(frame: OverlayFrame, result: SliceResult) -> OverlayFrame:
     """`frame` flagged and outlined by the result's own KL z-scores, while the frame is cut with
     the patch and window they were computed for (a comparison side keeps no reference to redo them)."""
     z = result.z_map
-    if z is None or result.z_threshold is None or not z.same_cut(frame.kl_map):
+    if z is None or result.z_threshold is None or not z_map_fits(z, frame.kl_map):
         return frame
     return replace(frame, z_map=z, z_threshold=result.z_threshold, boxes=flagged_patches(z, result.z_threshold))
 

@@ -80,9 +80,10 @@ class MapControls(QWidget):
             label.setMinimumWidth(104)
             label.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
         self.show_z = QCheckBox("KL z-score vs healthy")
-        self.show_z.setToolTip("Colour each patch's KL z-score against healthy patches with the same edge content "
-                               "(the prior's healthy reference) instead of its KL; only for the patch size and "
-                               "noise levels the prior was calibrated with")
+        self.show_z.setToolTip("Colour the KL z-score against healthy patches with the same edge content "
+                               "(the prior's healthy reference) instead of the KL; small patches are pooled over "
+                               "windows of about a lesion's size. Only for the patch size and noise levels the "
+                               "prior was calibrated with")
         self.show_z.setEnabled(False)
         self._mm_per_px: float | None = None
         self._display_threshold: tuple[float, str] | None = None

@@ -38,7 +38,7 @@ from klviewer.inference.analysis import (
     recut,
     sampling_key,
 )
-from klviewer.inference.energy import patch_sums
+from klviewer.inference.energy import KLMap, patch_sums
 from klviewer.inference.healthy_reference import HealthyReference, HealthySlice
 from klviewer.io.study import Series, Slice
 from klviewer.phantoms import Phantom, make_phantom
@@ -163,36 +163,36 @@ def score_method(cases: list[DetectionCase], method: str, patch: int, sigma_wind
                  transform: Callable[[np.ndarray], np.ndarray] | None = None) -> MethodScores:
     """Image scores and AUROCs of one method; `transform` maps each per-pixel map before the patch sums."""
 
-    def patches(case: DetectionCase) -> np.ndarray:
+    def patches(case: DetectionCase) -> KLMap:
         evidence = method_map(case, method, sigma_window)
-        return patch_sums(evidence if transform is None else transform(evidence), patch).values
+        return patch_sums(evidence if transform is None else transform(evidence), patch)
 
-    return score_patches(cases, method, patch, patches)
+    return score_patches(cases, method, patches)
 
 
 def score_z(cases: list[DetectionCase], reference: HealthyReference) -> MethodScores:
-    """KLIP's KL z-scores against a healthy reference (fitted on other slices than `cases`)."""
-    return score_patches(cases, "klip_z", reference.patch,
-                         lambda case: reference.z_map(case.result.energy, case.result.recon_hu).values)
+    """KLIP's KL z-scores against a healthy reference (fitted on other slices than `cases`),
+    localised over the reference's pooled windows."""
+    return score_patches(cases, "klip_z", lambda case: reference.z_map(case.result.energy, case.result.recon_hu))
 
 
 def healthy_slices(cases: list[DetectionCase]) -> list[HealthySlice]:
     return [HealthySlice(c.result.energy, c.result.recon_hu) for c in cases if c.kind == "healthy"]
 
 
-def score_patches(cases: list[DetectionCase], method: str, patch: int,
-                  patch_values: Callable[[DetectionCase], np.ndarray]) -> MethodScores:
+def score_patches(cases: list[DetectionCase], method: str,
+                  patch_map: Callable[[DetectionCase], KLMap]) -> MethodScores:
     """Dataset AUROC of the largest patch value, and per-image localisation AUROC over body patches."""
     scores, labels, per_image = [], [], []
     for case in cases:
-        patches = patch_values(case)
-        scores.append(patches.max())
+        patches = patch_map(case)
+        scores.append(patches.score)
         is_ood = case.kind != "healthy"
         labels.append(is_ood)
         if is_ood:
-            inside = touching(case.body_mask, patch)
-            positive = touching(case.ood_mask, patch)[inside]
-            value = auroc(patches[inside], positive)
+            inside = patches.sums_of(case.body_mask) > 0
+            positive = (patches.sums_of(case.ood_mask) > 0)[inside]
+            value = auroc(patches.values[inside], positive)
             if np.isfinite(value):
                 per_image.append(value)
     scores_a, labels_a = np.array(scores), np.array(labels)

@@ -26,7 +26,7 @@ from klviewer.evaluation.detection import (
 )
 from klviewer.evaluation.metrics import roc_curve
 from klviewer.inference.analysis import AnalysisSettings
-from klviewer.inference.healthy_reference import fit_reference
+from klviewer.inference.healthy_reference import POOL_PX, fit_reference
 from klviewer.io.safe_write import atomic_write, atomic_write_text
 from klviewer.priors.checkpoint import load_prior, resolve_prior_path
 
@@ -100,7 +100,8 @@ def markdown(report: DetectionReport, settings: AnalysisSettings, meta: dict[str
     if "klip_z" in report.scores:
         lines += ["", f"`klip_z` is the KL z-score against a healthy reference fitted on {meta['n_reference']} other healthy "
                   "phantoms (calibration seeds): each patch's log KL standardised among healthy patches with the same "
-                  "edge energy in the reconstruction."]
+                  f"edge energy in the reconstruction, then pooled (Stouffer) over windows of about {POOL_PX} px "
+                  "(larger patches stand alone). Its localisation AUROC is over those windows."]
     q = report.quality
     lines += [
         "",

@@ -22,7 +22,7 @@ import torch
 from klviewer import __version__
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.energy import EnergyField, KLMap
-from klviewer.inference.healthy_reference import ZCalibration, slice_z_score
+from klviewer.inference.healthy_reference import ZCalibration, slice_z_score, z_map_fits
 from klviewer.inference.likelihood import MeasurementModel
 from klviewer.inference.sampler import PosteriorRun, SamplerSettings, posterior_sample
 from klviewer.io.safe_write import atomic_write
@@ -122,8 +122,9 @@ class SliceResult:
     original_hu: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
     z_map: KLMap | None = None
-    """KL z-score per patch against healthy patches with the same edge content (see
-    `healthy_reference`); None without a healthy reference calibrated for these settings."""
+    """KL z-scores against healthy patches with the same edge content, pooled over windows of about
+    a lesion's size (see `healthy_reference`); None without a healthy reference calibrated for
+    these settings."""
     z_threshold: float | None = None
 
     @property
@@ -157,6 +158,8 @@ class SliceResult:
         if self.z_map is not None:
             # Patches off the body have no z-score: NaN in the file, -inf in memory (so max() skips them).
             arrays["kl_z_map"] = np.where(np.isfinite(self.z_map.values), self.z_map.values, np.nan).astype(np.float32)
+            arrays["kl_z_map_row_starts"] = self.z_map.row_starts
+            arrays["kl_z_map_col_starts"] = self.z_map.col_starts
         return atomic_write(path, lambda f: np.savez_compressed(f, **arrays), overwrite=overwrite)
 
     def metadata(self) -> dict[str, Any]:
@@ -177,6 +180,7 @@ class SliceResult:
             "seconds": self.seconds,
             "notes": self.notes,
             "z_score": self.z_score,
+            "z_window": None if self.z_map is None else self.z_map.patch,
             "z_threshold": self.z_threshold,
             "flag_rule": self.flag_rule,
         }
@@ -191,7 +195,7 @@ def recut(result: SliceResult, settings: AnalysisSettings) -> SliceResult:
         raise KlviewerInputError(None, "only map settings (patch, sigma window, flag threshold) can change without sampling")
     kl_map = result.energy.kl_map(settings.patch, settings.sigma_window)
     z = result.z_map
-    keep_z = z is not None and z.same_cut(kl_map)
+    keep_z = z is not None and z_map_fits(z, kl_map)
     return dataclasses.replace(result, settings=settings, kl_map=kl_map, score=kl_map.score, total_kl=kl_map.total,
                                z_map=z if keep_z else None, z_threshold=result.z_threshold if keep_z else None)
 
@@ -208,12 +212,7 @@ def load_slice_result(path: Path) -> SliceResult:
             col_starts=arrays["kl_map_col_starts"], patch=int(meta["patch"]), stride=int(meta["stride"]),
             image_shape=energy.image_shape, sigma_window=tuple(meta["sigma_window"]),
         )
-        z_map = None
-        if "kl_z_map" in arrays:
-            z = arrays["kl_z_map"].astype(np.float64)
-            z_map = dataclasses.replace(kl_map, values=np.where(np.isnan(z), -np.inf, z))
-            if z_map.values.shape != kl_map.values.shape:
-                raise ValueError(f"kl_z_map {z_map.values.shape} does not match kl_map {kl_map.values.shape}")
+        z_map = None if "kl_z_map" not in arrays else _z_map_of(arrays, meta, kl_map)
         return SliceResult(
             recon_hu=arrays["recon_hu"], posterior_std_hu=arrays["posterior_std_hu"], fbp_hu=arrays["fbp_hu"],
             residual_backprojection=arrays["residual_backprojection"], energy=energy, kl_map=kl_map,
@@ -228,6 +227,21 @@ def load_slice_result(path: Path) -> SliceResult:
         raise
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
         raise KlviewerInputError(path, f"not a readable klviewer slice result ({exc})") from exc
+
+
+def _z_map_of(arrays: dict[str, np.ndarray], meta: dict[str, Any], kl_map: KLMap) -> KLMap:
+    """The stored z-score map. Its windows step by the KL map's patch; files written before
+    z-scores were pooled keep no geometry of their own and share the KL map's."""
+    z = arrays["kl_z_map"].astype(np.float64)
+    geometry = kl_map
+    if "kl_z_map_row_starts" in arrays:
+        geometry = dataclasses.replace(kl_map, row_starts=arrays["kl_z_map_row_starts"],
+                                       col_starts=arrays["kl_z_map_col_starts"], patch=int(meta["z_window"]),
+                                       stride=kl_map.patch)
+    if z.shape != (geometry.row_starts.size, geometry.col_starts.size):
+        raise ValueError(f"kl_z_map {z.shape} does not match its {geometry.row_starts.size} x "
+                         f"{geometry.col_starts.size} windows")
+    return dataclasses.replace(geometry, values=np.where(np.isnan(z), -np.inf, z))
 
 
 def flag_rule(flag_threshold: float | None, z_threshold: float | None, forced_nats: float | None) -> str | None:

@@ -63,15 +63,15 @@ class KLMap:
     def total(self) -> float:
         return float(self.values.sum())
 
-    def same_cut(self, other: KLMap) -> bool:
-        """Whether both maps are cut the same way: patch size, stride and sigma window."""
-        return (self.patch, self.stride, tuple(self.sigma_window)) == (other.patch, other.stride, tuple(other.sigma_window))
-
     def patch_box(self, row: int, col: int) -> tuple[int, int, int, int]:
         """(r0, r1, c0, c1) pixel bounds of one patch, clipped to the image."""
         h, w = self.image_shape
         r0, c0 = int(self.row_starts[row]), int(self.col_starts[col])
         return r0, min(r0 + self.patch, h), c0, min(c0 + self.patch, w)
+
+    def sums_of(self, values: np.ndarray) -> np.ndarray:
+        """Sums of a per-pixel (H, W) map over this map's patches, e.g. how much of a mask each touches."""
+        return _box_sums(values, self.row_starts, self.col_starts, self.patch)
 
     def to_pixels(self) -> np.ndarray:
         """(H, W) image where each pixel shows the largest KL among the patches covering it."""
@@ -154,10 +154,15 @@ def patch_sums(values: np.ndarray, patch: int, stride: int | None = None,
     h, w = values.shape
     if not 1 <= patch <= max(h, w) or not 1 <= stride <= patch:
         raise KlviewerInputError(None, f"patch must be 1..{max(h, w)} and stride 1..patch, got patch {patch}, stride {stride}")
+    r0, c0 = patch_starts(h, patch, stride), patch_starts(w, patch, stride)
+    return KLMap(values=_box_sums(values, r0, c0, patch), row_starts=r0, col_starts=c0, patch=patch, stride=stride,
+                 image_shape=(h, w), sigma_window=sigma_window)
+
+
+def _box_sums(values: np.ndarray, r0: np.ndarray, c0: np.ndarray, patch: int) -> np.ndarray:
+    """Sums over the square boxes starting at every (r0, c0), clipped to the image, via a summed-area table."""
+    h, w = values.shape
     table = np.zeros((h + 1, w + 1), np.float64)
     np.cumsum(np.cumsum(values, axis=0, dtype=np.float64), axis=1, out=table[1:, 1:])
-    r0, c0 = patch_starts(h, patch, stride), patch_starts(w, patch, stride)
     r1, c1 = np.minimum(r0 + patch, h), np.minimum(c0 + patch, w)
-    sums = table[np.ix_(r1, c1)] - table[np.ix_(r0, c1)] - table[np.ix_(r1, c0)] + table[np.ix_(r0, c0)]
-    return KLMap(values=sums, row_starts=r0, col_starts=c0, patch=patch, stride=stride,
-                 image_shape=(h, w), sigma_window=sigma_window)
+    return table[np.ix_(r1, c1)] - table[np.ix_(r0, c1)] - table[np.ix_(r1, c0)] + table[np.ix_(r0, c0)]

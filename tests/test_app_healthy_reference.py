@@ -24,6 +24,7 @@ def test_z_scores_flag_and_show_only_at_the_calibrated_map_settings(window, qtbo
     assert controls.show_z.isEnabled() and frame.z_threshold == cal.z_threshold and not frame.shows_z
     assert frame.flagged == (frame.z_score > cal.z_threshold)
     assert window.cases[0].auto_flagged == frame.flagged, "the case list flags by the same rule"
+    assert window.cases[0].z_score == frame.z_score is not None
     above = np.argwhere(frame.z_map.values > cal.z_threshold)
     assert len(frame.boxes) == len(above), "outlines are the patches above the z threshold"
     assert " z " in window.viewer.corners["br"].text()
@@ -42,3 +43,4 @@ def test_z_scores_flag_and_show_only_at_the_calibrated_map_settings(window, qtbo
     qtbot.waitUntil(lambda: overlay.frame.kl_map.patch == 4, timeout=2000)
     assert not overlay.frame.shows_z and overlay.frame.z_map is None and not controls.show_z.isEnabled()
     assert controls.show_z.isChecked() and "nats" in overlay.colorbar.axis.labelText
+    qtbot.waitUntil(lambda: window.cases[0].z_score is None, timeout=2000)

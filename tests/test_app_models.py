@@ -133,3 +133,24 @@ def test_case_list_keeps_manual_flags_and_notes_and_announces_changes() -> None:
     assert not cases[0].flagged and cases.flagged() == []
     cases.set_score(0, 5.0, True)
     assert cases.flagged() == [cases[0]] and seen[-1] == ("changed", 0)
+    changes = len(seen)
+    cases.set_score(0, 5.0, True, 3.5)
+    assert cases[0].z_score == 3.5 and len(seen) == changes + 1, "a new z-score alone is a change"
+
+
+def test_case_table_shows_and_sorts_by_kl_z_score(qtbot) -> None:
+    from PySide6.QtCore import Qt
+
+    from klviewer.app.case_list import SORT_ROLE, Z_COLUMN, CaseListView
+
+    cases = CaseList()
+    for i, z in enumerate((2.0, None, 7.5)):
+        cases.upsert(CaseEntry("s", i, "P", "S", score=10.0 - i, auto_flagged=False, z_score=z))
+    view = CaseListView(cases)
+    qtbot.addWidget(view)
+    model = view.model
+    assert [model.data(model.index(r, Z_COLUMN)) for r in range(3)] == ["2", "", "7.5"]
+    view.table.sortByColumn(Z_COLUMN, Qt.SortOrder.DescendingOrder)
+    order = [view.proxy.mapToSource(view.proxy.index(r, 0)).row() for r in range(3)]
+    assert order == [2, 0, 1], "highest z first, slices without one last"
+    assert model.data(model.index(1, Z_COLUMN), SORT_ROLE) == float("-inf")

@@ -13,9 +13,10 @@ from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QTableView, QVBoxL
 
 from klviewer.app.cases import CaseChange, CaseEntry, CaseList
 
-COLUMNS = ("Slice", "Score (nats)", "Flagged", "Note", "Series", "Patient")
+COLUMNS = ("Slice", "Score (nats)", "KL z", "Flagged", "Note", "Series", "Patient")
 SLICE_COLUMN = COLUMNS.index("Slice")
 SCORE_COLUMN = COLUMNS.index("Score (nats)")
+Z_COLUMN = COLUMNS.index("KL z")
 FLAG_COLUMN = COLUMNS.index("Flagged")
 NOTE_COLUMN = COLUMNS.index("Note")
 SORT_ROLE = Qt.ItemDataRole.UserRole
@@ -74,16 +75,22 @@ class CaseTableModel(QAbstractTableModel):
         col = index.column()
         if role == Qt.ItemDataRole.CheckStateRole and col == FLAG_COLUMN:
             return Qt.CheckState.Checked if entry.flagged else Qt.CheckState.Unchecked
+        z = entry.z_score
         if role == SORT_ROLE:
-            return (entry.slice_index, entry.score, int(entry.flagged), entry.note, entry.series, entry.patient)[col]
+            return (entry.slice_index, entry.score, float("-inf") if z is None else z, int(entry.flagged), entry.note,
+                    entry.series, entry.patient)[col]
         if role == Qt.ItemDataRole.ToolTipRole and col == FLAG_COLUMN:
             return ("flag set by hand" if entry.manual_flag is not None
-                    else "automatic: ticked when the score is above the calibrated threshold")
+                    else "automatic: ticked when the KL z-score (or, without a healthy reference, the score) "
+                         "is above the calibrated threshold")
+        if role == Qt.ItemDataRole.ToolTipRole and col == Z_COLUMN:
+            return "KL z-score against the prior's healthy reference (empty where it has none for these map settings)"
         if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.EditRole):
             if col == FLAG_COLUMN:
                 return entry.flag_source
-            return (entry.slice_index + 1, f"{entry.score:.4g}", None, entry.note, entry.series, entry.patient)[col]
-        if role == Qt.ItemDataRole.TextAlignmentRole and col in (SLICE_COLUMN, SCORE_COLUMN):
+            return (entry.slice_index + 1, f"{entry.score:.4g}", "" if z is None else f"{z:.3g}", None, entry.note,
+                    entry.series, entry.patient)[col]
+        if role == Qt.ItemDataRole.TextAlignmentRole and col in (SLICE_COLUMN, SCORE_COLUMN, Z_COLUMN):
             return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
         return None
 
@@ -124,7 +131,7 @@ class CaseListView(QWidget):
         self.table.setAlternatingRowColors(True)
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
-        for col, width in ((SLICE_COLUMN, 44), (SCORE_COLUMN, 90), (FLAG_COLUMN, 76), (NOTE_COLUMN, 120)):
+        for col, width in ((SLICE_COLUMN, 44), (SCORE_COLUMN, 90), (Z_COLUMN, 52), (FLAG_COLUMN, 76), (NOTE_COLUMN, 120)):
             header.resizeSection(col, width)
         header.setStretchLastSection(True)
         # Moving through the rows (mouse or arrow keys) shows each slice; a click re-shows the current one.

@@ -26,6 +26,8 @@ class CaseEntry:
     """None until someone sets the flag by hand; then it wins over the automatic one."""
     note: str = ""
     prior: str = ""
+    z_score: float | None = None
+    """KL z-score against the prior's healthy reference; None where it has none for the map settings."""
 
     @property
     def key(self) -> tuple[str, int]:
@@ -94,10 +96,10 @@ class CaseList:
         self.entries[row].note = note
         self._emit("changed", row)
 
-    def set_score(self, row: int, score: float, auto_flagged: bool) -> None:
+    def set_score(self, row: int, score: float, auto_flagged: bool, z_score: float | None = None) -> None:
         entry = self.entries[row]
-        if entry.score != score or entry.auto_flagged != auto_flagged:
-            entry.score, entry.auto_flagged = score, auto_flagged
+        if (entry.score, entry.auto_flagged, entry.z_score) != (score, auto_flagged, z_score):
+            entry.score, entry.auto_flagged, entry.z_score = score, auto_flagged, z_score
             self._emit("changed", row)
 
     def clear(self) -> None:

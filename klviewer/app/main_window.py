@@ -36,7 +36,7 @@ from klviewer.app.worker import AnalysisThread, PriorCache, RunRequest
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError
 from klviewer.inference.analysis import AnalysisSettings, SliceResult, is_flagged
-from klviewer.inference.healthy_reference import ZCalibration
+from klviewer.inference.healthy_reference import ZCalibration, slice_z_score
 from klviewer.io.loader import open_paths
 from klviewer.io.study import Catalog, Patient, Series, Study
 
@@ -409,18 +409,18 @@ class MainWindow(QMainWindow):
         self.map_controls.set_display_threshold(frame.display_threshold, "z" if frame.shows_z else "nats")
         row = self.cases.find(self.current_uid, self.index)
         if row is not None:
-            self.cases.set_score(row, frame.score, frame.flagged)
+            self.cases.set_score(row, frame.score, frame.flagged, frame.z_score)
 
-    def _score(self, cached: CachedResult, settings: MapSettings) -> tuple[float, bool]:
-        """A slice's score and automatic flag under the map settings."""
+    def _score(self, cached: CachedResult, settings: MapSettings) -> tuple[float, bool, float | None]:
+        """A slice's score, automatic flag and KL z-score (None without a reference) under the map settings."""
         clamped = settings.clamped(cached.result.energy.image_shape)
         score = cached.result.energy.kl_map(clamped.patch, clamped.sigma_window).score
         z = self._z(cached, settings)
         if z is None:
-            return score, is_flagged(score, self._threshold(cached, settings), None, None)
+            return score, is_flagged(score, self._threshold(cached, settings), None, None), None
         calibration, recon_hu = z
-        z_score = calibration.reference.z_map(cached.result.energy, recon_hu).score
-        return score, is_flagged(score, None, z_score, calibration.threshold)
+        z_score = slice_z_score(calibration.reference.z_map(cached.result.energy, recon_hu))
+        return score, is_flagged(score, None, z_score, calibration.threshold), z_score
 
     def rescore_cases(self) -> None:
         """Scores and automatic flags of every listed slice, under the current map settings."""
@@ -504,11 +504,11 @@ class MainWindow(QMainWindow):
         key = ResultKey.of(request.series.uid, index, request.prior_path, request.settings)
         self.results.put(key, result, request.prior_path)
         entry = self.series.get(request.series.uid)
-        score, flagged = self._score(CachedResult(result, request.prior_path), self.map_controls.settings())
+        score, flagged, z_score = self._score(CachedResult(result, request.prior_path), self.map_controls.settings())
         self.cases.upsert(CaseEntry(
             series_uid=request.series.uid, slice_index=index, patient=patient_label(entry.patient) if entry else "",
             series=request.series.description or request.series.uid, score=score, auto_flagged=flagged,
-            prior=result.prior_name,
+            prior=result.prior_name, z_score=z_score,
         ))
         if request.series.uid == self.current_uid and index == self.index:
             self._show_current()

@@ -191,7 +191,7 @@ def _fill_empty(values: np.ndarray) -> np.ndarray:
 
 
 def cross_fitted_scores(slices: Sequence[HealthySlice], patch: int, sigma_window: tuple[float, float] | None,
-                        folds: int = 2, pool: int | None = None) -> np.ndarray:
+                        folds: int = 2) -> np.ndarray:
     """Each healthy slice's z-score under a reference fitted without it.
 
     Scored in-sample, the slices that set the bins would look more typical than new healthy
@@ -202,7 +202,7 @@ def cross_fitted_scores(slices: Sequence[HealthySlice], patch: int, sigma_window
     scores = np.empty(len(slices))
     fold_of = np.arange(len(slices)) % folds
     for f in range(folds):
-        ref = fit_reference([s for s, g in zip(slices, fold_of) if g != f], patch, sigma_window, pool=pool)
+        ref = fit_reference([s for s, g in zip(slices, fold_of) if g != f], patch, sigma_window)
         for i in np.flatnonzero(fold_of == f):
             scores[i] = ref.z_map(slices[i].energy, slices[i].recon_hu).score
     return scores

@@ -154,3 +154,4 @@ def test_case_table_shows_and_sorts_by_kl_z_score(qtbot) -> None:
     order = [view.proxy.mapToSource(view.proxy.index(r, 0)).row() for r in range(3)]
     assert order == [2, 0, 1], "highest z first, slices without one last"
     assert model.data(model.index(1, Z_COLUMN), SORT_ROLE) == float("-inf")
+    model.detach()  # as the main window does on close: the case list outlives this view

@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from klviewer.evaluation.compare import Comparison, compare_priors
 from klviewer.inference.align import AlignConfig, align_prior
-from klviewer.inference.analysis import AnalysisSettings
-from klviewer.inference.compare import Comparison, compare_priors
+from klviewer.inference.settings import AnalysisSettings
 from klviewer.inference.shift_kl import ShiftCurve, image_kl
 from klviewer.io.safe_write import atomic_write, atomic_write_text
 from klviewer.phantoms import make_phantom, member_seed

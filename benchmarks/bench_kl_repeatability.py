@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from klviewer.evaluation.detection import EVAL_SEED_BASE, series_from_phantom, touching
-from klviewer.inference.analysis import AnalysisSettings, analyze_prepared, prepare_slice
+from klviewer.inference.measurements import prepare_slice
+from klviewer.inference.pipeline import analyze_prepared
+from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.safe_write import atomic_write_text
 from klviewer.phantoms import make_phantom
 from klviewer.priors import load_prior

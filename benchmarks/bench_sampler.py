@@ -26,7 +26,9 @@ def one_run(prior_name: str, device: str, samples: int, guidance: str, threads: 
 
     torch.set_num_threads(threads)
     from klviewer.evaluation.detection import series_from_phantom
-    from klviewer.inference.analysis import AnalysisSettings, analyze_prepared, prepare_slice
+    from klviewer.inference.measurements import prepare_slice
+    from klviewer.inference.pipeline import analyze_prepared
+    from klviewer.inference.settings import AnalysisSettings
     from klviewer.phantoms import make_phantom
     from klviewer.priors import load_prior
 

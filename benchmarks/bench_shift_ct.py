@@ -30,8 +30,7 @@ import torch
 from matplotlib.figure import Figure
 
 from klviewer.inference import shift_kl as sk
-from klviewer.inference.analysis import PreparedSlice
-from klviewer.inference.measurements import MeasuredSlice, MeasurementSet
+from klviewer.inference.measurements import MeasuredSlice, MeasurementSet, PreparedSlice
 from klviewer.io.safe_write import atomic_write, atomic_write_text
 from klviewer.phantoms import FOV_MM, make_phantom
 from klviewer.physics.acquisition import simulate_measurement

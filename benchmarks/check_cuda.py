@@ -24,7 +24,9 @@ import torch
 
 from klviewer.evaluation.detection import series_from_phantom
 from klviewer.evaluation.metrics import psnr_hu
-from klviewer.inference.analysis import AnalysisSettings, analyze_prepared, prepare_slice
+from klviewer.inference.measurements import prepare_slice
+from klviewer.inference.pipeline import analyze_prepared
+from klviewer.inference.settings import AnalysisSettings
 from klviewer.phantoms import make_phantom
 from klviewer.priors import load_prior
 from klviewer.priors.train import TrainConfig, train_prior

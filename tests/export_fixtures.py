@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from klviewer.inference.analysis import AnalysisSettings
-from klviewer.inference.runner import run_analysis
+from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.dicom_write import write_ct_series
 from klviewer.phantoms import make_phantom
+from klviewer.results.analyze import run_analysis
 
 SETTINGS = AnalysisSettings(steps=4, samples=1, patch=8, seed=1, device="cpu")
 

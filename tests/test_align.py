@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_PRIOR_SIZE
 from torch import nn
 
 from klviewer.errors import KlviewerInputError
-from klviewer.inference.adapters import LoRAConv2d, LoRALinear, apply_adapter, merged_state_dict
 from klviewer.inference.align import (
     AlignCancelled,
     AlignConfig,
@@ -25,14 +25,13 @@ from klviewer.inference.align import (
     sinogram_loss,
     weighted_trace,
 )
-from klviewer.inference.analysis import ct_measurement_model
+from klviewer.inference.measurements import ct_measurement_model
 from klviewer.io.safe_write import OutputExistsError
 from klviewer.phantoms import make_phantom
 from klviewer.physics import simulate_measurement
 from klviewer.priors import load_prior
+from klviewer.priors.adapters import LoRAConv2d, LoRALinear, apply_adapter, merged_state_dict
 from klviewer.priors.checkpoint import prior_fingerprint
-
-from conftest import TINY_PRIOR_SIZE
 
 STEPS = 4
 

@@ -9,18 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import TINY_PRIOR_SIZE
+
+from klviewer.cli import align, compare
 from klviewer.errors import KlviewerError, KlviewerInputError
 from klviewer.inference.align import AlignCancelled
-from klviewer.inference.align_cli import register
 from klviewer.phantoms import make_phantom
 from klviewer.priors import EDMUNetPrior, PriorConfig, load_prior, save_prior
 
 
 def run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="klviewer")
-    register(parser.add_subparsers(dest="command"))
+    commands = parser.add_subparsers(dest="command")
+    align.register(commands)
+    compare.register(commands)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

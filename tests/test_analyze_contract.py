@@ -10,13 +10,14 @@ import torch
 from conftest import TINY_PRIOR_SIZE
 
 from klviewer.cli import main
-from klviewer.errors import KlviewerError, KlviewerInputError
 from klviewer.devices import resolve_device
-from klviewer.inference.analysis import AnalysisSettings, load_slice_result
-from klviewer.inference.measurements import parse_slices
-from klviewer.inference.runner import run_analysis
+from klviewer.errors import KlviewerError, KlviewerInputError
+from klviewer.inference.plan import parse_slices
+from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.safe_write import OutputExistsError
 from klviewer.phantoms import make_phantom, save_phantom_npz
+from klviewer.results.analyze import run_analysis
+from klviewer.results.slice_file import load_slice_result
 
 SIZE = TINY_PRIOR_SIZE
 
@@ -102,7 +103,7 @@ def test_parse_slices() -> None:
 
 
 def test_non_square_images_are_padded_not_stretched(tiny_prior: Path) -> None:
-    from klviewer.inference.analysis import prepare_slice
+    from klviewer.inference.measurements import prepare_slice
     from klviewer.io.study import Series, Slice
     from klviewer.priors import load_prior
 

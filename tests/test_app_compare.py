@@ -27,14 +27,14 @@ from klviewer.app.comparison import (
     summary_text,
 )
 from klviewer.app.display import PRESETS, MapSettings, format_nats
-from klviewer.inference.analysis import AnalysisSettings
+from klviewer.inference.settings import AnalysisSettings
 
 
 @pytest.fixture(scope="module")
 def comparison(tiny_prior: Path, other_prior: Path):  # noqa: F811
     """Two demo slices analysed with the tiny prior (before) and its perturbed copy (after), plus shift curves."""
     from klviewer.demo import ensure_demo_study
-    from klviewer.inference.compare import compare_priors
+    from klviewer.evaluation.compare import compare_priors
 
     settings = AnalysisSettings(steps=FAST_STEPS, device="cpu")
     return compare_priors(tiny_prior, other_prior, [ensure_demo_study()], settings, reference=tiny_prior,
@@ -201,7 +201,7 @@ def test_compare_dialog_runs_in_the_background_and_opens_the_view(window, qtbot,
 
 
 def test_compare_cancel_stops_the_job(window, qtbot, tiny_prior, other_prior, monkeypatch) -> None:  # noqa: F811
-    import klviewer.inference.compare as compare
+    import klviewer.evaluation.compare as compare
 
     delays = delay_loader(monkeypatch, compare)
     window.panel.add_prior_folder(other_prior)

@@ -19,8 +19,8 @@ from klviewer.app.display import MapSettings
 from klviewer.app.export_job import staging_parent
 from klviewer.app.session_results import write_session_results
 from klviewer.errors import KlviewerError
-from klviewer.export.results import read_results
-from klviewer.inference.analysis import load_slice_result
+from klviewer.results.reader import read_results
+from klviewer.results.slice_file import load_slice_result
 
 
 @pytest.fixture()
@@ -110,8 +110,8 @@ def test_results_of_two_priors_go_to_two_folders(window, qtbot, tmp_path, other_
 
 def test_folder_export_of_all_cases(window, qtbot, tiny_prior, tmp_path) -> None:
     from klviewer.demo import ensure_demo_study
-    from klviewer.inference.analysis import AnalysisSettings
-    from klviewer.inference.runner import run_analysis
+    from klviewer.inference.settings import AnalysisSettings
+    from klviewer.results.analyze import run_analysis
 
     results = tmp_path / "results"
     run_analysis([ensure_demo_study()], results, AnalysisSettings(steps=FAST_STEPS, device="cpu"), prior=tiny_prior,
@@ -130,9 +130,9 @@ def test_folder_export_of_all_cases(window, qtbot, tiny_prior, tmp_path) -> None
 def test_skipped_parts_and_failed_cases_are_listed_with_their_reasons(window, qtbot, tiny_prior, tmp_path,
                                                                      monkeypatch) -> None:
     import klviewer.export.exporter as exporter
-    from klviewer.inference.analysis import AnalysisSettings
-    from klviewer.inference.runner import run_analysis
+    from klviewer.inference.settings import AnalysisSettings
     from klviewer.phantoms import make_phantom
+    from klviewer.results.analyze import run_analysis
 
     source = tmp_path / "arrays"
     source.mkdir()

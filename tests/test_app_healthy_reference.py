@@ -9,7 +9,7 @@ import numpy as np
 from test_app_support import FAST_STEPS, isolated_settings, run_and_wait, window  # noqa: F401
 
 from klviewer.evaluation.calibrate import calibrate_prior
-from klviewer.inference.analysis import AnalysisSettings
+from klviewer.inference.settings import AnalysisSettings
 
 
 def test_z_scores_flag_and_show_only_at_the_calibrated_map_settings(window, qtbot, tiny_prior: Path,  # noqa: F811

@@ -22,10 +22,9 @@ from klviewer.app.display import (
     round_sig,
 )
 from klviewer.app.session import FlagThresholds, ResultCache, ResultKey
-from klviewer.inference.analysis import sampling_key
-from klviewer.inference.analysis import AnalysisSettings
 from klviewer.inference.calibration import calibration_key
 from klviewer.inference.energy import EnergyField, log_sigma_edges
+from klviewer.inference.settings import AnalysisSettings, sampling_key
 from klviewer.io.study import Series
 
 

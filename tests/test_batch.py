@@ -30,9 +30,9 @@ from test_batch_support import (  # noqa: F401 (one_torch_thread is an autouse f
 from klviewer.batch import BatchObserver, ProcessBackend, discover_studies, run_batch
 from klviewer.batch.lock import LOCK_FILE
 from klviewer.errors import KlviewerError, KlviewerInputError
-from klviewer.inference.analysis import load_slice_result
-from klviewer.inference.runner import run_analysis
 from klviewer.priors import EDMUNetPrior, load_prior, save_prior
+from klviewer.results.analyze import run_analysis
+from klviewer.results.slice_file import load_slice_result
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from test_batch_support import SETTINGS, batch_cli, cli_args, make_archive, mani
 from klviewer.batch import ExportOptions, run_batch
 from klviewer.errors import KlviewerError, KlviewerInputError
 
-pytest.importorskip("klviewer.export", reason="the exporter (klviewer.export) is not part of this tree yet")
 
 
 @pytest.fixture(scope="module")

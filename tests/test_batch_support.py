@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import TINY_PRIOR_SIZE
 
-from klviewer.inference.analysis import AnalysisSettings
+from klviewer.inference.settings import AnalysisSettings
 from klviewer.phantoms import make_phantom, save_phantom_npz
 from klviewer.phantoms.export import write_phantom_set
 
@@ -78,7 +78,7 @@ def manifest(out: Path) -> dict[str, Any]:
 
 def batch_cli(argv: list[str]) -> int:
     """`klviewer batch ...` through the subcommand's own parser."""
-    from klviewer.batch.batch_cli import register
+    from klviewer.cli.batch import register
 
     parser = argparse.ArgumentParser(prog="klviewer")
     register(parser.add_subparsers())

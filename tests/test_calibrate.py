@@ -13,8 +13,8 @@ from klviewer.cli import main
 from klviewer.errors import KlviewerError
 from klviewer.evaluation.calibrate import calibrate_prior, threshold_at_fpr
 from klviewer.evaluation.detection import CALIBRATION_SEED_BASE
-from klviewer.inference.analysis import AnalysisSettings
 from klviewer.inference.calibration import CALIBRATION_FILE, flag_threshold_for
+from klviewer.inference.settings import AnalysisSettings
 
 
 def test_threshold_allows_at_most_fpr_of_healthy_scores_above() -> None:

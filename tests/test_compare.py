@@ -11,23 +11,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_PRIOR_SIZE
+
 from klviewer.errors import KlviewerInputError
-from klviewer.evaluation.metrics import psnr_hu, ssim_hu
-from klviewer.inference.analysis import AnalysisSettings, analyze_prepared, ct_measurement_model, load_slice_result
-from klviewer.inference.compare import (
+from klviewer.evaluation.compare import (
     CSV_COLUMNS,
     METRIC_KEYS,
     compare_priors,
     slice_metrics,
     write_comparison,
 )
-from klviewer.inference.measurements import collect_measurements
+from klviewer.evaluation.metrics import psnr_hu, ssim_hu
+from klviewer.inference.measurements import collect_measurements, ct_measurement_model
+from klviewer.inference.pipeline import analyze_prepared
+from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.safe_write import OutputExistsError
 from klviewer.phantoms import make_phantom
 from klviewer.priors import EDMUNetPrior, PriorConfig, load_prior, save_prior
 from klviewer.priors.checkpoint import prior_fingerprint
+from klviewer.results.slice_file import load_slice_result
 
 SETTINGS = AnalysisSettings(views=8, steps=4, device="cpu")
 

@@ -7,8 +7,9 @@ import torch
 from klviewer.errors import KlviewerInputError
 from klviewer.evaluation.detection import BASELINES, DetectionCase, run_cases, score_method
 from klviewer.evaluation.metrics import auroc, psnr_hu, roc_curve
-from klviewer.inference.analysis import AnalysisSettings, SliceResult
 from klviewer.inference.energy import EnergyField, patch_sums
+from klviewer.inference.result import SliceResult
+from klviewer.inference.settings import AnalysisSettings
 from klviewer.priors import EDMUNetPrior, PriorConfig
 
 

@@ -16,9 +16,9 @@ from export_fixtures import ResultsFixture, make_results, threshold_between
 
 from klviewer.export import export_results
 from klviewer.export.dicom_objects import DicomSkip, load_sources
-from klviewer.export.results import read_results
 from klviewer.export.geometry import to_source_grid
-from klviewer.inference.analysis import load_slice_result
+from klviewer.results.reader import read_results
+from klviewer.results.slice_file import load_slice_result
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from export_fixtures import ResultsFixture, make_results, threshold_between
+from PIL import Image
 
 from klviewer import __version__
 from klviewer.export import export_results
 from klviewer.export.images import OUTLINE_RGB, OverlayStyle, grey_uint8, overlay_rgb
 from klviewer.export.pdf_report import ReportContext, report_sections
-from klviewer.export.results import read_results
-from klviewer.inference.analysis import load_slice_result
+from klviewer.results.reader import read_results
+from klviewer.results.slice_file import load_slice_result
 
 NOTE = "Hypodense focus in segment VII; compare with the prior study."
 
@@ -80,8 +80,8 @@ def test_pngs_are_the_windowed_images(fx: ResultsFixture, report, threshold: flo
 
 
 def test_sinogram_input_exports_without_original_or_dicom(tiny_prior: Path, tmp_path: Path) -> None:
-    from klviewer.inference.analysis import AnalysisSettings
-    from klviewer.inference.runner import run_analysis
+    from klviewer.inference.settings import AnalysisSettings
+    from klviewer.results.analyze import run_analysis
 
     folder = tmp_path / "scan"
     folder.mkdir()

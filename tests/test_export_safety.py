@@ -220,7 +220,7 @@ def test_export_writes_nothing_into_inputs(fx: ResultsFixture, tmp_path: Path) -
 def test_cli(fx: ResultsFixture, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
-    from klviewer.export.export_cli import register
+    from klviewer.cli.export import register
 
     parser = argparse.ArgumentParser(prog="klviewer")
     register(parser.add_subparsers(dest="command"))

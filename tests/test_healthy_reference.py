@@ -14,7 +14,6 @@ from conftest import TINY_PRIOR_SIZE
 from klviewer.errors import KlviewerInputError
 from klviewer.evaluation.calibrate import calibrate_prior
 from klviewer.evaluation.detection import DetectionCase
-from klviewer.inference.analysis import AnalysisSettings, load_slice_result
 from klviewer.inference.calibration import CALIBRATION_FILE, z_calibration_for
 from klviewer.inference.energy import EnergyField
 from klviewer.inference.healthy_reference import (
@@ -25,8 +24,11 @@ from klviewer.inference.healthy_reference import (
     fit_reference,
     pool_for,
 )
-from klviewer.inference.runner import CSV_COLUMNS, run_analysis
+from klviewer.inference.settings import AnalysisSettings
 from klviewer.phantoms import make_phantom
+from klviewer.results.analyze import run_analysis
+from klviewer.results.slice_file import load_slice_result
+from klviewer.results.summary import CSV_COLUMNS
 
 SIZE = 64
 PATCH = 4
@@ -172,7 +174,7 @@ def test_calibrate_stores_the_reference_and_analyze_writes_z_scores(tiny_prior: 
 
 def test_detection_report_scores_klip_z_against_reference_cases() -> None:
     from klviewer.evaluation.report import SWEEP_PATCHES, SWEEP_WINDOWS, evaluate, markdown
-    from klviewer.inference.analysis import SliceResult
+    from klviewer.inference.result import SliceResult
 
     def case(kind: str, s: HealthySlice, seed: int) -> DetectionCase:
         ood = np.zeros((SIZE, SIZE), bool)
@@ -205,8 +207,8 @@ def test_the_app_flags_and_outlines_by_z_only_at_the_reference_settings(tmp_path
     from klviewer.app.display import MapSettings, overlay_frame, with_result_z
     from klviewer.app.session import FlagThresholds
     from klviewer.app.session_results import as_shown
-    from klviewer.inference.analysis import SliceResult
     from klviewer.inference.calibration import calibration_key
+    from klviewer.inference.result import SliceResult
 
     settings = AnalysisSettings(patch=PATCH, sigma_window=(0.01, 5.0))
     ref = fit_reference([_slice(s) for s in range(12)], PATCH, (0.01, 5.0))

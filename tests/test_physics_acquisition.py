@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from klviewer.errors import KlviewerInputError
+from klviewer.io.sinogram_acquisition import acquisition_from_sinogram
 from klviewer.io.study import Sinogram
-from klviewer.physics.acquisition import DEFAULT_SINOGRAM_SIGMA, acquisition_from_sinogram, simulate_measurement
+from klviewer.physics.acquisition import DEFAULT_SINOGRAM_SIGMA, simulate_measurement
 from klviewer.physics.noise import GaussianNoise, PoissonNoise
 from klviewer.physics.units import MU_WATER_PER_MM
 

@@ -9,8 +9,7 @@ import torch
 
 from klviewer.errors import KlviewerInputError
 from klviewer.priors import PriorConfig
-from klviewer.priors.train_cli import ARCH_PRESETS
-from klviewer.priors.unet import EDMUNetPrior, edm_coefficients, position_grid
+from klviewer.priors.unet import ARCH_PRESETS, EDMUNetPrior, edm_coefficients, position_grid
 
 
 def tiny_unet(size: int = 32, seed: int = 0, **overrides) -> EDMUNetPrior:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from klviewer.cli.train import register
 from klviewer.devices import DeviceUnavailableError
-
 from klviewer.errors import KlviewerError
 from klviewer.priors import load_prior
 from klviewer.priors.data import phantom_pool
@@ -25,7 +25,7 @@ from klviewer.priors.train import (
     _new_prior,
     train_prior,
 )
-from klviewer.priors.train_cli import ARCH_PRESETS, register
+from klviewer.priors.unet import ARCH_PRESETS
 
 TINY = dict(size=32, patch=16, batch=8, n_phantoms=4, lr=3e-3, warmup=5, device="cpu", arch=ARCH_PRESETS["tiny"],
             report=False)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from klviewer.cli import shift as shift_cli
 from klviewer.errors import KlviewerError, KlviewerInputError
-from klviewer.inference import shift_cli
 from klviewer.io.safe_write import OutputExistsError
 from klviewer.priors import save_prior
 from klviewer.priors.gaussian import GaussianPrior

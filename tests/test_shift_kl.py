@@ -6,13 +6,11 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_PRIOR_SIZE
 
 from klviewer.errors import KlviewerError
 from klviewer.inference import shift_kl as sk
-from klviewer.inference.analysis import PreparedSlice
-from klviewer.inference.measurements import MeasuredSlice, MeasurementSet
+from klviewer.inference.measurements import MeasuredSlice, MeasurementSet, PreparedSlice
 from klviewer.inference.prior_selection import rank_priors
 from klviewer.inference.sampler import AnalysisCancelled
 from klviewer.physics.acquisition import simulate_measurement
@@ -282,8 +280,8 @@ def test_rank_priors_without_reference_by_denoising_fit(gaussian_checkpoints):
 
 def test_network_priors_on_phantom_measurements(tiny_prior, tmp_path):
     """The EDM-UNet path: KL to itself is zero and grows with a perturbation of the weights."""
-    from klviewer.inference.analysis import AnalysisSettings
     from klviewer.inference.measurements import collect_measurements
+    from klviewer.inference.settings import AnalysisSettings
     from klviewer.phantoms import FOV_MM, make_phantom
     from klviewer.priors import load_prior
 

@@ -38,7 +38,7 @@ from klviewer.app.settings import Preferences
 from klviewer.app.task_progress import TaskProgress
 from klviewer.app.task_worker import JobContext, TaskSlot
 from klviewer.errors import KlviewerError
-from klviewer.inference.analysis import AnalysisSettings
+from klviewer.inference.settings import AnalysisSettings
 
 MODES = {"norm-bias": "Norm and bias only (small adapter)", "lora": "LoRA (low-rank adapter)",
          "full": "Full fine-tuning"}
@@ -245,7 +245,7 @@ class AlignDialog(QDialog):
                 else:
                     ctx.report(p.step, p.steps, f"Aligning · loss {p.loss:.4g}")
 
-            return align_prior(cfg, progress=progress, cancel=ctx.cancel)
+            return align_prior(cfg, progress=progress, cancel=ctx.cancel, plan=scope.plan)
 
         self.start_button.setEnabled(False)
         self.compare_button.setEnabled(False)

@@ -28,7 +28,7 @@ from klviewer.app.display import MapSettings
 from klviewer.app.messages import Notifier
 from klviewer.app.settings import Preferences
 from klviewer.errors import KlviewerError
-from klviewer.inference.analysis import AnalysisSettings
+from klviewer.inference.settings import AnalysisSettings
 from klviewer.priors.checkpoint import DEFAULT_PRIOR, list_priors, load_prior, priors_dir, read_prior_config
 
 NOISE_MODES = {"none": "Noise-free", "dose": "Poisson: photons per ray (I0)", "gaussian": "Gaussian: σ of line integrals"}

@@ -5,28 +5,11 @@ from __future__ import annotations
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QHeaderView, QTreeWidget, QTreeWidgetItem, QWidget
 
-from klviewer.io.study import Patient, Series, Study
+from klviewer.app.display import patient_label, series_label, study_label
+from klviewer.io.study import Patient
 
 KIND_ROLE = Qt.ItemDataRole.UserRole
 UID_ROLE = Qt.ItemDataRole.UserRole + 1
-
-
-def patient_label(patient: Patient) -> str:
-    name = patient.name.replace("^", " ").strip()
-    return f"{name} ({patient.patient_id})" if name and name != patient.patient_id else patient.patient_id or "Unknown"
-
-
-def study_label(study: Study) -> str:
-    date = study.date
-    if len(date) == 8 and date.isdigit():
-        date = f"{date[:4]}-{date[4:6]}-{date[6:]}"
-    parts = [p for p in (study.description, date) if p]
-    return " · ".join(parts) or study.uid
-
-
-def series_label(series: Series) -> str:
-    number = f"#{series.number} " if series.number is not None else ""
-    return f"{number}{series.description or series.uid}"
 
 
 def _tag(item: QTreeWidgetItem, kind: str, uid: str) -> None:

@@ -1,6 +1,6 @@
 """Analysis → Compare priors…: run the analysis with a "before" and an "after" prior on the same measurements.
 
-The job (`klviewer.inference.compare.compare_priors`) runs in the background with progress
+The job (`klviewer.evaluation.compare.compare_priors`) runs in the background with progress
 and Cancel; its Comparison goes to the main window, which opens a comparison window on it.
 """
 
@@ -28,14 +28,14 @@ from klviewer.app.settings import Preferences
 from klviewer.app.task_progress import TaskProgress
 from klviewer.app.task_worker import JobContext, TaskSlot
 from klviewer.errors import KlviewerError
-from klviewer.inference.analysis import AnalysisSettings
+from klviewer.inference.settings import AnalysisSettings
 
 NO_REFERENCE = "None (no shift curves)"
 
 
 class CompareDialog(QDialog):
     comparison_ready = Signal(object)
-    """A klviewer.inference.compare.Comparison."""
+    """A klviewer.evaluation.compare.Comparison."""
 
     def __init__(self, prefs: Preferences, notifier: Notifier, scope_for: Callable[[str], Scope],
                  settings_for: Callable[[], AnalysisSettings], parent: QWidget | None = None) -> None:
@@ -117,7 +117,7 @@ class CompareDialog(QDialog):
 
     def start(self) -> bool:
         """Start the comparison; False (with a message saying why) when it cannot start."""
-        from klviewer.inference.compare import compare_priors
+        from klviewer.evaluation.compare import compare_priors
 
         if self.slot.running:
             self._notifier.info("Comparison already running", "Wait for it to finish or cancel it first.")
@@ -142,7 +142,7 @@ class CompareDialog(QDialog):
             def progress(done: int, total: int) -> None:
                 ctx.report(done, total, f"Analysing with {before.name} and {after.name}")
 
-            return compare_priors(before, after, list(scope.inputs), settings, reference=reference,
+            return compare_priors(before, after, scope.plan, settings, reference=reference,
                                   slices=scope.slices, progress=progress, cancel=ctx.cancel)
 
         self.start_button.setEnabled(False)

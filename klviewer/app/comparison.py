@@ -1,6 +1,6 @@
 """The before/after comparison as plain data: images, the difference, paired overlays, the numbers.
 
-No Qt here. It reads a `klviewer.inference.compare.Comparison` (cases with a `before` and an
+No Qt here. It reads a `klviewer.evaluation.compare.Comparison` (cases with a `before` and an
 `after` SliceResult of the same measurement, and per-case metrics) and says what the
 comparison view draws.
 """

@@ -456,7 +456,7 @@ class ComparisonView(QWidget):
 
     def save(self, out: Path, overwrite: bool = False) -> Path | None:
         """Write the comparison with the core writer; problems become messages."""
-        from klviewer.inference.compare import write_comparison
+        from klviewer.evaluation.compare import write_comparison
 
         try:
             written = write_comparison(self.model.comparison, out, overwrite=overwrite)

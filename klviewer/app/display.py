@@ -10,11 +10,30 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from klviewer.inference.analysis import SliceResult, is_flagged
 from klviewer.inference.energy import EnergyField, KLMap
-from klviewer.inference.healthy_reference import ZCalibration, slice_z_score, z_map_fits
-from klviewer.io.study import Series
+from klviewer.inference.healthy_reference import ZCalibration, z_map_fits
+from klviewer.inference.result import SliceResult
+from klviewer.inference.scoring import SliceScore, score_slice
+from klviewer.io.study import Patient, Series, Study
 from klviewer.overlay_rules import DISPLAY_FRACTION, OVERLAY_OPACITY, display_cut, overlay_levels
+
+
+def patient_label(patient: Patient) -> str:
+    name = patient.name.replace("^", " ").strip()
+    return f"{name} ({patient.patient_id})" if name and name != patient.patient_id else patient.patient_id or "Unknown"
+
+
+def study_label(study: Study) -> str:
+    date = study.date
+    if len(date) == 8 and date.isdigit():
+        date = f"{date[:4]}-{date[4:6]}-{date[6:]}"
+    parts = [p for p in (study.description, date) if p]
+    return " · ".join(parts) or study.uid
+
+
+def series_label(series: Series) -> str:
+    number = f"#{series.number} " if series.number is not None else ""
+    return f"{number}{series.description or series.uid}"
 
 
 @dataclass(frozen=True)
@@ -117,35 +136,48 @@ class MapSettings:
 
 @dataclass
 class OverlayFrame:
-    """One rendering of the KL overlay for a slice."""
+    """One rendering of the KL overlay for a slice, and the verdict it shows."""
 
-    kl_map: KLMap
+    scored: SliceScore
     pixels: np.ndarray
     """(H, W) float32 KL per covering patch, NaN where below the display threshold."""
     raw_pixels: np.ndarray
     """(H, W) float32, unmasked: what the probe reports."""
     levels: tuple[float, float]
     display_threshold: float
-    flag_threshold: float | None
     boxes: list[tuple[int, int, int, int]]
     """(r0, r1, c0, c1) of the outlined patches."""
-    z_map: KLMap | None = None
-    """KL z-scores against the prior's healthy reference, when it has one for these map settings."""
-    z_threshold: float | None = None
     shows_z: bool = False
     """`pixels`, `raw_pixels`, `levels` and `display_threshold` are KL z-scores, not nats."""
 
     @property
+    def kl_map(self) -> KLMap:
+        return self.scored.kl_map
+
+    @property
+    def flag_threshold(self) -> float | None:
+        return self.scored.nats_threshold
+
+    @property
+    def z_map(self) -> KLMap | None:
+        """KL z-scores against the prior's healthy reference, when it has one for these map settings."""
+        return self.scored.z_map
+
+    @property
+    def z_threshold(self) -> float | None:
+        return self.scored.z_threshold
+
+    @property
     def score(self) -> float:
-        return self.kl_map.score
+        return self.scored.score
 
     @property
     def z_score(self) -> float | None:
-        return slice_z_score(self.z_map)
+        return self.scored.z_score
 
     @property
     def flagged(self) -> bool:
-        return is_flagged(self.score, self.flag_threshold, self.z_score, self.z_threshold)
+        return self.scored.flagged
 
 
 TOP_PATCHES = 3
@@ -165,24 +197,28 @@ def flagged_patches(kl_map: KLMap, flag_threshold: float | None, top: int = TOP_
 
 def overlay_frame(energy: EnergyField, settings: MapSettings, flag_threshold: float | None,
                   z: tuple[ZCalibration, np.ndarray] | None = None) -> OverlayFrame:
-    """Cut the KL map for the slider settings out of the cached energy field (no sampling),
-    coloured by `klviewer.overlay_rules`. With `z` (the healthy reference for these settings and
-    the slice's reconstruction in HU) the outlines are the patches above its z threshold."""
-    settings = settings.clamped(energy.image_shape)
-    kl_map = energy.kl_map(settings.patch, settings.sigma_window)
+    """Score the energy field under the slider settings (no sampling) and render it; `z` is the healthy
+    reference for these settings with the slice's reconstruction in HU."""
+    m = settings.clamped(energy.image_shape)
+    calibration, recon_hu = z if z is not None else (None, None)
+    return frame_of(score_slice(energy, recon_hu, m.patch, m.sigma_window, nats_threshold=flag_threshold,
+                                z_calibration=calibration), m)
+
+
+def frame_of(scored: SliceScore, settings: MapSettings) -> OverlayFrame:
+    """Render a scored slice, coloured by `klviewer.overlay_rules`: outlined are the patches above the nats
+    threshold, or with KL z-scores the windows above the z threshold."""
+    kl_map = scored.kl_map
     raw = kl_map.to_pixels().astype(np.float32)
     peak = float(kl_map.values.max()) if kl_map.values.size else 0.0
     cut = display_cut(peak, settings.threshold_fraction)
     pixels = raw.copy()
     pixels[(raw < cut) | (raw <= 0)] = np.nan
-    frame = OverlayFrame(kl_map=kl_map, pixels=pixels, raw_pixels=raw, levels=overlay_levels(peak, flag_threshold),
-                         display_threshold=cut, flag_threshold=flag_threshold,
-                         boxes=flagged_patches(kl_map, flag_threshold))
-    if z is not None:
-        calibration, recon_hu = z
-        frame.z_map = calibration.reference.z_map(energy, recon_hu)
-        frame.z_threshold = calibration.threshold
-        frame.boxes = flagged_patches(frame.z_map, calibration.threshold)
+    threshold = scored.nats_threshold
+    frame = OverlayFrame(scored=scored, pixels=pixels, raw_pixels=raw, levels=overlay_levels(peak, threshold),
+                         display_threshold=cut, boxes=flagged_patches(kl_map, threshold))
+    if scored.z_map is not None:
+        frame.boxes = flagged_patches(scored.z_map, scored.z_threshold)
         if settings.show_z:
             _show_z(frame, settings.threshold_fraction)
     return frame
@@ -194,7 +230,8 @@ def with_result_z(frame: OverlayFrame, result: SliceResult) -> OverlayFrame:
     z = result.z_map
     if z is None or result.z_threshold is None or not z_map_fits(z, frame.kl_map):
         return frame
-    return replace(frame, z_map=z, z_threshold=result.z_threshold, boxes=flagged_patches(z, result.z_threshold))
+    return replace(frame, scored=replace(frame.scored, z_map=z, z_threshold=result.z_threshold),
+                   boxes=flagged_patches(z, result.z_threshold))
 
 
 def _show_z(frame: OverlayFrame, fraction: float) -> None:
@@ -227,6 +264,19 @@ class LogScale:
         v = min(max(value, self.low), self.high)
         t = (math.log(v) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
         return int(round(t * self.steps))
+
+
+def summary_html(result: SliceResult) -> str:
+    """The Analysis panel's line about the last analysed slice: its score and verdict at the run's settings."""
+    notes = "".join(f"<br>• {n}" for n in result.notes)
+    if result.flag_rule == "z":
+        verdict = (f"KL z-score {result.z_score:.3g}, {'flagged' if result.flagged else 'not flagged'} "
+                   f"(healthy-reference threshold {result.z_threshold:.3g})")
+    else:
+        threshold = f"{format_nats(result.flag_threshold)} nats" if result.flag_threshold is not None else "not calibrated"
+        verdict = f"{'flagged' if result.flagged else 'not flagged'} (threshold {threshold})"
+    return (f"Last slice: score {format_nats(result.score)} nats at the run's settings, {verdict}, "
+            f"{result.seconds:.1f} s.{notes}")
 
 
 def format_nats(value: float) -> str:

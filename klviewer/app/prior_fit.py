@@ -20,7 +20,7 @@ from klviewer.app.display import format_nats
 from klviewer.app.scope import Scope
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError
-from klviewer.inference.analysis import AnalysisSettings
+from klviewer.inference.settings import AnalysisSettings
 from klviewer.priors.checkpoint import load_prior
 
 Report = Callable[[int, int, str], None]
@@ -60,7 +60,7 @@ class FitResult:
 
 def run_prior_fit(request: FitRequest, report: Report, cancel: threading.Event) -> FitResult:
     """Rank every candidate against the loaded studies (see the module docstring)."""
-    from klviewer.inference.measurements import collect_measurements
+    from klviewer.inference.measurements import measure_plan
     from klviewer.inference.prior_selection import rank_priors
 
     if not request.candidates:
@@ -68,8 +68,7 @@ def run_prior_fit(request: FitRequest, report: Report, cancel: threading.Event) 
     device = resolve_device(request.settings.device)
     report(0, 1, "Preparing the measurements")
     grid = load_prior(request.reference or request.candidates[0], device)
-    measurements = collect_measurements(list(request.scope.inputs), grid, request.settings,
-                                        slices=request.scope.slices, device=device)
+    measurements = measure_plan(request.scope.plan, grid, request.settings, device)
     what = f"KL from {request.reference.name}" if request.reference else "Denoising fit"
 
     def progress(done: int, total: int) -> None:

@@ -37,7 +37,7 @@ from klviewer.app.settings import Preferences
 from klviewer.app.task_progress import TaskProgress
 from klviewer.app.task_worker import JobContext, TaskSlot
 from klviewer.errors import KlviewerError
-from klviewer.inference.analysis import AnalysisSettings
+from klviewer.inference.settings import AnalysisSettings
 
 NO_REFERENCE = "None: rank by denoising fit"
 RANK_COLUMNS = ("#", "Prior", "Score (nats)", "Δ vs best (nats)")

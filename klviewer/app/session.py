@@ -1,4 +1,4 @@
-"""Analysis results kept for the session, and the flag thresholds that go with them.
+"""Analysis results kept for the session, and the calibrations that go with them.
 
 No Qt here. Results are keyed by everything that changes the sampling run, and not by the
 map settings (patch, sigma window): those are re-cut from the cached EnergyField.
@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from klviewer.errors import KlviewerInputError
-from klviewer.inference.analysis import AnalysisSettings, SliceResult, sampling_key
-from klviewer.inference.calibration import CALIBRATION_FILE, calibration_key, current_calibrations, z_calibration_of
+from klviewer.inference.calibration import PriorCalibration
 from klviewer.inference.healthy_reference import ZCalibration
+from klviewer.inference.result import SliceResult
+from klviewer.inference.settings import AnalysisSettings, sampling_key
 
 
 @dataclass(frozen=True)
@@ -59,50 +60,40 @@ class ResultCache:
 
 @dataclass
 class FlagThresholds:
-    """Calibrated flag thresholds per prior, read once per prior folder.
+    """Each prior's calibration, read once per prior folder, asked for the map sliders' settings.
 
     A threshold holds only for the exact settings it was calibrated with, patch and sigma
-    window included, so moving the map sliders away from them leaves a slice without one.
+    window included, so moving the map sliders away from them leaves a slice without one. An
+    unreadable calibration means: not calibrated.
     """
 
-    _entries: dict[Path, list[dict[str, Any]]] = field(default_factory=dict)
+    _calibrations: dict[Path, PriorCalibration] = field(default_factory=dict)
 
-    def _load(self, prior_path: Path) -> list[dict[str, Any]]:
-        if prior_path not in self._entries:
+    def calibration(self, prior_path: Path) -> PriorCalibration:
+        if prior_path not in self._calibrations:
             try:
-                self._entries[prior_path] = current_calibrations(prior_path)
+                self._calibrations[prior_path] = PriorCalibration.read(prior_path)
             except (KlviewerInputError, OSError):
-                self._entries[prior_path] = []  # an unreadable calibration means: not calibrated
-        return self._entries[prior_path]
-
-    def _entry(self, prior_path: Path, settings: AnalysisSettings, patch: int,
-               sigma_window: tuple[float, float]) -> dict[str, Any] | None:
-        key = calibration_key(replace(settings, patch=patch, sigma_window=tuple(sigma_window)))
-        return next((e for e in self._load(prior_path) if e.get("settings") == key), None)
+                self._calibrations[prior_path] = PriorCalibration(prior_path)
+        return self._calibrations[prior_path]
 
     def threshold(self, prior_path: Path, settings: AnalysisSettings, patch: int,
                   sigma_window: tuple[float, float]) -> float | None:
         if settings.flag_threshold is not None:
             return settings.flag_threshold
-        entry = self._entry(prior_path, settings, patch, sigma_window)
-        return None if entry is None else float(entry["threshold"])
+        at = replace(settings, patch=patch, sigma_window=tuple(sigma_window))
+        return self.calibration(prior_path).nats_threshold(at)
 
     def z_calibration(self, prior_path: Path, settings: AnalysisSettings, patch: int,
                       sigma_window: tuple[float, float]) -> ZCalibration | None:
         """The healthy reference for these map settings; none while a threshold in nats is forced."""
-        entry = self._entry(prior_path, settings, patch, sigma_window)
-        if settings.flag_threshold is not None or entry is None:
+        if settings.flag_threshold is not None:
             return None
         try:
-            return z_calibration_of(entry, prior_path / CALIBRATION_FILE)
+            return self.calibration(prior_path).z_calibration(replace(settings, patch=patch, sigma_window=tuple(sigma_window)))
         except KlviewerInputError:
             return None  # a damaged reference means: no reference, as for the thresholds
 
     def calibrated_windows(self, prior_path: Path) -> list[tuple[float, float]]:
         """Sigma windows the prior was calibrated with, so the sliders can land on them exactly."""
-        windows = []
-        for entry in self._load(prior_path):
-            window = entry.get("settings", {}).get("sigma_window")
-            if isinstance(window, list) and len(window) == 2:
-                windows.append((float(window[0]), float(window[1])))
-        return windows
+        return self.calibration(prior_path).windows()

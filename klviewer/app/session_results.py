@@ -16,10 +16,13 @@ from pathlib import Path
 
 from klviewer.app.display import MapSettings
 from klviewer.errors import KlviewerError
-from klviewer.inference.analysis import SliceResult, recut, sampling_key
-from klviewer.inference.measurements import PlannedSeries, case_name
-from klviewer.inference.runner import AnalysisRun, prior_fingerprint, summary_row, write_summary
+from klviewer.inference.plan import PlannedSeries, case_name
+from klviewer.inference.result import SliceResult, recut
+from klviewer.inference.settings import sampling_key
 from klviewer.io.study import Series
+from klviewer.priors.checkpoint import prior_fingerprint
+from klviewer.results.slice_file import write_slice_npz
+from klviewer.results.summary import AnalysisRun, summary_row, write_summary
 
 
 @dataclass
@@ -87,7 +90,7 @@ def _write_group(members: list[SessionSlice], out: Path, settings: MapSettings) 
         summary_settings = summary_settings or shown.settings
         z_thresholds.add(shown.z_threshold)
         target = out / plan.case / f"{item.index:04d}.npz"
-        shown.save_npz(target)
+        write_slice_npz(shown, target)
         row = summary_row(plan.source, plan.case, item.index, shown, target.relative_to(out))
         row.update(plan.slice_source(item.index))
         run.rows.append(row)

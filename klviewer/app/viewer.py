@@ -37,7 +37,7 @@ from klviewer.app.display import (
     initial_window,
 )
 from klviewer.app.overlay import OverlayLayer
-from klviewer.inference.analysis import SliceResult
+from klviewer.inference.result import SliceResult
 from klviewer.io.study import Series
 
 ANNOTATION_STYLE = "color: #e8e8e8; background: transparent; font-size: 12px;"

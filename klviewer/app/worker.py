@@ -1,8 +1,9 @@
 """Running the analysis off the GUI thread.
 
-A run loads the prior (kept for the next run), then analyses its slices one after the other.
-Results and progress arrive through queued signals; `cancel()` sets the Event the sampler
-checks every step, so a run stops within one step and the thread can be joined.
+A run loads the prior (kept for the next run), then relays the pipeline's per-slice results
+(`klviewer.inference.pipeline.analyze_slices`, as `klviewer analyze` runs them). Results and
+progress arrive through queued signals; `cancel()` sets the Event the sampler checks every step,
+so a run stops within one step and the thread can be joined.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from PySide6.QtCore import QObject, QThread, Signal, SignalInstance
 
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError
-from klviewer.inference.analysis import AnalysisSettings, analyze_prepared, prepare_slice
-from klviewer.inference.calibration import flag_threshold_for, z_calibration_for
+from klviewer.inference.pipeline import LoadedPrior, analyze_slices
+from klviewer.inference.plan import plan_open_series
 from klviewer.inference.sampler import AnalysisCancelled
+from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.study import Series
 from klviewer.priors.checkpoint import load_prior
+
 
 def compute_threads() -> int:
     """Threads for torch in a run: all cores but one, which stays free for the GUI.
@@ -48,14 +51,15 @@ class PriorCache:
         self._key: tuple[str, str] | None = None
         self._prior = None
 
-    def get(self, path: Path, device: torch.device):
+    def get(self, path: Path, device: torch.device) -> LoadedPrior:
+        """The prior at `path` on `device`, with its calibration read afresh (it may have been recalibrated)."""
         key = (str(path), str(device))
         with self._lock:
             if self._key != key:
                 self._prior, self._key = None, None  # free the old one before loading the new one
                 self._prior = load_prior(path, device)
                 self._key = key
-            return self._prior
+            return LoadedPrior.of(path, self._prior, device)
 
 
 class CancellableThread(QThread):
@@ -117,25 +121,11 @@ class AnalysisThread(CancellableThread):
 
     def _analyse(self) -> None:
         req = self.request
-        device = resolve_device(req.settings.device)
-        prior = self._priors.get(req.prior_path, device)
-        threshold = flag_threshold_for(req.prior_path, req.settings)
-        z_calibration = z_calibration_for(req.prior_path, req.settings)
-        per_slice = req.settings.steps * req.settings.samples
-        total = per_slice * len(req.indices)
-        for n, index in enumerate(req.indices):
-            if self._cancel.is_set():
-                raise AnalysisCancelled("analysis cancelled")
-            base = n * per_slice
-
-            def report(done: int, _total: int, base: int = base) -> None:
-                self._report(base + done, total)
-
-            prepared = prepare_slice(req.series, index, prior, req.settings, device)
-            result = analyze_prepared(prepared, prior, req.settings, prior_name=req.prior_path.name,
-                                      flag_threshold=threshold, z_calibration=z_calibration, progress=report,
-                                      cancel=self._cancel)
-            self.slice_done.emit(req, index, result)
+        loaded = self._priors.get(req.prior_path, resolve_device(req.settings.device))
+        plan = plan_open_series([(req.series, req.indices)])
+        for item in analyze_slices(plan, loaded, req.settings, progress=self._report, cancel=self._cancel):
+            self.slice_done.emit(req, item.index, item.result)
+        total = req.settings.steps * req.settings.samples * len(req.indices)
         self.progress.emit(total, total)
 
     def _report(self, done: int, total: int) -> None:

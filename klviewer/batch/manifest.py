@@ -17,7 +17,7 @@ from typing import Any
 from klviewer import __version__
 from klviewer.batch.discover import StudyJob
 from klviewer.errors import KlviewerInputError
-from klviewer.inference.analysis import AnalysisSettings
+from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.safe_write import atomic_write_text
 
 MANIFEST_FILE = "manifest.json"

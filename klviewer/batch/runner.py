@@ -35,10 +35,10 @@ from klviewer.batch.manifest import (
 from klviewer.batch.study import CANCELLED, BatchSpec, SliceProgress, StudyOutcome, partial_folders
 from klviewer.batch.summary import BatchResult, study_rows, write_batch_summary
 from klviewer.errors import KlviewerInputError
-from klviewer.inference.analysis import AnalysisSettings
-from klviewer.inference.measurements import parse_slices
-from klviewer.inference.runner import check_output_folder, prior_fingerprint
-from klviewer.priors.checkpoint import DEFAULT_PRIOR, load_prior, resolve_prior_path
+from klviewer.inference.plan import parse_slices
+from klviewer.inference.settings import AnalysisSettings
+from klviewer.io.safe_write import check_output_folder
+from klviewer.priors.checkpoint import DEFAULT_PRIOR, load_prior, prior_fingerprint, resolve_prior_path
 
 POLL_SECONDS = 0.5
 

@@ -26,11 +26,13 @@ from klviewer import __version__
 from klviewer.batch.discover import StudyJob
 from klviewer.batch.manifest import DONE, FAILED
 from klviewer.errors import KlviewerError
-from klviewer.inference.analysis import AnalysisSettings
-from klviewer.inference.measurements import plan_series
-from klviewer.inference.runner import AnalysisRun, LoadedPrior, analyze_plan
+from klviewer.inference.pipeline import LoadedPrior
+from klviewer.inference.plan import plan_series
 from klviewer.inference.sampler import AnalysisCancelled
+from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.loader import open_images
+from klviewer.results.analyze import analyze_plan
+from klviewer.results.summary import AnalysisRun
 
 PARTIAL_SUFFIX = ".partial"
 CANCELLED = "cancelled"
@@ -80,7 +82,7 @@ class StudyWorker:
         if spec.threads is not None:
             torch.set_num_threads(spec.threads)
         self.spec = spec
-        self.loaded = LoadedPrior.load(spec.prior_path, spec.settings)
+        self.loaded = LoadedPrior.load(spec.prior_path, spec.settings.device)
         self.device = self.loaded.device
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 

@@ -15,8 +15,8 @@ from klviewer import __version__
 from klviewer.batch.export_step import EXPORT_DIR
 from klviewer.batch.manifest import DONE, FAILED, MANIFEST_FILE, Manifest, StudyRecord, now_iso
 from klviewer.errors import KlviewerInputError
-from klviewer.inference.runner import CSV_COLUMNS
 from klviewer.io.safe_write import atomic_write_text
+from klviewer.results.summary import CSV_COLUMNS
 
 SUMMARY_JSON = "batch_summary.json"
 SUMMARY_CSV = "batch_summary.csv"

@@ -23,10 +23,13 @@ import numpy as np
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError
 from klviewer.evaluation.detection import CALIBRATION_SEED_BASE, run_cases
-from klviewer.inference.analysis import AnalysisSettings, SliceResult, analyze_prepared
 from klviewer.inference.calibration import calibration_key, write_calibration
 from klviewer.inference.healthy_reference import HealthySlice, cross_fitted_scores, fit_reference
 from klviewer.inference.measurements import collect_measurements
+from klviewer.inference.pipeline import analyze_prepared
+from klviewer.inference.result import SliceResult
+from klviewer.inference.settings import AnalysisSettings
+from klviewer.priors.base import Prior
 from klviewer.priors.checkpoint import load_prior, prior_fingerprint, resolve_prior_path
 
 
@@ -78,15 +81,15 @@ def calibrate_prior(
     the thresholds at false-positive rate `fpr`."""
     device = resolve_device(settings.device)
     prior_path = resolve_prior_path(prior)
-    model = load_prior(prior_path, device=device)
+    network = load_prior(prior_path, device=device)
     if healthy is not None:
         if cache is not None:
             raise KlviewerError("a cache folder holds phantom results only; it cannot be used with healthy studies")
-        results, source = _score_studies(model, prior_path.name, settings, healthy, slices, device, progress)
+        results, source = _score_studies(network, prior_path.name, settings, healthy, slices, device, progress)
     else:
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
-        cases = run_cases(model, settings, n_id=n, n_ood=0, seed=seed, seed_base=CALIBRATION_SEED_BASE, cache=cache,
+        cases = run_cases(network, settings, n_id=n, n_ood=0, seed=seed, seed_base=CALIBRATION_SEED_BASE, cache=cache,
                           device=device, progress=progress)
         results, source = [c.result for c in cases], {"phantom_seeds": [c.seed for c in cases]}
     scores = np.array([r.score for r in results])
@@ -119,13 +122,13 @@ def calibrate_prior(
     return Calibration(threshold, fpr, scores, entry, path, z_threshold, z_scores)
 
 
-def _score_studies(model, prior_name: str, settings: AnalysisSettings, inputs: Sequence[str | Path], slices: str,
+def _score_studies(network: Prior, prior_name: str, settings: AnalysisSettings, inputs: Sequence[str | Path], slices: str,
                    device, progress: Callable[[int, int], None] | None) -> tuple[list[SliceResult], dict[str, Any]]:
     """Analyse every picked slice of the healthy studies; returns the results and what the entry records of them."""
-    measurements = collect_measurements(inputs, model, settings, slices=slices, device=device)
+    measurements = collect_measurements(inputs, network, settings, slices=slices, device=device)
     results: list[SliceResult] = []
     for measured in measurements.slices:
-        results.append(analyze_prepared(measured.prepared, model, settings, prior_name=prior_name, flag_threshold=None))
+        results.append(analyze_prepared(measured.prepared, network, settings, prior_name=prior_name, flag_threshold=None))
         if progress is not None:
             progress(len(results), len(measurements))
     source = {"healthy_inputs": [str(Path(p).resolve()) for p in inputs], "healthy_slices": slices,

@@ -29,19 +29,15 @@ import torch
 
 from klviewer.errors import KlviewerInputError
 from klviewer.evaluation.metrics import auroc, psnr_hu, ssim_hu
-from klviewer.inference.analysis import (
-    AnalysisSettings,
-    SliceResult,
-    analyze_prepared,
-    load_slice_result,
-    prepare_slice,
-    recut,
-    sampling_key,
-)
 from klviewer.inference.energy import KLMap, patch_sums
 from klviewer.inference.healthy_reference import HealthyReference, HealthySlice
+from klviewer.inference.measurements import prepare_slice
+from klviewer.inference.pipeline import analyze_prepared
+from klviewer.inference.result import SliceResult, recut
+from klviewer.inference.settings import AnalysisSettings, sampling_key
 from klviewer.io.study import Series, Slice
 from klviewer.phantoms import Phantom, make_phantom
+from klviewer.results.slice_file import load_slice_result, write_slice_npz
 
 BASELINES = ("posterior_std", "fbp_minus_mean", "residual_backprojection", "centre_distance")
 METHODS = ("klip", *BASELINES)
@@ -108,7 +104,7 @@ def run_cases(
             prepared = prepare_slice(series_from_phantom(phantom), 0, prior, settings, device)
             result = analyze_prepared(prepared, prior, settings, prior_name=prior.config.name, flag_threshold=None, cancel=cancel)
             if cached is not None:
-                result.save_npz(cached)
+                write_slice_npz(result, cached)
         cases.append(DetectionCase.of(phantom, result))
         if progress is not None:
             progress(done + 1, len(plan))

@@ -25,8 +25,8 @@ from klviewer.evaluation.detection import (
     score_z,
 )
 from klviewer.evaluation.metrics import roc_curve
-from klviewer.inference.analysis import AnalysisSettings
 from klviewer.inference.healthy_reference import POOL_PX, fit_reference
+from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.safe_write import atomic_write, atomic_write_text
 from klviewer.priors.checkpoint import load_prior, resolve_prior_path
 

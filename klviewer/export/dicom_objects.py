@@ -29,7 +29,7 @@ from pydicom.uid import generate_uid
 
 from klviewer import __version__
 from klviewer.export.geometry import patient_orientation
-from klviewer.export.results import SliceEntry
+from klviewer.results.reader import SliceEntry
 
 NATS = Code("{nat}", "UCUM", "nat")
 LOCAL_SCHEME = "99KLVIEWER"

@@ -49,10 +49,11 @@ from klviewer.export.images import (
     write_png,
 )
 from klviewer.export.pdf_report import ReportContext, write_report_pdf
-from klviewer.export.results import CaseEntry, ResultsFolder, SliceEntry, read_results
 from klviewer.export.tables import CASES_CSV, CASES_JSON, write_case_tables
-from klviewer.inference.analysis import SliceResult, load_slice_result
+from klviewer.inference.result import SliceResult
 from klviewer.io.safe_write import OutputExistsError, atomic_write
+from klviewer.results.reader import CaseEntry, ResultsFolder, SliceEntry, read_results
+from klviewer.results.slice_file import load_slice_result
 
 EXPORT_FORMATS = ("dicom", "png", "pdf", "csv")
 CASE_FORMATS = ("dicom", "png", "pdf")

@@ -20,7 +20,7 @@ from matplotlib.ticker import MaxNLocator
 
 from klviewer import __version__
 from klviewer.export.images import COLORMAP, OverlayStyle
-from klviewer.export.results import CaseEntry
+from klviewer.results.reader import CaseEntry
 
 A4_INCHES = (8.27, 11.69)
 MAX_SLICE_ROWS = 10

@@ -24,7 +24,6 @@ weights are saved as the prior and the run is reported as diverged.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -41,14 +40,14 @@ import torch
 from klviewer import __version__
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError, KlviewerInputError
-from klviewer.inference.adapters import ADAPTER_MODES, apply_adapter, count_parameters, merged_state_dict
-from klviewer.inference.analysis import AnalysisSettings, PreparedSlice, ct_measurement_model, prepare_slice
 from klviewer.inference.likelihood import MeasurementModel, data_consistent_estimate
-from klviewer.inference.measurements import plan_series
-from klviewer.inference.runner import check_output_folder
+from klviewer.inference.measurements import PreparedSlice, ct_measurement_model, prepare_slice
+from klviewer.inference.plan import SeriesPlan, as_plan
 from klviewer.inference.sampler import AnalysisCancelled, posterior_sample
-from klviewer.io.loader import open_images
-from klviewer.io.safe_write import OutputExistsError, atomic_write, atomic_write_text
+from klviewer.inference.settings import AnalysisSettings
+from klviewer.io.safe_write import OutputExistsError, atomic_write, atomic_write_text, check_output_folder
+from klviewer.priors.adapters import ADAPTER_MODES, count_parameters
+from klviewer.priors.base import Prior
 from klviewer.priors.checkpoint import (
     CONFIG_FILE,
     load_prior,
@@ -58,16 +57,22 @@ from klviewer.priors.checkpoint import (
     save_prior,
     state_bytes,
 )
-from klviewer.priors.resume_state import restore_training_state, training_state_bytes
-from klviewer.priors.train import update_ema, write_loss_csv
+from klviewer.priors.finetune import (
+    RESUME_STATE,
+    FineTuneDiverged,
+    FineTuner,
+    FineTuneSettings,
+    draw_sigmas,
+    edm_weight,
+)
+from klviewer.priors.train import write_loss_csv
 from klviewer.priors.unet import EDMUNetPrior
 
 RESUME_DIR = "resume"
-RESUME_WEIGHTS = "state.safetensors"
-RESUME_STATE = "state.json"
 RESUME_INPUTS = "inputs.safetensors"
 RESUME_INPUTS_STATE = "inputs.json"
 REPORT_DIR = "alignment"
+FINAL_LOSS_STEPS = 50
 MIN_MEASUREMENTS = 8
 """Fewer measurements than this get a warning: the paper aligned on 64 or 128."""
 INPUT_IMAGES = ("recon", "pinv")
@@ -253,11 +258,10 @@ def _input_image(prepared: PreparedSlice, prior, model: MeasurementModel, cfg: A
     return torch.from_numpy(run.mean).reshape(shape).to(device)
 
 
-def _collect(cfg: AlignConfig, prior, device: torch.device, images: torch.Tensor | None,
+def _collect(cfg: AlignConfig, plan: SeriesPlan, prior: Prior, device: torch.device, images: torch.Tensor | None,
              progress: Callable[[AlignProgress], None] | None, cancel: threading.Event | None) -> _Data:
     """Every picked slice's measurement, and its input image unless `images` (from a resume) is given."""
     settings = cfg.analysis_settings()
-    plan = plan_series(open_images(cfg.inputs), cfg.slices)
     n = plan.n_slices
     if n < MIN_MEASUREMENTS:
         warnings.warn(f"aligning on only {n} measurement(s); at least {MIN_MEASUREMENTS} are advisable "
@@ -297,40 +301,25 @@ def _sigma_law(cfg: AlignConfig, base_training: dict[str, Any]) -> tuple[float, 
     return p_mean, p_std
 
 
-class _Aligner:
-    """The mutable state of one run: adapted model, EMA, optimiser, RNG, loss history."""
+class _Aligner(FineTuner):
+    """A fine-tuning run whose loss is made from the measurements (see the module docstring)."""
 
     def __init__(self, cfg: AlignConfig, base: EDMUNetPrior, data: _Data, device: torch.device,
-                 sigma_law: tuple[float, float], fixed: dict[str, Any]) -> None:
-        self.cfg, self.data, self.device, self.fixed = cfg, data, device, fixed
+                 sigma_law: tuple[float, float]) -> None:
+        super().__init__(base, FineTuneSettings(mode=cfg.mode, lora_rank=cfg.lora_rank, lr=cfg.lr, warmup=cfg.warmup,
+                                                ema=cfg.ema, seed=cfg.seed), device)
+        self.cfg, self.data = cfg, data
         self.p_mean, self.p_std = sigma_law
-        self.model = copy.deepcopy(base).to(device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)  # LoRA's initial adapters: same seed, same run
-            self.params = apply_adapter(self.model, cfg.mode, cfg.lora_rank)
-        self.model.train()
-        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.opt = torch.optim.Adam(self.params, lr=cfg.lr)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.step = 0
-        self.losses: list[float] = []
-        self.elapsed_s = 0.0
-        self.commands: list[str | None] = []
-
-    def lr_at(self, step: int) -> float:
-        return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup))
 
     def loss(self) -> torch.Tensor:
         cfg, data = self.cfg, self.data
-        sd = self.model.config.sigma_data
-        # All randomness comes from one CPU generator, so a run is reproducible on any device.
         picks = torch.randint(len(data.targets), (cfg.batch,), generator=self.gen)
-        sigma = torch.exp(self.p_mean + self.p_std * torch.randn(cfg.batch, generator=self.gen))
+        sigma = draw_sigmas(self.gen, cfg.batch, self.p_mean, self.p_std)
         noise = torch.randn((cfg.batch, *data.images.shape[1:]), generator=self.gen) * sigma[:, None, None, None]
         sigma, noise = sigma.to(self.device), noise.to(self.device)
         clean = data.images[picks.to(data.images.device)]
         denoised = self.model.denoise(clean + noise, sigma)
-        weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
+        weight = edm_weight(sigma, self.model.config.sigma_data)
         if cfg.input_image == "recon":
             return (weight[:, None, None, None] * (denoised - clean) ** 2).mean()
         total = denoised.new_zeros(())
@@ -338,46 +327,6 @@ class _Aligner:
             t = data.targets[i]
             total = total + weight[b] * sinogram_loss(t.model, denoised[b:b + 1], t.trace)
         return total / cfg.batch
-
-    def train_step(self) -> float:
-        """One optimiser step; raises AlignDiverged (weights untouched) on a non-finite loss or gradient."""
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr_at(self.step)
-        loss = self.loss()
-        value = float(loss.item())
-        if not math.isfinite(value):
-            raise AlignDiverged(self.cfg.out, self.step, value)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if not all(bool(torch.isfinite(p.grad).all()) for p in self.params if p.grad is not None):
-            raise AlignDiverged(self.cfg.out, self.step, value)
-        self.opt.step()
-        update_ema(self.ema, self.model, self.cfg.ema, self.step)
-        self.step += 1
-        self.losses.append(value)
-        return value
-
-    def final_weights(self) -> dict[str, torch.Tensor]:
-        source = self.ema if self.cfg.ema > 0 else self.model
-        return merged_state_dict(source)
-
-    # --- resume checkpoints -------------------------------------------------------------------
-
-    def save_resume(self) -> None:
-        folder = self.cfg.out / RESUME_DIR
-        blob, param_groups = training_state_bytes(self.model, self.ema, self.opt, self.gen, self.step)
-        doc = {"step": self.step, "elapsed_s": self.elapsed_s, "settings": self.fixed,
-               "param_groups": param_groups, "losses": self.losses, "commands": self.commands}
-        atomic_write(folder / RESUME_WEIGHTS, lambda f: f.write(blob), overwrite=True)
-        atomic_write_text(folder / RESUME_STATE, json.dumps(doc) + "\n", overwrite=True)
-
-    def load_resume(self, doc: dict[str, Any]) -> None:
-        weights_path = self.cfg.out / RESUME_DIR / RESUME_WEIGHTS
-        restore_training_state(weights_path, self.model, self.ema, self.opt, self.gen, doc["param_groups"])
-        self.step = int(doc["step"])
-        self.elapsed_s = float(doc.get("elapsed_s", 0.0))
-        self.losses = list(doc["losses"])[:self.step]
-        self.commands = list(doc.get("commands", []))
 
 
 def _fixed_settings(cfg: AlignConfig, fingerprint: str, sigma_law: tuple[float, float]) -> dict[str, Any]:
@@ -454,7 +403,6 @@ def _check_paths(cfg: AlignConfig, base_folder: Path) -> None:
 
 def _provenance(cfg: AlignConfig, aligner: _Aligner, base_folder: Path, base: EDMUNetPrior, fingerprint: str,
                 data: _Data, device: torch.device, stopped: str | None) -> dict[str, Any]:
-    tail = aligner.losses[-min(len(aligner.losses), 50):]
     return {
         "kind": "alignment",
         "base_prior": {"name": base.config.name, "path": str(base_folder), "sha256": fingerprint},
@@ -485,8 +433,8 @@ def _provenance(cfg: AlignConfig, aligner: _Aligner, base_folder: Path, base: ED
         "seed": cfg.seed,
         "command": cfg.command,
         "commands": aligner.commands,
-        "final_loss": float(sum(tail) / len(tail)) if tail else None,
-        "final_loss_note": f"mean loss over the last {len(tail)} steps (online weights)",
+        "final_loss": aligner.mean_recent_loss(FINAL_LOSS_STEPS),
+        "final_loss_note": f"mean loss over the last {min(len(aligner.losses), FINAL_LOSS_STEPS)} steps (online weights)",
         "seconds": round(aligner.elapsed_s, 1),
         "input_seconds": round(data.seconds, 1),
         "seconds_note": "seconds: the training loop (all invocations); input_seconds: measurements and input "
@@ -515,8 +463,11 @@ def _save(cfg: AlignConfig, aligner: _Aligner, base_folder: Path, base: EDMUNetP
 
 
 def align_prior(cfg: AlignConfig, progress: Callable[[AlignProgress], None] | None = None,
-                cancel: threading.Event | None = None) -> Path:
+                cancel: threading.Event | None = None, plan: SeriesPlan | None = None) -> Path:
     """Fine-tune a copy of ``cfg.prior`` on the measurements of ``cfg.inputs``; returns the new prior folder.
+
+    ``plan`` gives the series when they are loaded already (the app); ``cfg.inputs`` and
+    ``cfg.slices`` then only record where they came from.
 
     Raises AlignCancelled (resume state written) when ``cancel`` is set, and AlignDiverged after
     saving the last good weights when the loss or a gradient stops being finite. Warns
@@ -535,30 +486,30 @@ def align_prior(cfg: AlignConfig, progress: Callable[[AlignProgress], None] | No
     doc = _read_resume_state(cfg, fixed)
     saved_images = _saved_images(cfg, fixed)
     collect_started = time.perf_counter()
-    data = _collect(cfg, base, device, saved_images, progress, cancel)
+    data = _collect(cfg, plan or as_plan(cfg.inputs, cfg.slices), base, device, saved_images, progress, cancel)
     data.seconds = time.perf_counter() - collect_started
     if saved_images is None:
         _save_images(cfg, data.images, fixed)
 
-    aligner = _Aligner(cfg, base, data, device, sigma_law, fixed)
+    aligner = _Aligner(cfg, base, data, device, sigma_law)
     if doc is not None:
-        aligner.load_resume(doc)
+        aligner.load_resume(cfg.out / RESUME_DIR, doc)
     aligner.commands.append(cfg.command)
     started = time.perf_counter() - aligner.elapsed_s
     while aligner.step < cfg.steps:
         try:
-            loss = aligner.train_step()
-        except AlignDiverged:
+            loss = aligner.train_step(aligner.loss)
+        except FineTuneDiverged as exc:
             _save(cfg, aligner, base_folder, base, fingerprint, data, device,
                   stopped=f"diverged at step {aligner.step + 1}: non-finite loss or gradient")
-            raise
+            raise AlignDiverged(cfg.out, exc.step, exc.loss) from None
         aligner.elapsed_s = time.perf_counter() - started
         if progress is not None:
             progress(AlignProgress(aligner.step, cfg.steps, loss))
         if cancel is not None and cancel.is_set():
-            aligner.save_resume()
+            aligner.save_resume(cfg.out / RESUME_DIR, fixed)
             raise AlignCancelled(cfg.out, aligner.step)
         if aligner.step % cfg.checkpoint_every == 0 or aligner.step == cfg.steps:
-            aligner.save_resume()
+            aligner.save_resume(cfg.out / RESUME_DIR, fixed)
     _save(cfg, aligner, base_folder, base, fingerprint, data, device)
     return cfg.out

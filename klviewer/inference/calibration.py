@@ -7,12 +7,13 @@ when the analysis settings match on every key that changes the score's scale.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from klviewer.errors import KlviewerError, KlviewerInputError
-from klviewer.inference.analysis import AnalysisSettings
 from klviewer.inference.healthy_reference import HealthyReference, ZCalibration
+from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.safe_write import atomic_write_text
 from klviewer.priors.checkpoint import prior_fingerprint
 
@@ -52,21 +53,54 @@ def current_calibrations(prior_path: Path) -> list[dict[str, Any]]:
     return [e for e in entries if e.get("prior_sha256", fingerprint) == fingerprint]
 
 
-def _entry_for(prior_path: Path, settings: AnalysisSettings) -> dict[str, Any] | None:
-    key = calibration_key(settings)
-    return next((e for e in current_calibrations(prior_path) if e.get("settings") == key), None)
+@dataclass
+class PriorCalibration:
+    """A prior's calibration entries that hold for its weights as they are now, read once.
+
+    A threshold or healthy reference holds only for the exact settings it was calibrated with,
+    patch and sigma window included.
+    """
+
+    path: Path
+    """The prior folder."""
+    entries: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, prior_path: Path) -> PriorCalibration:
+        return cls(prior_path, current_calibrations(prior_path))
+
+    def entry(self, settings: AnalysisSettings) -> dict[str, Any] | None:
+        key = calibration_key(settings)
+        return next((e for e in self.entries if e.get("settings") == key), None)
+
+    def nats_threshold(self, settings: AnalysisSettings) -> float | None:
+        """The calibrated threshold in nats for these settings, or None when there is none."""
+        entry = self.entry(settings)
+        return None if entry is None else float(entry["threshold"])
+
+    def z_calibration(self, settings: AnalysisSettings) -> ZCalibration | None:
+        """The healthy reference and z threshold for these settings, or None when they were not calibrated."""
+        entry = self.entry(settings)
+        return None if entry is None else z_calibration_of(entry, self.path / CALIBRATION_FILE)
+
+    def windows(self) -> list[tuple[float, float]]:
+        """Sigma windows the prior was calibrated with, so the sliders can land on them exactly."""
+        windows = []
+        for entry in self.entries:
+            window = entry.get("settings", {}).get("sigma_window")
+            if isinstance(window, list) and len(window) == 2:
+                windows.append((float(window[0]), float(window[1])))
+        return windows
 
 
 def flag_threshold_for(prior_path: Path, settings: AnalysisSettings) -> float | None:
     """The calibrated threshold for these settings, or None when there is none."""
-    entry = _entry_for(prior_path, settings)
-    return None if entry is None else float(entry["threshold"])
+    return PriorCalibration.read(prior_path).nats_threshold(settings)
 
 
 def z_calibration_for(prior_path: Path, settings: AnalysisSettings) -> ZCalibration | None:
     """The healthy reference and z threshold for these settings, or None when they were not calibrated."""
-    entry = _entry_for(prior_path, settings)
-    return None if entry is None else z_calibration_of(entry, prior_path / CALIBRATION_FILE)
+    return PriorCalibration.read(prior_path).z_calibration(settings)
 
 
 def z_calibration_of(entry: dict[str, Any], source: Path) -> ZCalibration | None:

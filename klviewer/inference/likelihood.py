@@ -8,17 +8,11 @@ books 1/2 * dx_lik^2 / (g^2 dt) as KL energy.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
 from klviewer.errors import KlviewerInputError
-
-
-class LinearOperator(Protocol):
-    def A(self, x: torch.Tensor) -> torch.Tensor: ...
-
-    def A_adjoint(self, y: torch.Tensor) -> torch.Tensor: ...
+from klviewer.physics.operator import LinearOperator
 
 
 @dataclass

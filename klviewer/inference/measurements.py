@@ -1,115 +1,113 @@
-"""From inputs to measurements on a prior's grid: which slices of which series, under which case name.
+"""Measurements on a prior's grid: prepare one slice, its linear model in prior units, and sets of them.
 
-`klviewer analyze`, `shift`, `align` and `compare` all read their inputs through `plan_series`
-(and `collect_measurements`), so a case is named the same way and a slice spec picks the same
-slices in every command.
+Image inputs are resampled to the prior's grid and their measurement is simulated; sinogram
+inputs keep their measurement. `collect_measurements` and `measure_plan` prepare every slice of a
+plan, for `shift`, `align`, `compare` and the app's prior-fit and alignment jobs.
 """
 
 from __future__ import annotations
 
-import re
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from klviewer.errors import KlviewerInputError
-from klviewer.inference.analysis import AnalysisSettings, PreparedSlice, prepare_slice
-from klviewer.io.loader import open_images
-from klviewer.io.study import Catalog, Series
+from klviewer.inference.likelihood import MeasurementModel
+from klviewer.inference.plan import SeriesPlan, as_plan
+from klviewer.inference.settings import AnalysisSettings
+from klviewer.io.sinogram_acquisition import acquisition_from_sinogram
+from klviewer.io.study import Series
+from klviewer.physics.acquisition import DEFAULT_SINOGRAM_SIGMA, Acquisition, simulate_measurement
+from klviewer.physics.units import MU_WATER_PER_MM
+from klviewer.priors.base import Prior
+from klviewer.priors.data import resize_square
+
+MEASUREMENT_SIGMA_FLOOR = DEFAULT_SINOGRAM_SIGMA
+"""Smallest line-integral noise std the likelihood assumes. Even a noise-free simulation has
+model error (discretisation, interpolation), and a zero variance would make the likelihood
+infinitely sharp."""
 
 
 @dataclass
-class PlannedSeries:
-    series: Series
-    case: str
-    source: str
-    """The series' first file as an absolute path (or its uid when it has no file): what reports call the input."""
-    indices: list[int]
+class PreparedSlice:
+    """A slice on the prior's grid, with its measurement, ready to sample."""
 
-    def slice_source(self, index: int) -> dict[str, str | None]:
-        """Where slice `index` came from, for references in exports (DICOM file and SOP instance)."""
-        sl = self.series.slices[index] if index < len(self.series.slices) else None
-        return {
-            "source_kind": self.series.source_kind,
-            "series_uid": self.series.uid,
-            "source_file": str(Path(sl.source).resolve()) if sl is not None and sl.source is not None else self.source,
-            "sop_instance_uid": sl.sop_instance_uid if sl is not None else None,
-        }
+    acquisition: Acquisition
+    original_hu: np.ndarray | None
+    """The input image resampled to the prior's grid (None for sinogram inputs)."""
+    pixel_spacing_mm: float
+    slice_seed: int
+    notes: list[str] = field(default_factory=list)
 
 
-@dataclass
-class SeriesPlan:
-    series: list[PlannedSeries] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    """{"path", "reason"} for every file or series left out, and why."""
-
-    @property
-    def n_slices(self) -> int:
-        return sum(len(p.indices) for p in self.series)
+def _resampled(hu: np.ndarray, size: tuple[int, int], spacing: float, notes: list[str]) -> tuple[np.ndarray, float]:
+    """The slice on the prior's grid, prepared exactly as training slices are (`resize_square`)."""
+    if hu.shape == size:
+        return hu.astype(np.float32), spacing
+    notes.append(f"resampled {hu.shape[0]}x{hu.shape[1]} to the prior's {size[0]}x{size[1]} grid")
+    out = resize_square(torch.from_numpy(hu.astype(np.float32))[None], size[0])[0]
+    return out.numpy(), spacing * max(hu.shape) / size[0]
 
 
-def parse_slices(spec: str, n: int) -> tuple[list[int], list[int]]:
-    """Slices picked by `spec` from a series of n: (valid indices, requested indices it lacks).
+def prepare_slice(series: Series, index: int, prior: Prior, settings: AnalysisSettings, device: torch.device) -> PreparedSlice:
+    """The measurement for slice `index` of `series` on the prior's grid.
 
-    'all', 'mid', or comma-separated 0-based indices and ranges ('0,3,5-7'); a negative index
-    counts from the end.
+    Image inputs are resampled to the prior's grid and their measurement is simulated with the
+    settings' views and noise. Sinogram inputs keep their measurement; the operator is built on
+    the prior's grid over the sidecar's field of view.
     """
-    spec = spec.strip().lower()
-    if spec == "all":
-        return list(range(n)), []
-    if spec == "mid":
-        return [n // 2], []
-    picked: set[int] = set()
-    for part in spec.split(","):
-        m = re.fullmatch(r"\s*(-?\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not m:
-            raise KlviewerInputError(None, f"slice spec {spec!r}: cannot read {part!r} (use all, mid, or e.g. 0,3,5-7)")
-        lo = int(m.group(1))
-        lo = lo + n if lo < 0 else lo
-        hi = int(m.group(2)) if m.group(2) is not None else lo
-        if hi < lo:
-            raise KlviewerInputError(None, f"slice spec {spec!r}: range {part.strip()!r} runs backwards")
-        picked.update(range(lo, hi + 1))
-    valid = sorted(i for i in picked if 0 <= i < n)
-    return valid, sorted(picked - set(valid))
+    series.require_analyzable()
+    if not 0 <= index < series.n_slices:
+        raise KlviewerInputError(series.files[0] if series.files else None, f"slice {index} is outside 0..{series.n_slices - 1}")
+    size = prior.config.image_size
+    notes: list[str] = []
+    slice_seed = settings.slice_seed(index)
+    if series.sinogram is not None:
+        sino = series.sinogram
+        fov = sino.grid_size[0] * sino.grid_pixel_spacing_mm[0]
+        if sino.grid_size[0] != sino.grid_size[1]:
+            raise KlviewerInputError(series.files[0], f"reconstruction grid {sino.grid_size} must be square")
+        spacing = fov / size[0]
+        if tuple(sino.grid_size) != size:
+            notes.append(f"reconstructing on the prior's {size[0]}x{size[1]} grid instead of {sino.grid_size[0]}x{sino.grid_size[1]}")
+        on_grid = dataclasses.replace(sino, grid_size=size, grid_pixel_spacing_mm=(spacing, spacing))
+        acq = acquisition_from_sinogram(on_grid, index, noise_sigma=settings.noise_sigma, device=device)
+        return PreparedSlice(acq, None, spacing, slice_seed, notes)
+    if series.pixel_spacing_mm is None:
+        notes.append("no pixel spacing known: assuming 1 mm pixels")
+    rows, cols = series.pixel_spacing_mm or (1.0, 1.0)
+    if not np.isclose(rows, cols, rtol=1e-3):
+        notes.append(f"non-square pixels {rows}x{cols} mm: using {rows} mm")
+    hu, spacing = _resampled(series.slices[index].hu, size, float(rows), notes)
+    acq = simulate_measurement(hu, spacing, settings.views, i0=settings.dose_i0, noise_sigma=settings.noise_sigma,
+                               seed=slice_seed, device=device)
+    return PreparedSlice(acq, hu, spacing, slice_seed, notes)
 
 
-def case_name(series: Series, taken: set[str]) -> str:
-    source = series.files[0] if series.files else Path(series.uid)
-    stem = series.description or source.stem
-    if series.source_kind == "dicom" and series.number is not None:
-        stem = f"S{series.number:03d}-{stem}"
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:60] or "case"
-    name, k = base, 2
-    while name in taken:
-        name, k = f"{base}-{k}", k + 1
-    taken.add(name)
-    return name
+def ct_measurement_model(acq: Acquisition, prior: Prior) -> MeasurementModel:
+    """The CT measurement as a linear model in prior units.
 
-
-def plan_series(catalog: Catalog, slices: str = "all") -> SeriesPlan:
-    """Every analysable series of `catalog` with its case name and picked slices.
-
-    Raises KlviewerInputError when nothing is left to analyse, naming the first reasons.
+    mu = mu_w (1 + HU/1000) and HU = hu_scale x + hu_offset give mu = c0 + c1 x, so
+    y - A(c0) = c1 A(x) + noise.
     """
-    plan = SeriesPlan(skipped=[{"path": str(s.path), "reason": s.reason} for s in catalog.skipped])
-    taken: set[str] = set()
-    for series in catalog.all_series():
-        source = str(series.files[0].resolve()) if series.files else series.uid
-        refusal = series.analysis_refusal()
-        if refusal:
-            plan.skipped.append({"path": source, "reason": refusal})
-            continue
-        indices, missing = parse_slices(slices, series.n_slices)
-        if missing:
-            plan.skipped.append({"path": source, "reason": f"has {series.n_slices} slice(s); no slice {missing}"})
-        if indices:
-            plan.series.append(PlannedSeries(series, case_name(series, taken), source, indices))
-    if not plan.series:
-        raise KlviewerInputError(None, "nothing to analyse: " + "; ".join(s["reason"] for s in plan.skipped[:3]))
-    return plan
+    cfg = prior.config
+    if cfg.channels != 1:
+        raise KlviewerInputError(None, f"prior '{cfg.name}' has {cfg.channels} channels; CT analysis needs a single-channel prior")
+    mu_w = acq.mu_water_per_mm
+    c0 = mu_w * (1.0 + cfg.hu_offset / 1000.0)
+    c1 = mu_w * cfg.hu_scale / 1000.0
+    ones = torch.ones((1, 1, *acq.operator.image_size), device=acq.device)
+    y = acq.y - c0 * acq.operator.A(ones)
+    variance = acq.noise.variance(acq.y).clamp_min(MEASUREMENT_SIGMA_FLOOR**2).expand_as(acq.y)
+    return MeasurementModel(operator=acq.operator, y=y, gain=c1, variance=variance)
+
+
+def mu_to_hu_image(mu: torch.Tensor, mu_water: float = MU_WATER_PER_MM) -> np.ndarray:
+    return ((mu / mu_water - 1.0) * 1000.0).squeeze().cpu().numpy().astype(np.float32)
 
 
 @dataclass
@@ -131,23 +129,29 @@ class MeasurementSet:
         return len(self.slices)
 
 
-def collect_measurements(
-    inputs: Sequence[str | Path],
-    prior,
-    settings: AnalysisSettings,
-    *,
-    slices: str = "all",
-    device: torch.device | None = None,
-) -> MeasurementSet:
-    """Load `inputs` and prepare each picked slice's measurement on `prior`'s grid.
+def measure_plan(plan: SeriesPlan, prior: Prior, settings: AnalysisSettings,
+                 device: torch.device | None = None) -> MeasurementSet:
+    """Prepare every planned slice's measurement on `prior`'s grid.
 
     Image inputs get a simulated measurement with the settings' views and noise (and their
     resampled image is kept as the reference); sinogram inputs are used as given.
     """
     device = device or torch.device("cpu")
-    plan = plan_series(open_images(inputs), slices)
     measured = [
         MeasuredSlice(p.case, p.source, index, prepare_slice(p.series, index, prior, settings, device))
         for p in plan.series for index in p.indices
     ]
     return MeasurementSet(measured, plan.skipped)
+
+
+def collect_measurements(
+    inputs: Sequence[str | Path] | SeriesPlan,
+    prior: Prior,
+    settings: AnalysisSettings,
+    *,
+    slices: str = "all",
+    device: torch.device | None = None,
+) -> MeasurementSet:
+    """Load `inputs` (or take the series of a plan as they are) and prepare each picked slice's measurement on
+    `prior`'s grid (see `measure_plan`)."""
+    return measure_plan(as_plan(inputs, slices), prior, settings, device)

@@ -1,14 +1,15 @@
-"""Atomic, non-clobbering file writes: a temporary file beside the target, then a rename."""
+"""Atomic, non-clobbering file writes (a temporary file beside the target, then a rename), and outputs kept out of
+input folders."""
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from klviewer.errors import KlviewerError
+from klviewer.errors import KlviewerError, KlviewerInputError
 
 
 def _current_umask() -> int:
@@ -61,3 +62,20 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, overwrite: bo
 
 def atomic_write_text(path: Path, text: str, *, overwrite: bool = False) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")), overwrite=overwrite)
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def check_output_folder(out: Path, inputs: Sequence[str | Path]) -> None:
+    """Results never go into (or over) an input folder."""
+    for raw in inputs:
+        src = Path(raw)
+        folder = src if src.is_dir() else src.parent
+        if _inside(out, folder) or (src.is_dir() and _inside(folder, out)):
+            raise KlviewerInputError(out, f"output folder overlaps the input {src}; choose a folder outside the inputs")

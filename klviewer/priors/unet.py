@@ -32,6 +32,12 @@ DEFAULT_ARCH: dict[str, Any] = {
     "stem": 2,
 }
 
+ARCH_PRESETS: dict[str, dict[str, Any]] = {
+    "default": DEFAULT_ARCH,
+    # For tests and smoke runs: same structure, a fraction of the cost.
+    "tiny": {**DEFAULT_ARCH, "channels": [8, 16], "emb_dim": 32, "fourier_features": 16, "groups": 4},
+}
+
 
 def edm_coefficients(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, ...]:
     """(c_skip, c_out, c_in, c_noise) for the EDM preconditioning, elementwise in sigma."""

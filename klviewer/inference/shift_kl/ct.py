@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from klviewer.errors import KlviewerError, KlviewerInputError
-from klviewer.inference.analysis import ct_measurement_model
 from klviewer.inference.likelihood import MeasurementModel
+from klviewer.inference.measurements import ct_measurement_model
 from klviewer.inference.sampler import AnalysisCancelled
 from klviewer.inference.shift_kl.core import (
     _KEEP_FLOOR,

@@ -26,13 +26,15 @@ from klviewer import __version__
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerInputError
 from klviewer.evaluation.metrics import psnr_hu, ssim_hu
-from klviewer.inference.analysis import AnalysisSettings, PreparedSlice, SliceResult, analyze_prepared, ct_measurement_model
-from klviewer.inference.calibration import flag_threshold_for, z_calibration_for
-from klviewer.inference.measurements import collect_measurements
-from klviewer.inference.runner import check_output_folder
+from klviewer.inference.measurements import PreparedSlice, collect_measurements, ct_measurement_model
+from klviewer.inference.pipeline import LoadedPrior, analyze_measurements
+from klviewer.inference.plan import SeriesPlan
+from klviewer.inference.result import SliceResult
+from klviewer.inference.settings import AnalysisSettings
 from klviewer.inference.shift_kl.core import grid_differences
-from klviewer.io.safe_write import OutputExistsError, atomic_write, atomic_write_text
+from klviewer.io.safe_write import OutputExistsError, atomic_write, atomic_write_text, check_output_folder
 from klviewer.priors.checkpoint import CONFIG_FILE, load_prior, prior_fingerprint, resolve_prior_path
+from klviewer.results.slice_file import write_slice_npz
 
 if TYPE_CHECKING:
     from klviewer.inference.shift_kl import ShiftCurve
@@ -134,7 +136,7 @@ def slice_metrics(result: SliceResult, prepared: PreparedSlice, prior) -> dict[s
 def compare_priors(
     before: str | Path,
     after: str | Path,
-    inputs: Sequence[str | Path],
+    inputs: Sequence[str | Path] | SeriesPlan,
     settings: AnalysisSettings,
     *,
     reference: str | Path | None = None,
@@ -142,8 +144,8 @@ def compare_priors(
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> Comparison:
-    """Analyse every picked slice of `inputs` with both priors, and (with `reference`) the
-    measurement-domain KL curve of each prior against the reference.
+    """Analyse every picked slice of `inputs` (paths, or the series of a plan) with both priors, and
+    (with `reference`) the measurement-domain KL curve of each prior against the reference.
 
     `progress(done, total)` counts sampler steps, then shift-estimate work; setting `cancel`
     raises klviewer.inference.sampler.AnalysisCancelled within one step.
@@ -156,14 +158,10 @@ def compare_priors(
     for role in ("after", "reference"):
         if role in priors:
             check_same_grid(priors["before"], priors[role], paths[role], role)
-    thresholds = {side: flag_threshold_for(paths[side], settings) for side in SIDES}
-    z_calibrations = {side: z_calibration_for(paths[side], settings) for side in SIDES}
-
     measurements = collect_measurements(inputs, priors["before"], settings, slices=slices, device=device)
-    per_slice = settings.steps * settings.samples
-    analyses = 2 * per_slice * len(measurements)
-    shift_units = 2 * len(measurements) if reference is not None else 0
-    total = analyses + shift_units
+    analyses = settings.steps * settings.samples * len(measurements)
+    shift_units = len(measurements) if reference is not None else 0
+    total = 2 * (analyses + shift_units)
     done = 0
 
     def tick(base: int) -> Callable[[int, int], None]:
@@ -172,17 +170,17 @@ def compare_priors(
                 progress(base + step, total)
         return report
 
+    results: dict[str, list[SliceResult]] = {}
+    for side in SIDES:
+        loaded = LoadedPrior.of(paths[side], priors[side], device)
+        results[side] = [r for _m, r in analyze_measurements(measurements, loaded, settings, progress=tick(done),
+                                                             cancel=cancel)]
+        done += analyses
     cases = []
-    for measured in measurements.slices:
-        results, metrics = {}, {}
-        for side in SIDES:
-            results[side] = analyze_prepared(measured.prepared, priors[side], settings, prior_name=paths[side].name,
-                                             flag_threshold=thresholds[side], z_calibration=z_calibrations[side],
-                                             progress=tick(done), cancel=cancel)
-            metrics[side] = slice_metrics(results[side], measured.prepared, priors[side])
-            done += per_slice
-        cases.append(CaseComparison(measured.case, measured.source, measured.index, results["before"],
-                                    results["after"], metrics))
+    for k, measured in enumerate(measurements.slices):
+        metrics = {side: slice_metrics(results[side][k], measured.prepared, priors[side]) for side in SIDES}
+        cases.append(CaseComparison(measured.case, measured.source, measured.index, results["before"][k],
+                                    results["after"][k], metrics))
 
     shift: dict[str, ShiftCurve | None] = {side: None for side in SIDES}
     if reference is not None:
@@ -203,7 +201,8 @@ def compare_priors(
         shift_before=shift["before"], shift_after=shift["after"],
         before_ref=_prior_ref(paths["before"]), after_ref=_prior_ref(paths["after"]),
         reference_ref=_prior_ref(paths["reference"]) if reference is not None else None,
-        inputs=[str(p) for p in inputs], slices=slices, skipped=measurements.skipped,
+        inputs=inputs.sources if isinstance(inputs, SeriesPlan) else [str(p) for p in inputs], slices=slices,
+        skipped=measurements.skipped,
     )
 
 
@@ -300,7 +299,7 @@ def write_comparison(comparison: Comparison, out: Path, overwrite: bool = False)
                 raise OutputExistsError(target)
     for c in comparison.cases:
         for side in SIDES:
-            getattr(c, side).save_npz(out / _case_file(side, c), overwrite=overwrite)
+            write_slice_npz(getattr(c, side), out / _case_file(side, c), overwrite=overwrite)
     atomic_write_text(out / CSV_FILE, _csv_text(comparison), overwrite=overwrite)
     if has_curves:
         plot_shift_curves(comparison.shift_before, comparison.shift_after, out / PLOT_FILE,

@@ -7,19 +7,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from klviewer.priors.unet import DEFAULT_ARCH
-
-ARCH_PRESETS = {
-    "default": DEFAULT_ARCH,
-    # For tests and smoke runs: same structure, a fraction of the cost.
-    "tiny": {**DEFAULT_ARCH, "channels": [8, 16], "emb_dim": 32, "fourier_features": 16, "groups": 4},
-}
+from klviewer.cli.options import add_device_option
+from klviewer.cli.progress import StageBars
+from klviewer.priors.unet import ARCH_PRESETS
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from klviewer.priors.train import TrainConfig, TrainProgress, train_prior
+    from klviewer.priors.train import TrainConfig, train_prior
 
     cfg = TrainConfig(
         out=Path(args.out), data=args.data, size=args.size, patch=args.patch, steps=args.steps, batch=args.batch,
@@ -29,14 +23,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         workers=args.workers,
         command=shlex.join(["klviewer", *sys.argv[1:]]),
     )
-    with tqdm(total=cfg.steps, desc="train", unit="step", dynamic_ncols=True) as bar:
-        def progress(p: TrainProgress) -> None:
-            if bar.n == 0 and p.step > 1:
-                bar.update(p.step - 1)  # resumed run: start the bar where the run was
-            bar.update(1)
-            bar.set_postfix(loss=f"{p.loss:.4f}")
-
-        out = train_prior(cfg, progress=progress)
+    with StageBars() as bars:
+        out = train_prior(cfg, progress=lambda p: bars.update("train", p.step, cfg.steps, loss=p.loss))
     print(f"prior written to {out}")
     return 0
 
@@ -55,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=4, help="patches per step (default 4)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate after warm-up (default 1e-3)")
     p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps (default 200)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_device_option(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last resume checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-phantoms", type=int, default=256, help="size of the phantom pool (default 256)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from klviewer.cli.progress import progress_bar
 from klviewer.export.exporter import EXPORT_FORMATS
 
 
@@ -31,15 +32,9 @@ def _threshold(text: str) -> float:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from klviewer.export.exporter import export_results
 
-    with tqdm(total=0, unit="case", file=sys.stderr, disable=args.quiet, dynamic_ncols=True) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
+    with progress_bar("export", "case", quiet=args.quiet) as progress:
         report = export_results(
             args.results, args.out, flagged_only=not args.all, formats=args.formats, flag_threshold=args.flag_threshold,
             deidentify=args.deidentify, overwrite=args.overwrite, progress=progress, notes=dict(args.note),

@@ -10,6 +10,7 @@ from klviewer.batch.discover import StudyJob
 from klviewer.batch.manifest import DONE, StudyRecord
 from klviewer.batch.runner import BatchObserver
 from klviewer.batch.study import SliceProgress
+from klviewer.cli.options import SLICES_HELP, add_analysis_options, positive_int, settings_from_args
 from klviewer.errors import KlviewerInputError
 
 
@@ -74,7 +75,6 @@ def _backend(args: argparse.Namespace):
 def _cmd_batch(args: argparse.Namespace) -> int:
     from klviewer.batch.export_step import ExportOptions
     from klviewer.batch.runner import run_batch
-    from klviewer.cli_options import settings_from_args
 
     export = None
     if not args.export and (args.export_formats or args.export_all):
@@ -91,8 +91,6 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``batch`` subcommand to the klviewer parser."""
-    from klviewer.cli_options import add_analysis_options, positive_int
-
     p = subparsers.add_parser(
         "batch", help="analyse every study under input folders, resumably; locally or on a Ray cluster",
         description="Find every study under INPUT (DICOM studies by StudyInstanceUID; each array or sinogram file "
@@ -103,7 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="folder (walked recursively) or file")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="batch folder: new, empty, or an earlier batch's folder to resume it")
-    p.add_argument("--slices", default="all", help="'all', 'mid', or 0-based indices like 0,3,5-7 per series (default all)")
+    p.add_argument("--slices", default="all", help=SLICES_HELP.replace("(default", "per series (default"))
     p.add_argument("--workers", type=positive_int, metavar="N",
                    help="local worker processes (default 1: this process); with --ray, the most actors to start")
     p.add_argument("--ray", metavar="ADDRESS",

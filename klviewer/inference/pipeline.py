@@ -1,0 +1,174 @@
+"""The per-slice analysis pipeline: a prior loaded once with its calibration, and one generator over
+the planned slices (measurement -> posterior run -> KL map, z-scores and verdict).
+
+`klviewer analyze`, `batch`, `calibrate`, `evaluate`, `compare` and the app's worker all analyse
+slices through `analyze_slices` (or `analyze_prepared` for one prepared slice), so every caller
+gets the same numbers for the same settings.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from klviewer.devices import resolve_device
+from klviewer.inference.calibration import PriorCalibration
+from klviewer.inference.healthy_reference import ZCalibration
+from klviewer.inference.measurements import (
+    MeasuredSlice,
+    MeasurementSet,
+    PreparedSlice,
+    ct_measurement_model,
+    mu_to_hu_image,
+    prepare_slice,
+)
+from klviewer.inference.plan import PlannedSeries, SeriesPlan
+from klviewer.inference.result import SliceResult
+from klviewer.inference.sampler import PosteriorRun, posterior_sample
+from klviewer.inference.scoring import score_slice
+from klviewer.inference.settings import AnalysisSettings
+from klviewer.priors.base import Prior
+from klviewer.priors.checkpoint import load_prior, prior_fingerprint, resolve_prior_path
+
+T = TypeVar("T")
+
+
+@dataclass
+class LoadedPrior:
+    """A prior loaded once, with its calibration and what every results folder records about it."""
+
+    path: Path
+    prior: Prior
+    device: torch.device
+    calibration: PriorCalibration
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @classmethod
+    def load(cls, prior: str | Path, device: str | torch.device = "auto") -> LoadedPrior:
+        """Load a shipped prior (by name) or a prior folder onto `device` ("auto" picks CUDA when present)."""
+        resolved = resolve_device(device) if isinstance(device, str) else device
+        path = resolve_prior_path(prior)
+        return cls.of(path, load_prior(path, device=resolved), resolved)
+
+    @classmethod
+    def of(cls, path: Path, prior: Prior, device: torch.device) -> LoadedPrior:
+        """A prior network already loaded from `path` onto `device`, with its folder's calibration read now."""
+        return cls(path, prior, device, PriorCalibration.read(path), prior_fingerprint(path))
+
+
+def analyze_prepared(
+    prepared: PreparedSlice,
+    prior: Prior,
+    settings: AnalysisSettings,
+    *,
+    prior_name: str,
+    flag_threshold: float | None,
+    z_calibration: ZCalibration | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> SliceResult:
+    """Sample the posterior of one prepared slice and cut its maps; `z_calibration` (the
+    prior's healthy reference for these settings) adds the KL z-score map."""
+    start = time.perf_counter()
+    acq = prepared.acquisition
+    model = ct_measurement_model(acq, prior)
+    run: PosteriorRun = posterior_sample(prior, model, settings.sampler(prepared.slice_seed), device=acq.device,
+                                         progress=progress, cancel=cancel)
+    mean = torch.from_numpy(run.mean)[None, None].to(acq.device)
+    residual = model.adjoint(model.residual(mean) / model.variance).abs().squeeze().cpu().numpy().astype(np.float32)
+    fbp = acq.operator.fbp(acq.y, filter="shepp-logan")
+    recon_hu = np.asarray(prior.x_to_hu(run.mean), np.float32)
+    scored = score_slice(run.energy, recon_hu, settings.patch, settings.sigma_window, nats_threshold=flag_threshold,
+                         z_calibration=z_calibration, forced_nats=settings.flag_threshold)
+    return SliceResult(
+        recon_hu=recon_hu,
+        posterior_std_hu=np.asarray(run.std * abs(prior.config.hu_scale), np.float32),
+        fbp_hu=mu_to_hu_image(fbp, acq.mu_water_per_mm),
+        residual_backprojection=residual,
+        energy=run.energy,
+        kl_map=scored.kl_map,
+        score=scored.score,
+        total_kl=scored.kl_map.total,
+        total_kl_all_sigma=run.energy.total(),
+        flagged=scored.flagged,
+        flag_threshold=scored.nats_threshold,
+        pixel_spacing_mm=prepared.pixel_spacing_mm,
+        settings=settings,
+        prior_name=prior_name,
+        seconds=time.perf_counter() - start,
+        original_hu=prepared.original_hu,
+        notes=prepared.notes + run.notes,
+        z_map=scored.z_map,
+        z_threshold=scored.z_threshold,
+    )
+
+
+@dataclass
+class AnalyzedSlice:
+    planned: PlannedSeries
+    index: int
+    result: SliceResult
+
+
+def _analyze_each(items: Iterable[tuple[T, PreparedSlice]], n: int, loaded: LoadedPrior, settings: AnalysisSettings,
+                  progress: Callable[[int, int], None] | None,
+                  cancel: threading.Event | None) -> Iterator[tuple[T, SliceResult]]:
+    nats_threshold = loaded.calibration.nats_threshold(settings)
+    z_calibration = loaded.calibration.z_calibration(settings)
+    per_slice = settings.steps * settings.samples
+    total = per_slice * n
+    done = 0
+    for key, prepared in items:
+        def slice_progress(steps: int, _total: int, base: int = done) -> None:
+            if progress is not None:
+                progress(base + steps, total)
+
+        result = analyze_prepared(prepared, loaded.prior, settings, prior_name=loaded.name,
+                                  flag_threshold=nats_threshold, z_calibration=z_calibration,
+                                  progress=slice_progress, cancel=cancel)
+        done += per_slice
+        yield key, result
+
+
+def analyze_slices(
+    plan: SeriesPlan,
+    loaded: LoadedPrior,
+    settings: AnalysisSettings,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> Iterator[AnalyzedSlice]:
+    """Measure and analyse every planned slice in order, and yield each result as soon as it is done.
+
+    Thresholds and the healthy reference come from the prior's calibration for `settings`.
+    `progress(done, total)` counts sampler steps over the whole plan; setting `cancel` stops the
+    run within one step (AnalysisCancelled).
+    """
+    prepared = (((planned, index), prepare_slice(planned.series, index, loaded.prior, settings, loaded.device))
+                for planned in plan.series for index in planned.indices)
+    for (planned, index), result in _analyze_each(prepared, plan.n_slices, loaded, settings, progress, cancel):
+        yield AnalyzedSlice(planned, index, result)
+
+
+def analyze_measurements(
+    measurements: MeasurementSet,
+    loaded: LoadedPrior,
+    settings: AnalysisSettings,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> Iterator[tuple[MeasuredSlice, SliceResult]]:
+    """As `analyze_slices`, for measurements already prepared (several priors on the same measurements)."""
+    items = ((m, m.prepared) for m in measurements.slices)
+    yield from _analyze_each(items, len(measurements), loaded, settings, progress, cancel)

@@ -1,0 +1,71 @@
+"""The results folder's tables: one row per analysed slice, in `summary.json` and `summary.csv`.
+
+Layout of a results folder (the analysis contract):
+    DIR/summary.json         run settings, prior, thresholds, the flag rule, and one row per slice
+    DIR/summary.csv          the same rows as a table
+    DIR/<case>/<slice>.npz   per-slice arrays (see `klviewer.results.slice_file`)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from klviewer import __version__
+from klviewer.inference.result import SliceResult
+from klviewer.inference.scoring import flag_rule
+from klviewer.inference.settings import AnalysisSettings
+from klviewer.io.safe_write import atomic_write_text
+
+CSV_COLUMNS = [
+    "input", "case", "slice_index", "score", "total_kl", "flagged", "z_score", "views", "dose_i0", "noise_sigma",
+    "steps", "samples", "guidance", "patch", "sigma_lo", "sigma_hi", "seed", "prior", "seconds", "file",
+    "source_kind", "series_uid", "source_file", "sop_instance_uid",
+]
+
+
+@dataclass
+class AnalysisRun:
+    out: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def summary_row(source: str, case: str, index: int, result: SliceResult, file: Path) -> dict[str, Any]:
+    s = result.settings
+    lo, hi = result.kl_map.sigma_window
+    return {
+        "input": source, "case": case, "slice_index": index, "score": round(result.score, 6),
+        "total_kl": round(result.total_kl, 6), "flagged": result.flagged,
+        "z_score": None if result.z_score is None else round(result.z_score, 6),
+        "views": s.views,
+        "dose_i0": s.dose_i0, "noise_sigma": s.noise_sigma, "steps": s.steps, "samples": s.samples,
+        "guidance": s.guidance, "patch": result.kl_map.patch, "sigma_lo": lo, "sigma_hi": hi, "seed": s.seed,
+        "prior": result.prior_name, "seconds": round(result.seconds, 3), "file": str(file),
+    }
+
+
+def write_summary(run: AnalysisRun, settings: AnalysisSettings, prior_path: Path, fingerprint: str,
+                   threshold: float | None, overwrite: bool, z_threshold: float | None = None) -> None:
+    summary = {
+        "klviewer_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "prior": {"name": prior_path.name, "path": str(prior_path), "sha256": fingerprint},
+        "settings": settings.to_dict(),
+        "flag_threshold": threshold,
+        "z_threshold": z_threshold,
+        "flag_rule": flag_rule(threshold, z_threshold, settings.flag_threshold),
+        "rows": run.rows,
+        "skipped": run.skipped,
+    }
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(run.rows)
+    atomic_write_text(run.out / "summary.csv", buffer.getvalue(), overwrite=overwrite)
+    atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=2), overwrite=overwrite)

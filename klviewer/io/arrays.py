@@ -79,6 +79,14 @@ def require_finite(path: Path, array: np.ndarray) -> None:
         raise KlviewerInputError(path, f"array holds {bad} NaN/inf values")
 
 
+def hu_range_warnings(volume: np.ndarray) -> list[str]:
+    """A warning when an image's values cannot be Hounsfield units (flat, or far outside -4000..40000)."""
+    lo, hi = float(volume.min()), float(volume.max())
+    if hi - lo < 10 or lo < -4000 or hi > 40000:
+        return [f"values {lo:.4g}..{hi:.4g} do not look like Hounsfield units"]
+    return []
+
+
 def _check_sidecar(data_path: Path, sidecar_path: Path, doc: dict[str, Any], volume: np.ndarray) -> None:
     unknown = set(doc) - ARRAY_SIDECAR_KEYS
     if unknown:
@@ -132,9 +140,7 @@ def read_array_image(path: Path) -> Catalog:
     )
     if spacing is None:
         series.warnings.append("no pixel spacing given (add a sidecar with 'pixel_spacing_mm'); assuming 1 mm")
-    lo, hi = float(volume.min()), float(volume.max())
-    if hi - lo < 10 or lo < -4000 or hi > 40000:
-        series.warnings.append(f"values {lo:.4g}..{hi:.4g} do not look like Hounsfield units")
+    series.warnings.extend(hu_range_warnings(volume))
     study = Study(uid=f"file:{path.resolve()}", description=path.stem, series=[series])
     patient_id = str(doc.get("patient_id", "(arrays)"))
     return Catalog(patients=[Patient(patient_id=patient_id, name=str(doc.get("patient_name", "")), studies=[study])])

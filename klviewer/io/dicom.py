@@ -36,6 +36,7 @@ from pydicom.uid import (
     MediaStorageDirectoryStorage,
     ParametricMapStorage,
     RTDoseStorage,
+    RTStructureSetStorage,
     SegmentationStorage,
     UID,
 )
@@ -47,6 +48,7 @@ _NOT_IMAGES = {
     UID("1.2.840.10008.5.1.4.1.1.66.7"): "a DICOM Label Map Segmentation, not an image",
     ParametricMapStorage: "a DICOM Parametric Map (derived values, not an image)",
     RTDoseStorage: "an RT Dose grid, not an image",
+    RTStructureSetStorage: "an RT Structure Set (contours, read by klviewer.io.rtstruct), not an image",
 }
 _GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -401,6 +403,8 @@ def _build_series(uid: str, members: list[_Image], skipped: list[SkippedFile]) -
         slice_thickness_mm=first.slice_thickness,
         window=next((image.window for image in ordered if image.window is not None), None),
         frame_of_reference_uid=first.header.frame_of_reference_uid,
+        orientation=cast("tuple[float, float, float, float, float, float] | None", first.orientation)
+        if _geometry_problem(members)[1] is not None else None,
         files=list(dict.fromkeys(image.path for image in ordered)),
         warnings=warnings,
     )

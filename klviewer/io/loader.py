@@ -1,4 +1,5 @@
-"""Open whatever a user points at: DICOM files, folders, DICOMDIRs, arrays and sinograms.
+"""Open whatever a user points at: DICOM files, folders, DICOMDIRs, arrays, sinograms, NIfTI
+volumes and InVesalius projects.
 
 Folders are walked recursively. Every file either lands in the catalog or in `Catalog.skipped`
 with the reason, so a bad file never hides the rest of a study.
@@ -13,6 +14,8 @@ from pathlib import Path
 from klviewer.errors import KlviewerInputError
 from klviewer.io.arrays import ARRAY_SUFFIXES, read_array_image
 from klviewer.io.dicom import read_dicom_files
+from klviewer.io.inv3 import INV3_SUFFIX, read_inv3
+from klviewer.io.nifti import is_nifti, read_nifti
 from klviewer.io.sidecar import read_json_sidecar
 from klviewer.io.sinogram import RAW_SUFFIXES, is_sinogram_sidecar, read_sinogram
 from klviewer.io.study import Catalog, SkippedFile
@@ -73,6 +76,10 @@ def _sinogram_sidecars(files: Iterable[Path], catalog: Catalog) -> tuple[list[Pa
     return sidecars, claimed
 
 
+def _read_volume(path: Path) -> Catalog:
+    return read_inv3(path) if path.suffix.lower() == INV3_SUFFIX else read_nifti(path)
+
+
 def open_paths(paths: Sequence[str | Path]) -> Catalog:
     """Load everything under `paths` into one catalog. Raises only when a path itself is unusable."""
     files = _expand(paths)
@@ -81,6 +88,7 @@ def open_paths(paths: Sequence[str | Path]) -> Catalog:
     array_files = [f for f in files if f.suffix.lower() in ARRAY_SUFFIXES and f.resolve() not in claimed]
     array_sidecars = {f.with_suffix(".json").resolve() for f in array_files}
     dicom_candidates: list[Path] = []
+    volume_files: list[Path] = []
 
     for f in files:
         key = f.resolve()
@@ -91,10 +99,12 @@ def open_paths(paths: Sequence[str | Path]) -> Catalog:
             catalog.skipped.append(SkippedFile(f, "JSON file with no matching array or sinogram data"))
         elif suffix in RAW_SUFFIXES:
             catalog.skipped.append(SkippedFile(f, "raw data without a sinogram sidecar (<name>.json)"))
+        elif suffix == INV3_SUFFIX or is_nifti(f):
+            volume_files.append(f)
         else:
             dicom_candidates.append(f)
 
-    for loader, inputs in ((read_sinogram, sidecars), (read_array_image, array_files)):
+    for loader, inputs in ((read_sinogram, sidecars), (read_array_image, array_files), (_read_volume, volume_files)):
         for f in inputs:
             try:
                 catalog.merge(loader(f))

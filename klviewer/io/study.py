@@ -73,6 +73,8 @@ class Series:
     window: tuple[float, float] | None = None
     """Default (center, width) in HU from the source, when it has one."""
     frame_of_reference_uid: str | None = None
+    orientation: tuple[float, float, float, float, float, float] | None = None
+    """ImageOrientationPatient shared by the slices (row direction, then column direction), when known."""
     files: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     """Non-fatal notes from loading (e.g. slices ordered by InstanceNumber)."""

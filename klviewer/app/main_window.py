@@ -14,6 +14,7 @@ from PySide6.QtCore import QTimer, Signal
 from PySide6.QtGui import QCloseEvent, QDragEnterEvent, QDropEvent, QKeyEvent
 from PySide6.QtWidgets import QMainWindow, QWidget
 
+from klviewer.app.adapt_dialog import AdaptDialog
 from klviewer.app.align_dialog import AlignDialog
 from klviewer.app.analysis_panel import AnalysisPanel
 from klviewer.app.analysis_runs import AnalysisRuns
@@ -23,7 +24,7 @@ from klviewer.app.cases import CaseList
 from klviewer.app.compare_dialog import CompareDialog
 from klviewer.app.comparison_view import ComparisonView
 from klviewer.app.dialogs import about_html, shortcuts_html, show_html
-from klviewer.app.display import frame_of, patient_label, study_label, summary_html
+from klviewer.app.display import frame_of, frame_on_source, patient_label, source_shape, study_label, summary_html
 from klviewer.app.export_dialog import ExportDialog
 from klviewer.app.export_job import SessionSnapshot
 from klviewer.app.map_controls import MapControls
@@ -35,8 +36,9 @@ from klviewer.app.prior_tools import PriorTools
 from klviewer.app.scope import Scope, measurement_scope
 from klviewer.app.session import CachedResult, ResultCache
 from klviewer.app.settings import Preferences
+from klviewer.app.study_banner import StudyBanner
 from klviewer.app.viewer import SliceContext, SliceViewer
-from klviewer.app.window_layout import build_docks, build_status
+from klviewer.app.window_layout import build_central, build_docks, build_status
 from klviewer.app.window_state import restore_window, save_window
 from klviewer.app.worker import AnalysisThread, PriorCache, RunRequest
 from klviewer.devices import resolve_device
@@ -68,8 +70,8 @@ class MainWindow(QMainWindow):
         self.export_dialog: ExportDialog | None = None
 
         self.viewer = SliceViewer()
-        self.viewer.graphics.setAcceptDrops(False)  # drops go to the window, which opens them
-        self.setCentralWidget(self.viewer)
+        self.banner = StudyBanner()
+        build_central(self)
         self.browser = StudyBrowser()
         self.case_view = CaseListView(self.model.cases)
         self.panel = AnalysisPanel(prefs, self.notifier)
@@ -79,7 +81,7 @@ class MainWindow(QMainWindow):
         self.runs.slice_done.connect(self._slice_done)
         self.runs.finished.connect(self.analysis_finished)
         self.tools = PriorTools(self, prefs, self.notifier, self.panel, self.scope_for, self.analysis_settings,
-                                self.map_controls.settings)
+                                self.map_controls.settings, self.model.patient_series)
         build_docks(self)
         self.recent_menu = build_menus(self)
         fill_recent(self)
@@ -212,6 +214,7 @@ class MainWindow(QMainWindow):
         entry = self.current
         if entry is None:
             self.viewer.clear()
+            self.banner.show_for(None)
             return
         cached = self.current_result()
         result = cached.result if cached else None
@@ -219,6 +222,7 @@ class MainWindow(QMainWindow):
             series=entry.series, index=self.index, patient=patient_label(entry.patient), study=study_label(entry.study),
             result=result, prior_name=result.prior_name if result else self.panel.prior_name(),
         ), reset=reset)
+        self.banner.show_for(result)
         self._update_map_ranges(entry.series, cached)
         self.refresh_overlay()
 
@@ -252,6 +256,7 @@ class MainWindow(QMainWindow):
         settings = self.map_controls.settings()
         scored = self.model.score(cached, settings)
         frame = frame_of(scored, settings.clamped(cached.result.energy.image_shape))
+        frame = frame_on_source(frame, cached.result.grid_for(source_shape(self.current.series, self.index)))
         self.viewer.set_overlay(frame)
         self.map_controls.set_z_available(scored.z_map is not None)
         self.map_controls.set_display_threshold(frame.display_threshold, "z" if frame.shows_z else "nats")
@@ -340,6 +345,9 @@ class MainWindow(QMainWindow):
     def show_prior_fit(self) -> None:
         self.prior_fit_dock.show()
         self.prior_fit_dock.raise_()
+
+    def open_adapt_dialog(self) -> AdaptDialog:
+        return self.tools.open_adapt_dialog()
 
     def open_align_dialog(self) -> AlignDialog:
         return self.tools.open_align_dialog()

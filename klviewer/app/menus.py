@@ -55,6 +55,7 @@ def build_menus(w: MainWindow) -> QMenu:
     run_menu.addAction(action(w, "&Cancel", w.cancel_run, "Esc"))
     run_menu.addSeparator()
     run_menu.addAction(action(w, "&Prior fit…", w.show_prior_fit))
+    run_menu.addAction(action(w, "A&dapt prior to my studies…", w.open_adapt_dialog))
     run_menu.addAction(action(w, "&Align prior…", w.open_align_dialog))
     run_menu.addAction(action(w, "C&ompare priors…", w.open_compare_dialog))
 
@@ -84,7 +85,7 @@ def fill_recent(w: MainWindow) -> None:
 
 def open_file_dialog(w: MainWindow) -> None:
     files, _ = QFileDialog.getOpenFileNames(
-        w, "Open files", w.prefs.get("open/last_dir", ""), "Images (*.dcm *.DCM DICOMDIR *.npy *.npz *.json);;All files (*)")
+        w, "Open files", w.prefs.get("open/last_dir", ""), "Images (*.dcm *.DCM DICOMDIR *.npy *.npz *.json *.inv3 *.nii *.nii.gz);;All files (*)")
     if files:
         w.prefs.set("open/last_dir", str(Path(files[0]).parent))
         w.open_paths([Path(f) for f in files])

@@ -16,6 +16,7 @@ from klviewer.app.session import CachedResult, FlagThresholds, ResultCache, Resu
 from klviewer.app.session_results import SessionSlice
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError
+from klviewer.evaluation.adapt import patient_key
 from klviewer.inference.result import SliceResult
 from klviewer.inference.scoring import SliceScore, score_slice
 from klviewer.inference.settings import AnalysisSettings
@@ -52,6 +53,12 @@ class SessionModel:
                         self.series[series.uid] = OpenSeries(patient, study, series)
                         added.append(series.uid)
         return added
+
+    def patient_series(self) -> list[tuple[str, Series]]:
+        """Every open image series that can be analysed, with its patient (PatientID, else the study): what a
+        site adaptation trains and calibrates on."""
+        return [(patient_key(e.patient.patient_id, e.study.uid), e.series) for e in self.series.values()
+                if e.series.analysis_refusal() is None and e.series.slices]
 
     @property
     def current(self) -> OpenSeries | None:

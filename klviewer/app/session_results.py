@@ -97,8 +97,10 @@ def _write_group(members: list[SessionSlice], out: Path, settings: MapSettings) 
         if item.note.strip():
             case_notes.setdefault(plan.case, []).append(f"slice {item.index + 1}: {item.note.strip()}")
     z_thresholds.discard(None)
+    fit_threshold = next((m.result.prior_fit.threshold for m in members if m.result.prior_fit is not None), None)
     write_summary(run, summary_settings, prior_path, prior_fingerprint(prior_path), members[0].flag_threshold, False,
-                  z_thresholds.pop() if len(z_thresholds) == 1 else None)
+                  z_thresholds.pop() if len(z_thresholds) == 1 else None,
+                  fit_threshold)
     folder.notes = {case: "; ".join(lines) for case, lines in case_notes.items()}
     return folder
 

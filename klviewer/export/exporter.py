@@ -52,6 +52,7 @@ from klviewer.export.pdf_report import ReportContext, write_report_pdf
 from klviewer.export.tables import CASES_CSV, CASES_JSON, write_case_tables
 from klviewer.inference.result import SliceResult
 from klviewer.io.safe_write import OutputExistsError, atomic_write
+from klviewer.physics.grid import AIR_HU
 from klviewer.results.reader import CaseEntry, ResultsFolder, SliceEntry, read_results
 from klviewer.results.slice_file import load_slice_result
 
@@ -350,10 +351,11 @@ def _write_case(job: _Job, case: CaseEntry, staging: Path, skipped: list[str]) -
         if sources.datasets is not None:
             ds = sources.datasets[number]
             hu = source_hu(ds)
-            kl_source = to_source_grid(kl, hu.shape)
+            grid = result.grid_for(hu.shape)
+            kl_source = to_source_grid(kl, grid)
             on_source.append(kl_source)
             if job.z_threshold is not None:
-                z_on_source.append(to_source_grid(_above_z(result, job.z_threshold), hu.shape))
+                z_on_source.append(to_source_grid(_above_z(result, job.z_threshold), grid) > 0)
             if entry.slice_index in pictured:
                 sc_number += 1
                 rgb = add_colorbar(overlay_rgb(hu, kl_source, sources.window, style), style, caption)
@@ -372,13 +374,26 @@ def _write_case(job: _Job, case: CaseEntry, staging: Path, skipped: list[str]) -
     return written, {"patient": sources.patient}
 
 
+def _on_source(result: SliceResult, kl: np.ndarray) -> dict[str, np.ndarray | None]:
+    """The result's images and KL map on its source grid, as pictures show them (where the grid is recorded)."""
+    images = {"recon": result.recon_hu, "fbp": result.fbp_hu, "original": result.original_hu,
+              "std": result.posterior_std_hu}
+    grid = result.grid_transform
+    if grid is None or grid.is_identity():
+        return {**images, "kl": kl}
+    back = {k: None if v is None else grid.resample_to_source(v, fill=AIR_HU) for k, v in images.items()}
+    back["std"] = grid.resample_to_source(result.posterior_std_hu, fill=0.0)
+    return {**back, "kl": to_source_grid(kl, grid)}
+
+
 def _save_pngs(save: Callable[[str, Callable[[Any], None]], None], stem: str, result: SliceResult, kl: np.ndarray,
                style: OverlayStyle, window: tuple[float, float], caption: str) -> None:
-    overlay = add_colorbar(overlay_rgb(result.recon_hu, kl, window, style), style, caption)
-    images = {"overlay": overlay, "reconstruction": grey_uint8(result.recon_hu, window),
-              "fbp": grey_uint8(result.fbp_hu, window)}
-    if result.original_hu is not None:
-        images["original"] = grey_uint8(result.original_hu, window)
+    shown = _on_source(result, kl)
+    overlay = add_colorbar(overlay_rgb(shown["recon"], shown["kl"], window, style), style, caption)
+    images = {"overlay": overlay, "reconstruction": grey_uint8(shown["recon"], window),
+              "fbp": grey_uint8(shown["fbp"], window)}
+    if shown["original"] is not None:
+        images["original"] = grey_uint8(shown["original"], window)
     for name, image in images.items():
         save(f"png/{stem}_{name}.png", lambda f, image=image: write_png(f, image))
 
@@ -415,13 +430,14 @@ def _save_dicom(job: _Job, ds: Dataset, handle: Any) -> None:
 
 def _panels(result: SliceResult, kl: np.ndarray, style: OverlayStyle,
             window: tuple[float, float]) -> list[tuple[str, np.ndarray]]:
-    panels = [("Reconstruction (posterior mean) + KL", overlay_rgb(result.recon_hu, kl, window, style))]
-    if result.original_hu is not None:
-        panels.append(("Original (on the prior's grid)", grey_uint8(result.original_hu, window)))
-    panels.append(("FBP of the measurement", grey_uint8(result.fbp_hu, window)))
-    if result.original_hu is None:
-        spread = float(result.posterior_std_hu.max()) or 1.0
-        panels.append(("Posterior std (0 to max)", grey_uint8(result.posterior_std_hu, (spread / 2, spread))))
+    shown = _on_source(result, kl)
+    panels = [("Reconstruction (posterior mean) + KL", overlay_rgb(shown["recon"], shown["kl"], window, style))]
+    if shown["original"] is not None:
+        panels.append(("Original", grey_uint8(shown["original"], window)))
+    panels.append(("FBP of the measurement", grey_uint8(shown["fbp"], window)))
+    if shown["original"] is None:
+        spread = float(shown["std"].max()) or 1.0
+        panels.append(("Posterior std (0 to max)", grey_uint8(shown["std"], (spread / 2, spread))))
     return panels
 
 

@@ -7,7 +7,6 @@ checkpoint from an untrusted source cannot run code.
 from __future__ import annotations
 
 import hashlib
-
 import os
 from pathlib import Path
 

@@ -33,12 +33,12 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import (
-    UID,
     MediaStorageDirectoryStorage,
     ParametricMapStorage,
     RTDoseStorage,
     RTStructureSetStorage,
     SegmentationStorage,
+    UID,
 )
 
 from klviewer.io.study import Catalog, Patient, Series, SkippedFile, Slice, Study

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from klviewer import __version__
-from klviewer.errors import KlviewerInputError
 from klviewer.io.dicom_write import write_ct_series
 from klviewer.io.safe_write import OutputExistsError, atomic_write, atomic_write_text
+from klviewer.errors import KlviewerInputError
 from klviewer.phantoms import Phantom, make_phantom_set, save_phantom_npz
 
 MANIFEST = "phantoms.json"

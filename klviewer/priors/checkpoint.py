@@ -7,6 +7,7 @@ checkpoint from an untrusted source cannot run code.
 from __future__ import annotations
 
 import hashlib
+
 import os
 from pathlib import Path
 

@@ -19,7 +19,8 @@ from klviewer.inference.calibration import PriorCalibration
 from klviewer.inference.energy import EnergyField, KLMap, log_sigma_edges
 from klviewer.inference.measurements import prepare_slice
 from klviewer.inference.prior_fit import FITS, MISMATCH, PriorFit, judge, prior_fit_score, study_prior_fit
-from klviewer.inference.scoring import CANNOT_FLAG, FLAGGED, MISMATCH as MISMATCH_STATUS, NOT_FLAGGED, SliceScore, verdict_of
+from klviewer.inference.scoring import CANNOT_FLAG, FLAGGED, NOT_FLAGGED, SliceScore, verdict_of
+from klviewer.inference.scoring import MISMATCH as MISMATCH_STATUS
 from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.study import Series, Slice
 from klviewer.phantoms import make_phantom
@@ -150,3 +151,18 @@ def test_the_banner_says_mismatch_and_geometry(tiny_prior: Path) -> None:
     assert banner_html(Shown())[0].startswith("Geometry far from the prior's")
     Shown.geometry_warnings = []
     assert banner_html(Shown()) is None and banner_html(None) is None
+
+
+def test_the_pdf_reports_a_mismatch_study_as_a_mismatch() -> None:
+    from types import SimpleNamespace
+
+    from klviewer.export.pdf_report import _prior_mismatch
+
+    def case(*verdicts: str) -> SimpleNamespace:
+        rows = [{"prior_fit": v, "prior_fit_score": 3.0 if v == "mismatch" else 0.1} for v in verdicts]
+        return SimpleNamespace(slices=[SimpleNamespace(row=r) for r in rows])
+
+    line = _prior_mismatch(case("mismatch", "mismatch", "fits"))
+    assert line.startswith("Verdict: PRIOR MISMATCH") and "2 of 3 slices" in line
+    assert _prior_mismatch(case("mismatch", "fits")) is None, "half is not a majority"
+    assert _prior_mismatch(case("uncalibrated")) is None

@@ -81,13 +81,14 @@ class CaseTableModel(QAbstractTableModel):
                     entry.series, entry.patient)[col]
         if role == Qt.ItemDataRole.ToolTipRole and col == FLAG_COLUMN:
             return ("flag set by hand" if entry.manual_flag is not None
+                    else f"automatic: {entry.verdict}: {entry.rule}" if entry.verdict
                     else "automatic: ticked when the KL z-score (or, without a healthy reference, the score) "
                          "is above the calibrated threshold")
         if role == Qt.ItemDataRole.ToolTipRole and col == Z_COLUMN:
             return "KL z-score against the prior's healthy reference (empty where it has none for these map settings)"
         if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.EditRole):
             if col == FLAG_COLUMN:
-                return entry.flag_source
+                return entry.verdict if entry.manual_flag is None and entry.verdict else entry.flag_source
             return (entry.slice_index + 1, f"{entry.score:.4g}", "" if z is None else f"{z:.3g}", None, entry.note,
                     entry.series, entry.patient)[col]
         if role == Qt.ItemDataRole.TextAlignmentRole and col in (SLICE_COLUMN, SCORE_COLUMN, Z_COLUMN):

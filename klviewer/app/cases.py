@@ -28,6 +28,10 @@ class CaseEntry:
     prior: str = ""
     z_score: float | None = None
     """KL z-score against the prior's healthy reference; None where it has none for the map settings."""
+    verdict: str = ""
+    """The automatic verdict (klviewer.inference.scoring.Verdict.status): flagged, not flagged, prior mismatch, cannot flag."""
+    rule: str = ""
+    """The rule that made the verdict."""
 
     @property
     def key(self) -> tuple[str, int]:
@@ -96,10 +100,12 @@ class CaseList:
         self.entries[row].note = note
         self._emit("changed", row)
 
-    def set_score(self, row: int, score: float, auto_flagged: bool, z_score: float | None = None) -> None:
+    def set_score(self, row: int, score: float, auto_flagged: bool, z_score: float | None = None,
+                  verdict: str = "", rule: str = "") -> None:
         entry = self.entries[row]
-        if (entry.score, entry.auto_flagged, entry.z_score) != (score, auto_flagged, z_score):
-            entry.score, entry.auto_flagged, entry.z_score = score, auto_flagged, z_score
+        new = (score, auto_flagged, z_score, verdict, rule)
+        if (entry.score, entry.auto_flagged, entry.z_score, entry.verdict, entry.rule) != new:
+            entry.score, entry.auto_flagged, entry.z_score, entry.verdict, entry.rule = new
             self._emit("changed", row)
 
     def clear(self) -> None:

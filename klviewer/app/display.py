@@ -13,7 +13,7 @@ import numpy as np
 from klviewer.inference.energy import EnergyField, KLMap
 from klviewer.inference.healthy_reference import ZCalibration, z_map_fits
 from klviewer.inference.result import SliceResult
-from klviewer.inference.scoring import SliceScore, score_slice
+from klviewer.inference.scoring import SliceScore, Verdict, score_slice
 from klviewer.io.study import Patient, Series, Study
 from klviewer.overlay_rules import DISPLAY_FRACTION, OVERLAY_OPACITY, display_cut, overlay_levels
 from klviewer.physics.grid import AIR_HU, GridTransform
@@ -174,6 +174,8 @@ class OverlayFrame:
     """(r0, r1, c0, c1) edges of the outlined patches, in the pixels of `pixels`."""
     shows_z: bool = False
     """`pixels`, `raw_pixels`, `levels` and `display_threshold` are KL z-scores, not nats."""
+    verdict: Verdict | None = None
+    """The slice's verdict with its prior fit (which the frame's scores alone cannot tell)."""
 
     @property
     def kl_map(self) -> KLMap:

@@ -44,6 +44,7 @@ from klviewer.app.worker import AnalysisThread, PriorCache, RunRequest
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError
 from klviewer.inference.result import SliceResult
+from klviewer.inference.scoring import verdict_of
 from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.loader import open_paths
 from klviewer.io.study import Series
@@ -257,6 +258,7 @@ class MainWindow(QMainWindow):
         scored = self.model.score(cached, settings)
         frame = frame_of(scored, settings.clamped(cached.result.energy.image_shape))
         frame = frame_on_source(frame, cached.result.grid_for(source_shape(self.current.series, self.index)))
+        frame.verdict = verdict_of(scored, cached.result.prior_fit)
         self.viewer.set_overlay(frame)
         self.map_controls.set_z_available(scored.z_map is not None)
         self.map_controls.set_display_threshold(frame.display_threshold, "z" if frame.shows_z else "nats")

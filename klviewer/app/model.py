@@ -18,7 +18,7 @@ from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError
 from klviewer.evaluation.adapt import patient_key
 from klviewer.inference.result import SliceResult
-from klviewer.inference.scoring import SliceScore, score_slice
+from klviewer.inference.scoring import FLAGGED, SliceScore, score_slice, verdict_of
 from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.study import Catalog, Patient, Series, Study
 
@@ -133,18 +133,23 @@ class SessionModel:
         """Keep a finished slice and list it with its verdict under the map sliders."""
         self.results.put(ResultKey.of(series_uid, index, prior_path, settings), result, prior_path)
         scored = self.score(CachedResult(result, prior_path), map_settings)
+        verdict = verdict_of(scored, result.prior_fit)
         entry = self.series.get(series_uid)
         series = entry.series if entry else None
         self.cases.upsert(CaseEntry(
             series_uid=series_uid, slice_index=index, patient=patient_label(entry.patient) if entry else "",
             series=(series.description if series else "") or series_uid, score=scored.score,
-            auto_flagged=scored.flagged, prior=result.prior_name, z_score=scored.z_score,
+            auto_flagged=verdict.status == FLAGGED, prior=result.prior_name, z_score=scored.z_score,
+            verdict=verdict.status, rule=verdict.rule,
         ))
 
     def update_case(self, uid: str, index: int, scored: SliceScore) -> None:
+        """The listed slice's verdict under the map sliders (its prior fit does not depend on them)."""
         row = self.cases.find(uid, index)
-        if row is not None:
-            self.cases.set_score(row, scored.score, scored.flagged, scored.z_score)
+        cached = self.results.latest(uid, index)
+        if row is not None and cached is not None:
+            verdict = verdict_of(scored, cached.result.prior_fit)
+            self.cases.set_score(row, scored.score, verdict.status == FLAGGED, scored.z_score, verdict.status, verdict.rule)
 
     def rescore(self, map_settings: MapSettings) -> None:
         """Scores and automatic flags of every listed slice, under the map sliders."""

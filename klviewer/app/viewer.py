@@ -349,7 +349,9 @@ class SliceViewer(QWidget):
         if result is None:
             br.append("not analysed" if series.analysis_refusal() is None else _esc(f"not analysable: {series.modality}"))
         elif frame is not None:
-            state = "<span style='color:#ff6a4d'><b>FLAGGED</b></span>" if frame.flagged else "not flagged"
+            status = frame.verdict.status if frame.verdict is not None else ("flagged" if frame.flagged else "not flagged")
+            state = (f"<span style='color:#ff6a4d'><b>{status.upper()}</b></span>" if status in ("flagged", "prior mismatch")
+                     else status)
             z = "" if frame.z_score is None else f" · z {frame.z_score:.3g}"
             br.append(f"KL score {format_nats(frame.score)} nats{z} · {state}")
             lo, hi = frame.kl_map.sigma_window

@@ -55,6 +55,18 @@ def _nats(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g} nats"
 
 
+def _prior_mismatch(case: CaseEntry) -> str | None:
+    """The verdict line of a study the prior does not describe (its slices' median prior-fit score above the
+    threshold), or None: such a study is reported as a mismatch, never as not flagged."""
+    scores = [float(x.row["prior_fit_score"]) for x in case.slices if x.row.get("prior_fit_score") is not None]
+    verdicts = [x.row.get("prior_fit") for x in case.slices]
+    if not scores or verdicts.count("mismatch") * 2 <= len(verdicts):
+        return None
+    return (f"Verdict: PRIOR MISMATCH   the prior does not describe this study ({verdicts.count('mismatch')} of "
+            f"{len(verdicts)} slices, median prior fit {float(np.median(scores)):.3g} nats per body pixel); "
+            "its KL maps and flags are not meaningful")
+
+
 def report_sections(ctx: ReportContext) -> list[tuple[str, list[str]]]:
     """(heading, lines) blocks of the report, in page order."""
     top = ctx.case.top
@@ -77,9 +89,12 @@ def report_sections(ctx: ReportContext) -> list[tuple[str, list[str]]]:
             flag += f", largest slice z-score {largest:.4g}"
     else:
         flag += f"threshold {_nats(ctx.threshold)} ({ctx.threshold_source})"
+    mismatch = _prior_mismatch(ctx.case)
+    verdict = [flag] if mismatch is None else textwrap.wrap(mismatch, 100)
+    geometry = sorted({w for x in ctx.case.slices for w in str(x.row.get("geometry_warnings") or "").split("; ") if w})
     return [
         ("Result", [
-            flag,
+            *verdict,
             f"Score (largest patch KL): {_nats(top.score)}   on slice {top.slice_index}",
             f"Total KL of that slice: {_nats(top.total_kl)}",
             f"Slices analysed: {len(ctx.case.slices)}, flagged: {len(flagged_indices)}",
@@ -89,6 +104,7 @@ def report_sections(ctx: ReportContext) -> list[tuple[str, list[str]]]:
                     for x in ctx.case.slices[:MAX_SLICE_ROWS]]
          + ([f"... and {len(ctx.case.slices) - MAX_SLICE_ROWS} more (see cases.json)"]
             if len(ctx.case.slices) > MAX_SLICE_ROWS else [])),
+        *([("Geometry far from the prior's", [textwrap.shorten(w, 110) for w in geometry[:4]])] if geometry else []),
         ("Note", note),
         ("Acquisition", [f"source: {ctx.case.source_kind or 'not recorded'}   projections: {views}",
                          f"noise: {noise}"]),

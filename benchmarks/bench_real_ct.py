@@ -36,6 +36,7 @@ from klviewer.evaluation.detection import DetectionCase, score_z
 from klviewer.inference.healthy_reference import body_mask
 from klviewer.inference.pipeline import LoadedPrior, analyze_slices
 from klviewer.inference.plan import plan_open_series
+from klviewer.inference.prior_fit import prior_fit_score
 from klviewer.inference.settings import AnalysisSettings
 from klviewer.io import realct
 from klviewer.io.study import Series, Slice
@@ -48,9 +49,13 @@ TUMOUR_MARGIN = 2
 """Slices this close to a tumour slice count as neither tumour nor tumour-free (partial volume)."""
 
 
-def picks_for(volume: realct.RealCtVolume, most: int = 6) -> list[int]:
+def picks_for(volume: realct.RealCtVolume) -> list[int]:
+    """A few slices of each scan, as benchmarks/bench_prior_fit.py picks them (its analyses are reused)."""
     n = volume.series.n_slices
-    return sorted({int(i) for i in np.linspace(0, n - 1, min(n, most)).round()})
+    picks = np.linspace(0, n - 1, min(n, 4 if n > 10 else n))
+    if volume.case.source == realct.INVESALIUS:
+        picks = np.linspace(20, n - 15, 6)
+    return sorted({int(i) for i in picks.round()})
 
 
 def tumour_free(volume: realct.RealCtVolume) -> list[int]:
@@ -87,14 +92,16 @@ def analyse(loaded: LoadedPrior, series: Series, indices: list[int], settings: A
 
 
 def prior_fit_table(loaded: LoadedPrior, volumes: list[realct.RealCtVolume], settings: AnalysisSettings,
-                    cache: Path) -> list[dict]:
+                    cache: Path, most: int | None = None) -> list[dict]:
     rows = []
     threshold = loaded.calibration.prior_fit_threshold(settings)
     for v in volumes:
         picks = picks_for(v)
+        if most is not None and len(picks) > most:
+            picks = [picks[round(k * (len(picks) - 1) / (most - 1))] for k in range(most)]
         results = analyse(loaded, v.series, picks, settings, cache, v.case.case_id.replace("/", "_"))
-        scores = [r.prior_fit_score for r in results]
-        mismatch = sum(r.prior_fit is not None and not r.prior_fit.fits for r in results)
+        scores = [prior_fit_score(r.energy, r.recon_hu, r.settings.sigma_window) for r in results]
+        mismatch = None if threshold is None else sum(s > threshold for s in scores)
         rows.append({"case": v.case.case_id, "anatomy": v.case.anatomy, "slices": len(picks),
                      "median_score": float(np.median(scores)), "min_score": float(min(scores)),
                      "max_score": float(max(scores)), "mismatch": mismatch, "threshold": threshold,
@@ -182,37 +189,35 @@ def main(argv: list[str] | None = None) -> int:
     report["adaptation"] = {"seconds": time.perf_counter() - t, "split": adapted_run.split.describe(),
                             "report": adapted_run.report, "mode": args.mode, "steps": args.steps}
     adapted = LoadedPrior.load(out, "cpu")
-    report["prior_fit_adapted"] = prior_fit_table(adapted, volumes, settings, args.cache)
+    report["prior_fit_adapted"] = prior_fit_table(adapted, volumes, settings, args.cache, most=2)
 
     test = by_patient[TEST_PATIENT]
     indices = list(range(test.series.n_slices))
     free = set(tumour_free(test))
     tumour_slices = [i for i in indices if test.tumour[i].any()]
-    keep = sorted(free | set(tumour_slices))
+    keep = sorted(free | set(tumour_slices[::2]))
     results = analyse(adapted, test.series, keep, settings, args.cache, "pat_4")
     cases = detection_cases(results, [test.tumour[i] if i in tumour_slices else None for i in keep])
     report["real_tumours"] = detection_numbers(cases, adapted, settings)
 
+    # Synthetic lesions in every other tumour-free slice; the slices between stay healthy (their analyses are
+    # the ones above).
     rng = np.random.default_rng(args.seed + 16)
     free_list = sorted(free)
-    lesion_at = set(free_list[1::2])
+    healthy_at, lesion_at = free_list[0::2], free_list[1::2]
     synthetic, masks = [], []
     spacing = float(test.series.pixel_spacing_mm[0])
-    for i in free_list:
-        hu = test.series.slices[i].hu
-        if i in lesion_at:
-            made = insert_lesion(hu, spacing, rng)
-            if made is None:
-                continue
-            hu, mask = made
-            masks.append(mask)
-        else:
-            masks.append(None)
-        synthetic.append(dataclasses.replace(test.series.slices[i], hu=hu))
+    for i in lesion_at:
+        made = insert_lesion(test.series.slices[i].hu, spacing, rng)
+        if made is not None:
+            synthetic.append(dataclasses.replace(test.series.slices[i], hu=made[0]))
+            masks.append(made[1])
     lesion_series = subset(test.series, [], f"synthetic-{args.seed}", synthetic)
-    results = analyse(adapted, lesion_series, list(range(len(synthetic))), settings, args.cache,
-                      f"pat_4_synthetic_{args.seed}")
-    report["synthetic_lesions"] = detection_numbers(detection_cases(results, masks), adapted, settings)
+    sick = analyse(adapted, lesion_series, list(range(len(synthetic))), settings, args.cache,
+                   f"pat_4_synthetic_{args.seed}")
+    healthy = analyse(adapted, test.series, healthy_at, settings, args.cache, "pat_4")
+    report["synthetic_lesions"] = detection_numbers(detection_cases(healthy + sick, [None] * len(healthy) + masks),
+                                                    adapted, settings)
     report["seconds"] = time.perf_counter() - started
     report["load_average_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)

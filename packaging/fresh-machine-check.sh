@@ -10,9 +10,10 @@
 #   2. `make test` as root: must pass, and must not have installed the xcb libraries;
 #   3. `make run` as root: must install the xcb libraries with apt and open the app in a real
 #      X11 window (on the host's Xvfb), analyse the demo's shown slice, and save a screenshot.
-# Where the host keeps a local torch wheel and pip configuration (/opt/wheels, /etc/pip.conf, as on
-# this project's machines), they are lent to the image read-only, so that pip takes the same
-# CPU torch build instead of downloading a CUDA one.
+# The host's network set-up is lent to the image: its CA certificates (for a machine behind a
+# TLS-inspecting proxy) and, where it keeps them, a local torch wheel and pip configuration
+# (/opt/wheels, /etc/pip.conf, as on this project's machines), so that pip takes the same CPU
+# torch build instead of downloading a CUDA one.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -43,6 +44,7 @@ debootstrap --variant=minbase bookworm "$root" http://deb.debian.org/debian >"$w
 cp /etc/resolv.conf "$root/etc/resolv.conf"
 mount -t proc proc "$root/proc"; mounts+=("$root/proc")
 bind /dev
+bind /dev/pts
 bind /dev/shm
 for d in /opt/wheels /opt/pypi /opt/pypi-more; do [[ -d $d ]] && bind "$d" ro; done
 [[ -f /etc/pip.conf ]] && cp /etc/pip.conf "$root/etc/pip.conf"
@@ -52,6 +54,7 @@ echo "== what the README asks for: python3 (3.11), python3-venv, git, make"
 in_image apt-get update -qq
 in_image env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     python3 python3-venv git make ca-certificates >"$work/apt.log"
+cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
 in_image python3 --version
 git -C "$repo" bundle create "$root/klviewer.bundle" HEAD >/dev/null 2>&1
 clone() { in_image git clone -q /klviewer.bundle "$1"; }

@@ -57,12 +57,12 @@ in_image env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-
 cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
 in_image python3 --version
 git -C "$repo" bundle create "$root/klviewer.bundle" HEAD >/dev/null 2>&1
-clone() { in_image git clone -q /klviewer.bundle "$1"; }
+clone() { in_image git -c advice.detachedHead=false clone -q /klviewer.bundle "$1"; }
 
 echo "== 1. make run as an ordinary user: must print the apt-get command and stop"
 in_image useradd -m user
 in_image chmod 644 /klviewer.bundle
-in_image su user -c "git clone -q /klviewer.bundle /home/user/klviewer"
+in_image su user -c "git -c advice.detachedHead=false clone -q /klviewer.bundle /home/user/klviewer"
 if in_image su user -c "cd /home/user/klviewer && make run" >"$work/run-user.log" 2>&1; then
     echo "FAIL: make run went on without Qt's libraries"; exit 1
 fi

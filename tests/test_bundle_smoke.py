@@ -56,3 +56,25 @@ def test_the_bundle_builds_the_demo_analyses_it_and_saves_a_screenshot(bundle: P
     # dark theme, the grey CT and the blue accents have none, so an analysed slice shows them.
     warm = int(((pixels[..., 0] - pixels[..., 2]) > 100).sum())
     assert warm > 500
+
+
+def test_the_bundle_decodes_compressed_dicom(bundle: Path, tmp_path: Path) -> None:
+    """JPEG 2000 and JPEG lossless CT: the decoders are found through their entry points."""
+    from pydicom.data import get_testdata_file
+
+    inputs = [get_testdata_file("J2K_pixelrep_mismatch.dcm"), get_testdata_file("bad_sequence.dcm")]
+    done = subprocess.run([str(bundle), "analyze", *inputs, "--out", "res", "--steps", "2"],
+                          env=_bare_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "analysed 2 slice(s)" in done.stdout
+
+
+def test_the_bundle_runs_batch_workers_as_spawned_processes(bundle: Path, tmp_path: Path) -> None:
+    env = _bare_env(tmp_path)
+    subprocess.run([str(bundle), "phantoms", "--out", "in", "-n", "2"], env=env, cwd=tmp_path, check=True,
+                   capture_output=True)
+    done = subprocess.run([str(bundle), "batch", "in/phantom_0000.npz", "in/phantom_0001.npz", "--out", "out",
+                           "--workers", "2", "--steps", "2", "--quiet"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "2 done, 0 failed" in done.stdout and "2 local worker processes" in done.stdout

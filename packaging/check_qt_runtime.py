@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("ldd") is None:
         print("check_qt_runtime: no ldd here; cannot check Qt's system libraries (skipped)", file=sys.stderr)
         return 0
-    packages, unknown = packages_for(ldd_missing(plugin))
+    missing = ldd_missing(plugin)
+    packages, unknown = packages_for(missing)
     if not has_fonts():
         packages.append(FONT_PACKAGE)
     if not packages and not unknown:
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         if still:
             print("check_qt_runtime: still missing after apt-get install: " + ", ".join(still), file=sys.stderr)
         return 1 if still else 0
-    print(f"Qt's {platform} platform plugin needs system libraries that are missing here.", file=sys.stderr)
+    print(f"Qt's {platform} platform plugin needs system libraries that are missing here: "
+          + (", ".join(missing) or "fonts"), file=sys.stderr)
     if packages:
         print("On Debian or Ubuntu install them with:\n\n    " + " ".join(apt_command(packages, as_root)) + "\n",
               file=sys.stderr)

@@ -196,3 +196,31 @@ def test_the_qt_check_finds_the_offscreen_plugin_the_tests_use() -> None:
     # These tests run offscreen, so the linker finds everything that plugin needs.
     assert check_qt_runtime.ldd_missing(plugin) == []
     assert check_qt_runtime.platform_plugin("no-such-platform") is None
+
+
+def _fake_machine(monkeypatch: pytest.MonkeyPatch, uid: int, ldd_answers: list[list[str]]) -> list[list[str]]:
+    """A Linux machine where `ldd` answers `ldd_answers` in turn; returns the commands run."""
+    commands: list[list[str]] = []
+    monkeypatch.setattr(check_qt_runtime.os, "geteuid", lambda: uid)
+    monkeypatch.setattr(check_qt_runtime, "ldd_missing", lambda plugin: ldd_answers.pop(0))
+    monkeypatch.setattr(check_qt_runtime, "has_fonts", lambda: True)
+    monkeypatch.setattr(check_qt_runtime.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(check_qt_runtime.subprocess, "run", lambda command, **kw: commands.append(command))
+    return commands
+
+
+def test_a_user_is_told_the_exact_apt_command(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    commands = _fake_machine(monkeypatch, uid=1000, ldd_answers=[["libxcb-cursor.so.0", "libxcb-keysyms.so.1"]])
+    assert check_qt_runtime.main(["--platform", "xcb"]) == 1
+    assert commands == []
+    err = capsys.readouterr().err
+    assert "libxcb-cursor.so.0, libxcb-keysyms.so.1" in err
+    assert "sudo apt-get install -y --no-install-recommends libxcb-cursor0 libxcb-keysyms1\n" in err
+
+
+def test_root_installs_the_missing_libraries_with_apt(monkeypatch: pytest.MonkeyPatch) -> None:
+    commands = _fake_machine(monkeypatch, uid=0, ldd_answers=[["libxcb-cursor.so.0"], []])
+    assert check_qt_runtime.main(["--platform", "xcb"]) == 0
+    assert commands == [["apt-get", "update", "-qq"],
+                        ["apt-get", "install", "-y", "--no-install-recommends", "libxcb-cursor0"]]

@@ -1,27 +1,46 @@
 # Everything the project needs is installed from here: `make run` and `make test` work on a
-# fresh machine with only Python 3.11 and git.
+# fresh Debian/Ubuntu machine with only Python 3.11 (with venv), git and make. `make run`
+# also needs Qt's X11 (xcb) runtime libraries: it installs them with apt when run as root,
+# else it prints the exact apt-get command (packaging/check_qt_runtime.py).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.klviewer-installed
+# The app alone (make run) and the app plus the dev extras (make test) have their own stamps.
+APP_STAMP := $(VENV)/.klviewer-installed
+DEV_STAMP := $(VENV)/.klviewer-dev-installed
+BUNDLE_STAMP := $(VENV)/.klviewer-bundle-installed
+# Extra arguments for `klviewer gui`, e.g. make run ARGS="--analyze --screenshot x.png --quit".
+ARGS ?=
 
-.PHONY: run test venv bench clean data data-pycerr data-invesalius
+.PHONY: run test venv bench wheel bundle bundle-smoke clean data data-pycerr data-invesalius
 
-$(STAMP): pyproject.toml
+$(APP_STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	@touch $(APP_STAMP)
+
+$(DEV_STAMP): $(APP_STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	@touch $(STAMP)
+	@touch $(DEV_STAMP)
 
-venv: $(STAMP)
+$(BUNDLE_STAMP): $(APP_STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bundle]'
+	@touch $(BUNDLE_STAMP)
 
-run: $(STAMP)
-	$(BIN)/klviewer gui
+venv: $(DEV_STAMP)
 
-test: $(STAMP)
+run: $(APP_STAMP)
+	$(BIN)/python packaging/check_qt_runtime.py
+	$(BIN)/klviewer gui $(ARGS)
+
+# Tests run with Qt's offscreen platform: they need Qt's GUI libraries (EGL, fontconfig, glib),
+# none of the xcb ones.
+test: $(DEV_STAMP)
+	$(BIN)/python packaging/check_qt_runtime.py --platform offscreen
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(APP_STAMP)
 	$(BIN)/python benchmarks/bench_radon.py
 
 # Real CT for tests and benchmarks (docs/real_ct_data.md). It goes to a git-ignored folder and is
@@ -33,14 +52,14 @@ PYCERR_REQUIREMENT := pycerr==2.5.1 --hash=sha256:5c3e82cc387538c5c38143827314fc
 data: data-pycerr data-invesalius
 	$(BIN)/python -m klviewer.io.realct --root $(REALCT_DIR) list
 
-data-pycerr: $(STAMP)
+data-pycerr: $(DEV_STAMP)
 	@mkdir -p $(REALCT_DIR)/downloads
 	echo '$(PYCERR_REQUIREMENT)' > $(REALCT_DIR)/downloads/pycerr-requirement.txt
 	$(BIN)/python -m pip download --quiet --no-deps --require-hashes -r $(REALCT_DIR)/downloads/pycerr-requirement.txt -d $(REALCT_DIR)/downloads
 	$(BIN)/python -m klviewer.io.realct --root $(REALCT_DIR) unpack-pycerr $(REALCT_DIR)/downloads/$(PYCERR_WHEEL)
 
 # Debian/Ubuntu only: apt-get download needs no root, dpkg-deb -x unpacks into a temporary folder.
-data-invesalius: $(STAMP)
+data-invesalius: $(DEV_STAMP)
 	@mkdir -p $(REALCT_DIR)
 	tmp=$$(mktemp -d) && \
 	{ (cd $$tmp && apt-get download invesalius-examples && dpkg-deb -x invesalius-examples_*.deb root) \
@@ -48,5 +67,19 @@ data-invesalius: $(STAMP)
 	$(BIN)/python -m klviewer.io.realct --root $(REALCT_DIR) install-invesalius $$tmp/root; \
 	status=$$?; rm -rf $$tmp; exit $$status
 
+# The wheel (with the shipped prior inside), into dist/. setuptools would pack whatever an
+# earlier build left in build/lib, so that goes first.
+wheel: $(APP_STAMP)
+	rm -rf build/lib build/bdist.*
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir dist .
+
+# The PyInstaller one-folder desktop bundle: dist/klviewer/klviewer (packaging/README.md).
+bundle: $(BUNDLE_STAMP)
+	$(BIN)/python packaging/build_bundle.py
+
+# Builds the bundle, then opens it headless, analyses the demo and saves a screenshot.
+bundle-smoke: $(DEV_STAMP) $(BUNDLE_STAMP)
+	KLVIEWER_BUNDLE_SMOKE=1 QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q tests/test_bundle_smoke.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

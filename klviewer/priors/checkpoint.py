@@ -7,7 +7,7 @@ checkpoint from an untrusted source cannot run code.
 from __future__ import annotations
 
 import hashlib
-
+import importlib.resources
 import os
 from pathlib import Path
 
@@ -16,7 +16,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-import klviewer
 from klviewer.errors import KlviewerInputError
 from klviewer.io.safe_write import OutputExistsError, atomic_write, atomic_write_text
 from klviewer.priors.base import Prior, PriorConfig
@@ -27,9 +26,13 @@ DEFAULT_PRIOR = "abdomen-phantom-256"
 
 
 def resources_dir() -> Path:
-    """Shipped resources: ``$KLVIEWER_RESOURCES`` if set, else the repository's ``resources/``."""
+    """Shipped resources: ``$KLVIEWER_RESOURCES`` if set, else the package data ``klviewer/resources``.
+
+    The package data is a plain folder in a checkout, an installed wheel and the desktop bundle
+    alike, so its files are read by path (a zipped install is not supported).
+    """
     env = os.environ.get("KLVIEWER_RESOURCES")
-    return Path(env) if env else Path(klviewer.__file__).resolve().parents[1] / "resources"
+    return Path(env) if env else Path(str(importlib.resources.files("klviewer") / "resources"))
 
 
 def priors_dir() -> Path:
@@ -89,8 +92,17 @@ def resolve_prior_path(name_or_path: str | Path) -> Path:
         return priors_dir() / name_or_path
     if path.exists():
         raise KlviewerInputError(path, "a prior is a folder holding config.json and model.safetensors, not a file")
-    known = ", ".join(list_priors()) or "none"
-    raise KlviewerInputError(path, f"no such prior folder, and not the name of a shipped prior (shipped: {known})")
+    raise KlviewerInputError(path, "no such prior folder, and not the name of a shipped prior; " + _prior_hint())
+
+
+def _prior_hint() -> str:
+    """What to do when a prior is not found: the shipped names, or why there are none."""
+    known = list_priors()
+    if known:
+        return f"shipped: {', '.join(known)}; or give the path of a folder holding {CONFIG_FILE} and {WEIGHTS_FILE}"
+    return (f"no shipped priors were found in {priors_dir()}. Reinstall klviewer (`pip install --force-reinstall "
+            f"klviewer`), point KLVIEWER_RESOURCES at a folder holding priors/NAME/{CONFIG_FILE}, or give the path "
+            f"of a prior folder (`--prior PATH`)")
 
 
 def read_prior_config(folder: Path) -> PriorConfig:

@@ -15,7 +15,15 @@ from test_app_support import (  # noqa: F401
     window,
 )
 
-from klviewer.app.case_list import FLAG_COLUMN, NOTE_COLUMN
+from klviewer.app.case_list import (
+    FLAG_COLUMN,
+    NOTE_COLUMN,
+    PATIENT_COLUMN,
+    SCORE_COLUMN,
+    SERIES_COLUMN,
+    SLICE_COLUMN,
+    VERDICT_COLUMN,
+)
 
 
 def test_fast_analysis_shows_overlay_layers_and_case(window, qtbot) -> None:
@@ -25,9 +33,11 @@ def test_fast_analysis_shows_overlay_layers_and_case(window, qtbot) -> None:
     assert overlay.has_data() and overlay.image.isVisible() and overlay.colorbar.isVisible()
     assert overlay.frame.pixels.shape == (32, 32), "the overlay is on the prior's grid"
     assert overlay.image.image is not None and np.isfinite(overlay.image.image).any()
-    assert overlay.frame.boxes, "without a calibrated threshold the top patches are outlined"
-    assert not overlay.outlines.path().isEmpty()
-    assert "KL score" in window.viewer.corners["br"].text() and "tiny-test" in window.viewer.corners["br"].text()
+    assert overlay.frame.boxes == [] and overlay.outlines.path().isEmpty(), \
+        "without a calibrated rule nothing is flagged, so nothing is outlined"
+    corner = window.viewer.corners["br"].text()
+    assert "CANNOT FLAG" in corner and "nothing can be flagged" in corner and "tiny-test" in corner
+    assert window.cases[0].status == "cannot flag" and "cannot flag" in window.panel.summary.text()
     assert window.viewer.base.image.shape == (32, 32), "analysed slices show the analysis grid"
     combo = window.viewer.base_combo
     assert all(combo.model().item(combo.findData(k)).isEnabled() for k in ("original", "fbp", "mean", "std"))
@@ -110,10 +120,13 @@ def test_run_series_fills_a_sortable_case_list_that_navigates(window, qtbot) -> 
     run_and_wait(qtbot, window, window.run_series)
     assert len(window.cases) == 8
     view = window.case_view
-    scores = [view.proxy.index(r, 1).data(Qt.ItemDataRole.UserRole) for r in range(view.proxy.rowCount())]
+    scores = [view.proxy.index(r, SCORE_COLUMN).data(Qt.ItemDataRole.UserRole) for r in range(view.proxy.rowCount())]
     assert scores == sorted(scores, reverse=True), "sorted by score, highest first"
-    view.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
-    assert [view.proxy.index(r, 0).data() for r in range(8)] == list(range(1, 9))
+    view.table.sortByColumn(SLICE_COLUMN, Qt.SortOrder.AscendingOrder)
+    assert [view.proxy.index(r, SLICE_COLUMN).data() for r in range(8)] == list(range(8)), "numbered from 0, as exports"
+    first = [view.proxy.index(0, c).data() for c in (PATIENT_COLUMN, SERIES_COLUMN, VERDICT_COLUMN)]
+    assert first == ["PHANTOM KLV-DEMO-001 (KLV-DEMO-001)", "#1 Phantom abdomen: 4 healthy, 4 with liver lesions",
+                     "cannot flag"], "each row names its patient, series and verdict"
 
     row = window.cases.find(window.current_uid, 2)
     view.select_row(row)

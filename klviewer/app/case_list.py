@@ -9,16 +9,22 @@ from __future__ import annotations
 from typing import Any
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, QSortFilterProxyModel, Qt, Signal
+from PySide6.QtGui import QColor
 from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QTableView, QVBoxLayout, QWidget
 
 from klviewer.app.cases import CaseChange, CaseEntry, CaseList
 
-COLUMNS = ("Slice", "Score (nats)", "KL z", "Flagged", "Note", "Series", "Patient")
+COLUMNS = ("Patient", "Series", "Slice", "Verdict", "KL z", "Score (nats)", "Flag", "Note")
+"""Slices are numbered from 0, as everywhere (klviewer.inference.verdict_text.slice_label)."""
+PATIENT_COLUMN, SERIES_COLUMN = COLUMNS.index("Patient"), COLUMNS.index("Series")
 SLICE_COLUMN = COLUMNS.index("Slice")
+VERDICT_COLUMN = COLUMNS.index("Verdict")
 SCORE_COLUMN = COLUMNS.index("Score (nats)")
 Z_COLUMN = COLUMNS.index("KL z")
-FLAG_COLUMN = COLUMNS.index("Flagged")
+FLAG_COLUMN = COLUMNS.index("Flag")
 NOTE_COLUMN = COLUMNS.index("Note")
+COLUMN_WIDTHS = {PATIENT_COLUMN: 96, SERIES_COLUMN: 96, SLICE_COLUMN: 40, VERDICT_COLUMN: 82, Z_COLUMN: 48,
+                 SCORE_COLUMN: 84, FLAG_COLUMN: 62, NOTE_COLUMN: 120}
 SORT_ROLE = Qt.ItemDataRole.UserRole
 
 Index = QModelIndex | QPersistentModelIndex
@@ -77,21 +83,31 @@ class CaseTableModel(QAbstractTableModel):
             return Qt.CheckState.Checked if entry.flagged else Qt.CheckState.Unchecked
         z = entry.z_score
         if role == SORT_ROLE:
-            return (entry.slice_index, entry.score, float("-inf") if z is None else z, int(entry.flagged), entry.note,
-                    entry.series, entry.patient)[col]
-        if role == Qt.ItemDataRole.ToolTipRole and col == FLAG_COLUMN:
-            return ("flag set by hand" if entry.manual_flag is not None
-                    else "automatic: ticked when the KL z-score (or, without a healthy reference, the score) "
-                         "is above the calibrated threshold")
-        if role == Qt.ItemDataRole.ToolTipRole and col == Z_COLUMN:
-            return "KL z-score against the prior's healthy reference (empty where it has none for these map settings)"
+            return (entry.patient, entry.series, entry.slice_index, entry.status, float("-inf") if z is None else z,
+                    entry.score, int(entry.flagged), entry.note)[col]
+        if role == Qt.ItemDataRole.ToolTipRole:
+            return self._tooltip(entry, col)
         if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.EditRole):
             if col == FLAG_COLUMN:
                 return entry.flag_source
-            return (entry.slice_index + 1, f"{entry.score:.4g}", "" if z is None else f"{z:.3g}", None, entry.note,
-                    entry.series, entry.patient)[col]
+            return (entry.patient, entry.series, entry.slice_index, entry.status, "" if z is None else f"{z:.3g}",
+                    f"{entry.score:.4g}", None, entry.note)[col]
+        if role == Qt.ItemDataRole.ForegroundRole and col == VERDICT_COLUMN and entry.flagged:
+            return QColor("#ff6a4d")
         if role == Qt.ItemDataRole.TextAlignmentRole and col in (SLICE_COLUMN, SCORE_COLUMN, Z_COLUMN):
             return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        return None
+
+    @staticmethod
+    def _tooltip(entry: CaseEntry, col: int) -> str | None:
+        rule = entry.verdict.rule_text if entry.verdict is not None else ""
+        if col in (VERDICT_COLUMN, FLAG_COLUMN):
+            source = "flag set by hand (untick to hand it back to the rule)" if entry.manual_flag is not None else "automatic"
+            return f"{source}; {rule}" if rule else source
+        if col == Z_COLUMN:
+            return "KL z-score against the prior's healthy reference (empty where it has none for these map settings)"
+        if col in (PATIENT_COLUMN, SERIES_COLUMN):
+            return f"{entry.patient}\n{entry.series}\nslice {entry.slice_index} (numbered from 0)"
         return None
 
     def setData(self, index: Index, value: Any, role: int = Qt.ItemDataRole.EditRole) -> bool:  # noqa: N802
@@ -131,7 +147,7 @@ class CaseListView(QWidget):
         self.table.setAlternatingRowColors(True)
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
-        for col, width in ((SLICE_COLUMN, 44), (SCORE_COLUMN, 90), (Z_COLUMN, 52), (FLAG_COLUMN, 76), (NOTE_COLUMN, 120)):
+        for col, width in COLUMN_WIDTHS.items():
             header.resizeSection(col, width)
         header.setStretchLastSection(True)
         # Moving through the rows (mouse or arrow keys) shows each slice; a click re-shows the current one.

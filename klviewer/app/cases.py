@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from klviewer.inference.verdict_text import Verdict
+
 ChangeKind = Literal["inserting", "inserted", "changed", "resetting", "reset"]
 
 
@@ -28,6 +30,8 @@ class CaseEntry:
     prior: str = ""
     z_score: float | None = None
     """KL z-score against the prior's healthy reference; None where it has none for the map settings."""
+    verdict: Verdict | None = None
+    """The automatic verdict with the rule behind it (None for rows built without one)."""
 
     @property
     def key(self) -> tuple[str, int]:
@@ -36,6 +40,15 @@ class CaseEntry:
     @property
     def flagged(self) -> bool:
         return self.auto_flagged if self.manual_flag is None else self.manual_flag
+
+    @property
+    def status(self) -> str:
+        """What the row says: the automatic verdict's status, or the flag set by hand."""
+        if self.manual_flag is not None:
+            return "flagged (by hand)" if self.manual_flag else "not flagged (by hand)"
+        if self.verdict is not None:
+            return self.verdict.status
+        return "flagged" if self.auto_flagged else "not flagged"
 
     @property
     def flag_source(self) -> str:
@@ -96,10 +109,11 @@ class CaseList:
         self.entries[row].note = note
         self._emit("changed", row)
 
-    def set_score(self, row: int, score: float, auto_flagged: bool, z_score: float | None = None) -> None:
+    def set_score(self, row: int, score: float, auto_flagged: bool, z_score: float | None = None,
+                  verdict: Verdict | None = None) -> None:
         entry = self.entries[row]
-        if (entry.score, entry.auto_flagged, entry.z_score) != (score, auto_flagged, z_score):
-            entry.score, entry.auto_flagged, entry.z_score = score, auto_flagged, z_score
+        if (entry.score, entry.auto_flagged, entry.z_score, entry.verdict) != (score, auto_flagged, z_score, verdict):
+            entry.score, entry.auto_flagged, entry.z_score, entry.verdict = score, auto_flagged, z_score, verdict
             self._emit("changed", row)
 
     def clear(self) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from klviewer.app.cases import CaseEntry, CaseList
-from klviewer.app.display import MapSettings, patient_label
+from klviewer.app.display import MapSettings, patient_label, series_label
 from klviewer.app.session import CachedResult, FlagThresholds, ResultCache, ResultKey
 from klviewer.app.session_results import SessionSlice
 from klviewer.devices import resolve_device
@@ -19,6 +19,7 @@ from klviewer.errors import KlviewerError
 from klviewer.inference.result import SliceResult
 from klviewer.inference.scoring import SliceScore, score_slice
 from klviewer.inference.settings import AnalysisSettings
+from klviewer.inference.verdict_text import score_verdict
 from klviewer.io.study import Catalog, Patient, Series, Study
 
 
@@ -130,14 +131,14 @@ class SessionModel:
         series = entry.series if entry else None
         self.cases.upsert(CaseEntry(
             series_uid=series_uid, slice_index=index, patient=patient_label(entry.patient) if entry else "",
-            series=(series.description if series else "") or series_uid, score=scored.score,
-            auto_flagged=scored.flagged, prior=result.prior_name, z_score=scored.z_score,
+            series=series_label(series) if series else series_uid, score=scored.score,
+            auto_flagged=scored.flagged, prior=result.prior_name, z_score=scored.z_score, verdict=score_verdict(scored),
         ))
 
     def update_case(self, uid: str, index: int, scored: SliceScore) -> None:
         row = self.cases.find(uid, index)
         if row is not None:
-            self.cases.set_score(row, scored.score, scored.flagged, scored.z_score)
+            self.cases.set_score(row, scored.score, scored.flagged, scored.z_score, score_verdict(scored))
 
     def rescore(self, map_settings: MapSettings) -> None:
         """Scores and automatic flags of every listed slice, under the map sliders."""

@@ -28,7 +28,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from klviewer.app.display import format_nats
+from klviewer.inference.verdict_text import format_nats
 from klviewer.app.messages import Notifier
 from klviewer.app.prior_choices import chosen_path, fill_combo, known_priors
 from klviewer.app.prior_fit import FitRequest, FitResult, legend_label, run_prior_fit

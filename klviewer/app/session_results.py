@@ -95,7 +95,7 @@ def _write_group(members: list[SessionSlice], out: Path, settings: MapSettings) 
         row.update(plan.slice_source(item.index))
         run.rows.append(row)
         if item.note.strip():
-            case_notes.setdefault(plan.case, []).append(f"slice {item.index + 1}: {item.note.strip()}")
+            case_notes.setdefault(plan.case, []).append(f"slice {item.index}: {item.note.strip()}")
     z_thresholds.discard(None)
     write_summary(run, summary_settings, prior_path, prior_fingerprint(prior_path), members[0].flag_threshold, False,
                   z_thresholds.pop() if len(z_thresholds) == 1 else None)

@@ -16,15 +16,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QPointF, QRectF, Qt, Signal
 from PySide6.QtGui import QKeyEvent
-from PySide6.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QHBoxLayout,
-    QLabel,
-    QToolButton,
-    QVBoxLayout,
-    QWidget,
-)
+from PySide6.QtWidgets import QCheckBox, QComboBox, QLabel, QToolBar, QVBoxLayout, QWidget
 
 from klviewer.app.display import (
     BASE_IMAGES,
@@ -33,9 +25,9 @@ from klviewer.app.display import (
     WindowLevel,
     available_bases,
     base_image,
-    format_nats,
     initial_window,
 )
+from klviewer.inference.verdict_text import format_nats, slice_label
 from klviewer.app.overlay import OverlayLayer
 from klviewer.inference.result import SliceResult
 from klviewer.io.study import Series
@@ -130,13 +122,15 @@ class SliceViewer(QWidget):
     # ----- construction -------------------------------------------------------------------
 
     def _build_toolbar(self) -> None:
-        self.toolbar = QWidget()
+        # A QToolBar: on a narrow screen what does not fit goes behind its » button instead of
+        # widening the window past the screen.
+        self.toolbar = QToolBar()
         self.toolbar.setObjectName("viewerToolbar")
-        row = QHBoxLayout(self.toolbar)
-        row.setContentsMargins(6, 3, 6, 3)
+        self.toolbar.setMovable(False)
         self.base_combo = QComboBox()
         for key, label in BASE_IMAGES.items():
             self.base_combo.addItem(label, key)
+        self.base_combo.setToolTip("The image shown under the overlay")
         self.base_combo.currentIndexChanged.connect(self._base_picked)
         self.preset_combo = preset_combo(self._preset_picked)
         self.overlay_check = QCheckBox("KL overlay (o)")
@@ -151,16 +145,11 @@ class SliceViewer(QWidget):
         self.compare_combo.setCurrentIndex(self.compare_combo.findData(self.compare_kind))
         self.compare_combo.currentIndexChanged.connect(
             lambda row: self.set_compare_kind(self.compare_combo.itemData(row)))
-        invert = QToolButton(text="Invert (i)")
-        invert.clicked.connect(self.toggle_invert)
-        reset = QToolButton(text="Reset view (r)")
-        reset.clicked.connect(self.reset_view)
-        for widget in (QLabel("Image:"), self.base_combo, self.preset_combo, self.overlay_check,
-                       self.compare_check, self.compare_combo):
-            row.addWidget(widget)
-        row.addStretch(1)
-        row.addWidget(invert)
-        row.addWidget(reset)
+        for widget in (self.base_combo, self.preset_combo, self.overlay_check, self.compare_check, self.compare_combo):
+            self.toolbar.addWidget(widget)
+        self.toolbar.addSeparator()
+        self.toolbar.addAction("Invert (i)", self.toggle_invert)
+        self.toolbar.addAction("Reset view (r)", self.reset_view)
 
     def _build_annotations(self) -> None:
         self.corners: dict[str, QLabel] = {}
@@ -344,16 +333,12 @@ class SliceViewer(QWidget):
         if result is not None:
             ah, aw = result.recon_hu.shape
             shown += f" · analysis grid {aw}×{ah}"
-        tr = [f"<b>Slice {ctx.index + 1} / {series.n_slices}</b>", size, _esc(shown)]
+        tr = [f"<b>{slice_label(ctx.index, series.n_slices).capitalize()}</b>", size, _esc(shown)]
         br = [f"Prior: {_esc(ctx.prior_name or '—')}"]
         if result is None:
             br.append("not analysed" if series.analysis_refusal() is None else _esc(f"not analysable: {series.modality}"))
         elif frame is not None:
-            state = "<span style='color:#ff6a4d'><b>FLAGGED</b></span>" if frame.flagged else "not flagged"
-            z = "" if frame.z_score is None else f" · z {frame.z_score:.3g}"
-            br.append(f"KL score {format_nats(frame.score)} nats{z} · {state}")
-            lo, hi = frame.kl_map.sigma_window
-            br.append(f"patch {frame.kl_map.patch} px · σ {lo:.3g}–{hi:.3g}")
+            br += verdict_lines(frame)
         for name, lines in (("tl", tl), ("tr", tr), ("br", br)):
             self.corners[name].setText("<br>".join(lines))
         self._annotate_window_and_probe()
@@ -480,6 +465,19 @@ class SliceViewer(QWidget):
             elif kl is not None:
                 text += f"  KL {format_nats(kl)} nats"
         return text
+
+
+STATUS_COLORS = {"flagged": "#ff6a4d", "cannot flag": "#e0b050"}
+
+
+def verdict_lines(frame: OverlayFrame) -> list[str]:
+    """The caption's verdict: status and number, the rule that decided, and the map settings."""
+    verdict = frame.verdict
+    color = STATUS_COLORS.get(verdict.status)
+    status = f"<span style='color:{color}'><b>{verdict.status.upper()}</b></span>" if color else verdict.status
+    lo, hi = frame.kl_map.sigma_window
+    return [f"{_esc(verdict.value)} · {status}", _esc(verdict.rule_text),
+            f"score {format_nats(frame.score)} nats · patch {frame.kl_map.patch} px · σ {lo:.3g}–{hi:.3g}"]
 
 
 def preset_combo(picked: Callable[[int], None]) -> QComboBox:

@@ -14,6 +14,8 @@ Source datasets are read with pydicom and checked against the analysis record be
 
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -150,7 +152,7 @@ def segmentation(sources: Sequence[Dataset], masks: np.ndarray, *, threshold: fl
 def secondary_capture(source: Dataset, rgb: np.ndarray, *, series_uid: str, instance_number: int) -> hd.sc.SCImage:
     """The rendered overlay (uint8 RGB, burned-in colour bar and caption) in the source's patient and study."""
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source, pixel_array=np.ascontiguousarray(rgb, np.uint8), photometric_interpretation="RGB",
+        ref_dataset=_unambiguous_names(source), pixel_array=np.ascontiguousarray(rgb, np.uint8), photometric_interpretation="RGB",
         bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=series_uid,
         series_number=SERIES_NUMBERS["sc"], sop_instance_uid=generate_uid(), instance_number=instance_number,
         manufacturer=_EQUIPMENT["manufacturer"],
@@ -160,6 +162,18 @@ def secondary_capture(source: Dataset, rgb: np.ndarray, *, series_uid: str, inst
     sc.BurnedInAnnotation = "YES"
     sc.SourceImageSequence = [_reference(source)]
     return sc
+
+
+def _unambiguous_names(source: Dataset) -> Dataset:
+    """A copy of `source` whose one-component person names end in a caret: the same name in DICOM
+    (trailing separators may be left out, PS3.5 6.2.1.2), and highdicom does not warn on stderr that a
+    name such as "ANONYMOUS" might be malformed."""
+    ref = copy.deepcopy(source)
+    for keyword in ("PatientName", "ReferringPhysicianName"):
+        value = str(ref.get(keyword, "") or "")
+        if value and "^" not in value:
+            setattr(ref, keyword, value + "^")
+    return ref
 
 
 def _reference(source: Dataset) -> Dataset:

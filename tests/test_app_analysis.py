@@ -125,7 +125,7 @@ def test_run_series_fills_a_sortable_case_list_that_navigates(window, qtbot) -> 
     view.table.sortByColumn(SLICE_COLUMN, Qt.SortOrder.AscendingOrder)
     assert [view.proxy.index(r, SLICE_COLUMN).data() for r in range(8)] == list(range(8)), "numbered from 0, as exports"
     first = [view.proxy.index(0, c).data() for c in (PATIENT_COLUMN, SERIES_COLUMN, VERDICT_COLUMN)]
-    assert first == ["PHANTOM KLV-DEMO-001 (KLV-DEMO-001)", "#1 Phantom abdomen: 4 healthy, 4 with liver lesions",
+    assert first == ["KLV-DEMO-001", "#1 Phantom abdomen: 4 healthy, 4 with liver lesions",
                      "cannot flag"], "each row names its patient, series and verdict"
 
     row = window.cases.find(window.current_uid, 2)

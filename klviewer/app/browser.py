@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QHeaderView, QTreeWidget, QTreeWidgetItem, QWidget
 
@@ -10,6 +12,14 @@ from klviewer.io.study import Patient
 
 KIND_ROLE = Qt.ItemDataRole.UserRole
 UID_ROLE = Qt.ItemDataRole.UserRole + 1
+
+
+WRAP_CHARS = 20
+"""Names longer than this go onto more lines, so a narrow Studies dock shows them whole."""
+
+
+def wrapped(text: str) -> str:
+    return textwrap.fill(text, WRAP_CHARS, break_long_words=False, break_on_hyphens=False)
 
 
 def _tag(item: QTreeWidgetItem, kind: str, uid: str) -> None:
@@ -30,7 +40,7 @@ class StudyBrowser(QTreeWidget):
         header.setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
         header.setSectionResizeMode(2, QHeaderView.ResizeMode.ResizeToContents)
         header.setStretchLastSection(False)
-        self.setUniformRowHeights(True)
+        self.setTextElideMode(Qt.TextElideMode.ElideNone)  # long names are wrapped (see `wrapped`), not cut
         self.itemSelectionChanged.connect(self._selection_changed)
 
     def add_patients(self, patients: list[Patient]) -> None:
@@ -38,19 +48,19 @@ class StudyBrowser(QTreeWidget):
         for patient in patients:
             p_item = self._child(self.invisibleRootItem(), patient.patient_id)
             if p_item is None:
-                p_item = QTreeWidgetItem([patient_label(patient), "", ""])
+                p_item = QTreeWidgetItem([wrapped(patient_label(patient)), "", ""])
                 _tag(p_item, "patient", patient.patient_id)
                 self.addTopLevelItem(p_item)
             for study in patient.studies:
                 s_item = self._child(p_item, study.uid)
                 if s_item is None:
-                    s_item = QTreeWidgetItem([study_label(study), "", ""])
+                    s_item = QTreeWidgetItem([wrapped(study_label(study)), "", ""])
                     _tag(s_item, "study", study.uid)
                     p_item.addChild(s_item)
                 for series in study.series:
                     if self._child(s_item, series.uid) is not None:
                         continue
-                    item = QTreeWidgetItem([series_label(series), series.modality, str(series.n_slices)])
+                    item = QTreeWidgetItem([wrapped(series_label(series)), series.modality, str(series.n_slices)])
                     _tag(item, "series", series.uid)
                     item.setTextAlignment(2, Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                     tip = [series.description or series.uid, f"{series.n_slices} image(s), {series.source_kind}"]

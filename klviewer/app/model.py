@@ -130,7 +130,7 @@ class SessionModel:
         entry = self.series.get(series_uid)
         series = entry.series if entry else None
         self.cases.upsert(CaseEntry(
-            series_uid=series_uid, slice_index=index, patient=patient_label(entry.patient) if entry else "",
+            series_uid=series_uid, slice_index=index, patient=(entry.patient.patient_id or patient_label(entry.patient)) if entry else "",
             series=series_label(series) if series else series_uid, score=scored.score,
             auto_flagged=scored.flagged, prior=result.prior_name, z_score=scored.z_score, verdict=score_verdict(scored),
         ))

@@ -37,15 +37,18 @@ def scrolled(widget: QWidget) -> QScrollArea:
 
 
 def build_docks(w: MainWindow) -> None:
-    """Studies and the case list on the left; analysis, KL map and prior fit (tabbed with the map) on the right."""
+    """Studies and the case list on the left; on the right the analysis and the prior fit (tabbed: both
+    want height), and under them the KL-map sliders, no taller than they need."""
     left, right = Qt.DockWidgetArea.LeftDockWidgetArea, Qt.DockWidgetArea.RightDockWidgetArea
     w.browser_dock = make_dock(w, "Studies", "studiesDock", w.browser, left)
     w.cases_dock = make_dock(w, "Case list", "casesDock", w.case_view, left)
     w.analysis_dock = make_dock(w, "Analysis", "analysisDock", scrolled(w.panel), right)
-    w.map_dock = make_dock(w, "KL map", "mapDock", scrolled(w.map_controls), right)
     w.prior_fit_dock = make_dock(w, "Prior fit", "priorFitDock", w.prior_fit, right)
-    w.tabifyDockWidget(w.map_dock, w.prior_fit_dock)
-    w.map_dock.raise_()
+    w.tabifyDockWidget(w.analysis_dock, w.prior_fit_dock)
+    map_area = scrolled(w.map_controls)
+    map_area.setFixedHeight(w.map_controls.sizeHint().height() + 4)
+    w.map_dock = make_dock(w, "KL map", "mapDock", map_area, right)
+    w.analysis_dock.raise_()
 
 
 SIDE_SHARE = 0.22
@@ -54,14 +57,12 @@ SIDE_LIMITS = (250, 380)
 
 
 def size_docks(w: MainWindow) -> None:
-    """First-run dock sizes for the window's size: both sides in proportion, the Analysis panel at its
-    natural height where the window is tall enough (the KL map gets the rest)."""
+    """First-run dock widths for the window's size, both sides in proportion; the studies get a third of
+    the left side's height, the case list the rest."""
     side = int(min(max(w.width() * SIDE_SHARE, SIDE_LIMITS[0]), SIDE_LIMITS[1]))
     w.resizeDocks([w.browser_dock, w.analysis_dock], [side, side], Qt.Orientation.Horizontal)
     height = w.height()
-    w.resizeDocks([w.browser_dock, w.cases_dock], [int(height * 0.4), int(height * 0.6)], Qt.Orientation.Vertical)
-    panel = min(w.panel.sizeHint().height() + 8, int(height * 0.62))
-    w.resizeDocks([w.analysis_dock, w.map_dock], [panel, max(height - panel, 160)], Qt.Orientation.Vertical)
+    w.resizeDocks([w.browser_dock, w.cases_dock], [int(height * 0.35), int(height * 0.65)], Qt.Orientation.Vertical)
 
 
 def build_status(w: MainWindow) -> None:

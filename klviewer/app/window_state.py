@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from PySide6.QtCore import QByteArray, QRect, QSize
+from PySide6.QtCore import QByteArray, QRect, QSize, QTimer
 from PySide6.QtGui import QGuiApplication
 
 from klviewer.app.display import MapSettings
@@ -64,7 +64,7 @@ def restore_window(w: MainWindow) -> None:
             w.setGeometry(fitted_geometry(screen.availableGeometry()))
     fit_to_screen(w)
     if state is None or not w.restoreState(state):
-        size_docks(w)
+        QTimer.singleShot(0, lambda: size_docks(w))  # once the window is laid out at its size
 
 
 def save_window(w: MainWindow) -> None:

@@ -40,7 +40,10 @@ def test_fast_analysis_shows_overlay_layers_and_case(window, qtbot) -> None:
     assert window.cases[0].status == "cannot flag" and "cannot flag" in window.panel.summary.text()
     assert window.viewer.base.image.shape == (32, 32), "analysed slices show the analysis grid"
     combo = window.viewer.base_combo
-    assert all(combo.model().item(combo.findData(k)).isEnabled() for k in ("original", "fbp", "mean", "std"))
+    assert all(combo.model().item(combo.findData(k)).isEnabled() for k in ("original", "fbp", "mean"))
+    std = combo.model().item(combo.findData("std"))
+    assert not std.isEnabled() and "2 or more posterior samples" in std.toolTip(), \
+        "one sample has no spread: no black 'posterior std' image without a word"
     window.viewer.set_base("mean")
     assert np.array_equal(window.viewer.base.image, window.current_result().result.recon_hu)
     text = window.viewer.probe_at(window.viewer.view.mapViewToScene(window.viewer.view.viewRect().center()))

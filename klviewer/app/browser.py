@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import textwrap
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import QSize, Qt, Signal
 from PySide6.QtWidgets import QHeaderView, QTreeWidget, QTreeWidgetItem, QWidget
 
 from klviewer.app.display import patient_label, series_label, study_label
+from klviewer.app.thumbnails import THUMBNAIL_PX, thumbnail_icon
 from klviewer.io.study import Patient
 
 KIND_ROLE = Qt.ItemDataRole.UserRole
@@ -41,6 +42,7 @@ class StudyBrowser(QTreeWidget):
         header.setSectionResizeMode(2, QHeaderView.ResizeMode.ResizeToContents)
         header.setStretchLastSection(False)
         self.setTextElideMode(Qt.TextElideMode.ElideNone)  # long names are wrapped (see `wrapped`), not cut
+        self.setIconSize(QSize(THUMBNAIL_PX, THUMBNAIL_PX))
         self.itemSelectionChanged.connect(self._selection_changed)
 
     def add_patients(self, patients: list[Patient]) -> None:
@@ -63,6 +65,9 @@ class StudyBrowser(QTreeWidget):
                     item = QTreeWidgetItem([wrapped(series_label(series)), series.modality, str(series.n_slices)])
                     _tag(item, "series", series.uid)
                     item.setTextAlignment(2, Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                    icon = thumbnail_icon(series)
+                    if icon is not None:
+                        item.setIcon(0, icon)
                     tip = [series.description or series.uid, f"{series.n_slices} image(s), {series.source_kind}"]
                     tip += series.warnings
                     refusal = series.analysis_refusal()

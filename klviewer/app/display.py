@@ -105,6 +105,8 @@ def base_image(kind: str, series: Series, index: int, result: SliceResult | None
     base image pixel for pixel; before analysis the native slice is shown.
     """
     if result is not None:
+        if kind == "std" and result.settings.samples < 2:
+            return None  # one sample has no spread: an all-zero image would read as black tissue
         images = {"original": result.original_hu, "fbp": result.fbp_hu, "mean": result.recon_hu,
                   "std": result.posterior_std_hu}
         return images.get(kind)
@@ -115,6 +117,20 @@ def base_image(kind: str, series: Series, index: int, result: SliceResult | None
 
 def available_bases(series: Series, index: int, result: SliceResult | None) -> list[str]:
     return [k for k in BASE_IMAGES if base_image(k, series, index, result) is not None]
+
+
+def unavailable_reason(kind: str, result: SliceResult | None) -> str:
+    """Why a base image cannot be shown for a slice (for tooltips and the side-by-side pane)."""
+    if result is None:
+        return "run the analysis to see it"
+    if kind == "std" and result.settings.samples < 2:
+        return f"needs 2 or more posterior samples (this run had {result.settings.samples})"
+    return "not available for this slice"
+
+
+def matching_preset(window: WindowLevel) -> int | None:
+    """The index in PRESETS of the preset `window` is, or None for a custom window."""
+    return next((n for n, p in enumerate(PRESETS) if p.window == window), None)
 
 
 @dataclass(frozen=True)
@@ -134,6 +150,21 @@ class MapSettings:
         """Patch no larger than the image, and a window with low <= high."""
         lo, hi = sorted(self.sigma_window)
         return replace(self, patch=int(min(max(self.patch, 1), max(image_shape))), sigma_window=(lo, hi))
+
+
+def nearest_calibrated(settings: MapSettings, maps: list[tuple[int, tuple[float, float]]]) -> MapSettings | None:
+    """`settings` moved to the calibrated (patch, sigma window) nearest to them: the same patch where one
+    is calibrated, then the window closest on a log scale (None without calibrated settings)."""
+    if not maps:
+        return None
+
+    def distance(m: tuple[int, tuple[float, float]]) -> tuple[bool, float]:
+        patch, (lo, hi) = m
+        lo_now, hi_now = settings.sigma_window
+        return patch != settings.patch, abs(math.log(lo / lo_now)) + abs(math.log(hi / hi_now))
+
+    patch, window = min(maps, key=distance)
+    return replace(settings, patch=patch, sigma_window=window)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from klviewer.app.cases import CaseList
 from klviewer.app.compare_dialog import CompareDialog
 from klviewer.app.comparison_view import ComparisonView
 from klviewer.app.dialogs import about_html, shortcuts_html, show_html
-from klviewer.app.display import frame_of, patient_label, study_label, summary_html
+from klviewer.app.display import frame_of, nearest_calibrated, patient_label, study_label, summary_html
 from klviewer.app.export_dialog import ExportDialog
 from klviewer.app.export_job import SessionSnapshot
 from klviewer.app.map_controls import MapControls
@@ -36,6 +36,7 @@ from klviewer.app.scope import Scope, measurement_scope
 from klviewer.app.session import CachedResult, ResultCache
 from klviewer.app.settings import Preferences
 from klviewer.app.viewer import SliceContext, SliceViewer
+from klviewer.app.viewer_tools import ViewerTools
 from klviewer.app.window_layout import build_docks, build_status
 from klviewer.app.window_state import restore_window, save_window
 from klviewer.app.worker import AnalysisThread, PriorCache, RunRequest
@@ -80,6 +81,7 @@ class MainWindow(QMainWindow):
         self.runs.finished.connect(self.analysis_finished)
         self.tools = PriorTools(self, prefs, self.notifier, self.panel, self.scope_for, self.analysis_settings,
                                 self.map_controls.settings)
+        self.tools_view = ViewerTools(self)
         build_docks(self)
         self.recent_menu = build_menus(self)
         fill_recent(self)
@@ -101,6 +103,7 @@ class MainWindow(QMainWindow):
         self.map_controls.changed.connect(self._map_changed)
         self.map_controls.changed.connect(lambda: self.tools.refresh())
         self.map_controls.opacity_changed.connect(self.viewer.overlay.set_opacity)
+        self.map_controls.reset_requested.connect(self.reset_map)
         restore_window(self)
 
     # ----- the model's state, as the views and tests read it --------------------------------------
@@ -178,6 +181,8 @@ class MainWindow(QMainWindow):
         self.browser.select_series(first_uid)
         self.show_series(first_uid)
         self.viewer.setFocus()
+        if not catalog.skipped:  # replaces "Preparing the demo study…" and the like
+            self.statusBar().showMessage(f"Opened {names}.", 5_000)
         return True
 
     def dragEnterEvent(self, event: QDragEnterEvent) -> None:  # noqa: N802
@@ -198,6 +203,8 @@ class MainWindow(QMainWindow):
             return
         new = self.model.show(uid, index)
         self.browser.select_series(uid)
+        if new:  # the last run's line is about another series now
+            self.panel.summary.clear()
         self._show_current(reset=new)
         refusal = entry.series.analysis_refusal()
         self.setWindowTitle(f"klviewer — {entry.series.description or uid}")
@@ -248,14 +255,24 @@ class MainWindow(QMainWindow):
         if cached is None:
             self.viewer.set_overlay(None)
             self.map_controls.set_display_threshold(None)
+            self.map_controls.show_calibration(None, [])
             return
         settings = self.map_controls.settings()
         scored = self.model.score(cached, settings)
         frame = frame_of(scored, settings.clamped(cached.result.energy.image_shape))
         self.viewer.set_overlay(frame)
         self.map_controls.set_z_available(scored.z_map is not None)
+        self.map_controls.show_calibration(scored.rule is not None, self.model.calibrated_maps(cached))
         self.map_controls.set_display_threshold(frame.display_threshold, "z" if frame.shows_z else "nats")
         self.model.update_case(self.current_uid, self.index, scored)
+
+    def reset_map(self) -> None:
+        """The calibrated patch and sigma window nearest the sliders, for the shown slice's run."""
+        cached = self.current_result()
+        chosen = nearest_calibrated(self.map_controls.settings(), self.model.calibrated_maps(cached)) if cached else None
+        if chosen is not None:
+            self.map_controls.set_settings(chosen)
+            self._map_changed()
 
     def rescore_cases(self) -> None:
         """Scores and automatic flags of every listed slice, under the current map settings."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from klviewer.app.cases import CaseEntry, CaseList
+from klviewer.app.measurements import Measurement
 from klviewer.app.display import MapSettings, patient_label, series_label
 from klviewer.app.session import CachedResult, FlagThresholds, ResultCache, ResultKey
 from klviewer.app.session_results import SessionSlice
@@ -40,6 +41,8 @@ class SessionModel:
         self.results = ResultCache()
         self.cases = CaseList()
         self.calibrations = FlagThresholds()
+        self.measurements: list[Measurement] = []
+        """Distances and ROIs drawn on slices (see klviewer.app.measurements)."""
 
     # ----- open series and the shown slice -------------------------------------------------------
 
@@ -121,6 +124,10 @@ class SessionModel:
             z_calibration=self.calibrations.z_calibration(cached.prior_path, s, m.patch, m.sigma_window),
             forced_nats=s.flag_threshold,
         )
+
+    def calibrated_maps(self, cached: CachedResult) -> list[tuple[int, tuple[float, float]]]:
+        """The (patch, sigma window) pairs the result's prior was calibrated with for its sampling settings."""
+        return self.calibrations.calibrated_maps(cached.prior_path, cached.result.settings)
 
     def add_result(self, series_uid: str, index: int, prior_path: Path, settings: AnalysisSettings,
                    result: SliceResult, map_settings: MapSettings) -> None:

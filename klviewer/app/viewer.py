@@ -25,6 +25,8 @@ from klviewer.app.display import (
     WindowLevel,
     available_bases,
     base_image,
+    matching_preset,
+    unavailable_reason,
     initial_window,
 )
 from klviewer.inference.verdict_text import format_nats, slice_label
@@ -81,6 +83,8 @@ class SliceViewer(QWidget):
     slice_step = Signal(int)
     """The user asked for the previous (-1) or next (+1) slice."""
     overlay_toggled = Signal(bool)
+    overlay_set = Signal()
+    """A slice and its overlay (or none) were drawn: tools that read them may update."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -222,6 +226,8 @@ class SliceViewer(QWidget):
             self._std_window = None
         if previous is None or previous.series is not context.series:
             self.window = initial_window(context.series)
+            self._show_preset()
+            self.probe_text = ""  # the cursor readout was about the other series' pixels
         h, w = context.series.image_shape
         extent = QRectF(0, 0, w, h)
         changed = extent != self._extent
@@ -237,6 +243,7 @@ class SliceViewer(QWidget):
         self.overlay.set_frame(frame, self._extent)
         self._annotate()
         self._place_annotations()
+        self.overlay_set.emit()
 
     def _sync_base_combo(self) -> None:
         ctx = self.context
@@ -246,7 +253,9 @@ class SliceViewer(QWidget):
         model = self.base_combo.model()
         self.base_combo.blockSignals(True)
         for row in range(self.base_combo.count()):
-            model.item(row).setEnabled(self.base_combo.itemData(row) in available)
+            kind = self.base_combo.itemData(row)
+            model.item(row).setEnabled(kind in available)
+            model.item(row).setToolTip("" if kind in available or ctx is None else unavailable_reason(kind, ctx.result))
         self.base_combo.setCurrentIndex(self.base_combo.findData(self.base_kind))
         self.base_combo.blockSignals(False)
         self.base_combo.setEnabled(bool(available))
@@ -273,7 +282,7 @@ class SliceViewer(QWidget):
         label = BASE_IMAGES[self.compare_kind]
         if image is None:
             self.compare_image.clear()
-            self.compare_label.setText(f"{label}: run the analysis to see it" if ctx else "")
+            self.compare_label.setText(f"{label}: {unavailable_reason(self.compare_kind, ctx.result)}" if ctx else "")
         else:
             window = spread_window(image) if self.compare_kind == "std" else self.window
             self.compare_image.setImage(image, autoLevels=False, levels=window.levels)
@@ -293,7 +302,13 @@ class SliceViewer(QWidget):
             return
         self.comparing = on
         if on:
+            ctx = self.context
+            others = [k for k in available_bases(ctx.series, ctx.index, ctx.result) if k != self.base_kind] if ctx else []
+            if self.compare_kind == self.base_kind or (others and self.compare_kind not in others):
+                self.set_compare_kind(others[0] if others else "mean")  # never the same image twice
             self.graphics.ci.addItem(self.compare_view, row=0, col=COMPARE_COL)
+            for col in (0, COMPARE_COL):  # two equal panes, not one pane and a sliver
+                self.graphics.ci.layout.setColumnStretchFactor(col, 1)
         else:
             self.graphics.ci.removeItem(self.compare_view)
         self.compare_label.setVisible(on)
@@ -359,7 +374,13 @@ class SliceViewer(QWidget):
         self.base.setLevels(window.levels)
         if self.comparing and self.compare_kind != "std" and self.compare_image.image is not None:
             self.compare_image.setLevels(self.window.levels)
+        self._show_preset()
         self._annotate()
+
+    def _show_preset(self) -> None:
+        """The preset box names the window in use, also one chosen with keys 1-5 or the series' own."""
+        preset = matching_preset(self.window)
+        self.preset_combo.setCurrentIndex(0 if preset is None else preset + 1)
 
     def apply_preset(self, number: int) -> None:
         """Preset `number` (0-based) of PRESETS; shown on the tissue image even from the std view."""
@@ -404,7 +425,6 @@ class SliceViewer(QWidget):
     def _preset_picked(self, row: int) -> None:
         if row > 0:
             self.apply_preset(row - 1)
-        self.preset_combo.setCurrentIndex(0)
 
     def handle_key(self, event: QKeyEvent) -> bool:
         """Viewer keys, wherever focus is (unless the focused widget used the key itself)."""
@@ -483,7 +503,7 @@ def verdict_lines(frame: OverlayFrame) -> list[str]:
 def preset_combo(picked: Callable[[int], None]) -> QComboBox:
     """The W/L preset picker: a title row, then the presets numbered as their keys 1-5."""
     combo = QComboBox()
-    combo.addItem("Window preset…")
+    combo.addItem("Custom W/L")
     for n, preset in enumerate(PRESETS, start=1):
         combo.addItem(f"{n}  {preset.name} ({preset.window.width:.0f}/{preset.window.level:.0f})")
     combo.activated.connect(picked)

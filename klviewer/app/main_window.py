@@ -6,12 +6,11 @@ The state (open series, shown slice, results, case list, verdicts) lives in the 
 
 from __future__ import annotations
 
-import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QTimer, Signal
-from PySide6.QtGui import QCloseEvent, QDragEnterEvent, QDropEvent, QKeyEvent
+from PySide6.QtGui import QCloseEvent, QKeyEvent
 from PySide6.QtWidgets import QMainWindow, QWidget
 
 from klviewer.app.align_dialog import AlignDialog
@@ -30,6 +29,7 @@ from klviewer.app.map_controls import MapControls
 from klviewer.app.menus import build_menus, fill_recent
 from klviewer.app.messages import Notifier
 from klviewer.app.model import OpenSeries, SessionModel
+from klviewer.app.opening import OpeningMixin
 from klviewer.app.prior_fit_panel import PriorFitPanel
 from klviewer.app.prior_tools import PriorTools
 from klviewer.app.scope import Scope, measurement_scope
@@ -44,7 +44,6 @@ from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError
 from klviewer.inference.result import SliceResult
 from klviewer.inference.settings import AnalysisSettings
-from klviewer.io.loader import open_paths
 from klviewer.io.study import Series
 
 if TYPE_CHECKING:
@@ -54,7 +53,7 @@ RESCORE_DELAY_MS = 150
 """Case-list scores follow the map sliders once they rest this long (every row is re-cut)."""
 
 
-class MainWindow(QMainWindow):
+class MainWindow(OpeningMixin, QMainWindow):
     analysis_finished = Signal(bool)
     """A run ended: True when every requested slice was analysed."""
 
@@ -138,62 +137,6 @@ class MainWindow(QMainWindow):
 
     def current_result(self) -> CachedResult | None:
         return self.model.current_result()
-
-    # ----- opening data ---------------------------------------------------------------------
-
-    def open_demo(self) -> bool:
-        from klviewer.demo import ensure_demo_study
-
-        self.statusBar().showMessage("Preparing the demo study…")
-        try:
-            folder = ensure_demo_study()
-        except (OSError, KlviewerError) as exc:
-            self.notifier.error("Cannot create the demo study", str(exc))
-            return False
-        return self.open_paths([folder], remember=False)
-
-    def open_paths(self, paths: list[Path], remember: bool = True) -> bool:
-        """Open files/folders; every problem becomes a message, never an exception."""
-        try:
-            catalog = open_paths(paths)
-        except KlviewerError as exc:
-            self.notifier.error("Cannot open", str(exc))
-            return False
-        except Exception as exc:  # a reader bug must not close the app with the user's other studies
-            self.notifier.error("Cannot open", f"{type(exc).__name__}: {exc}", traceback.format_exc())
-            return False
-        names = ", ".join(p.name or str(p) for p in paths)
-        skipped = "\n".join(f"{s.path}: {s.reason}" for s in catalog.skipped)
-        if not catalog.all_series():
-            first = catalog.skipped[0].reason if catalog.skipped else "no files"
-            self.notifier.error("No images found", f"Nothing in {names} could be loaded ({first}).", skipped)
-            return False
-        if remember:
-            for path in paths:
-                self.prefs.add_recent(path)
-            fill_recent(self)
-        added = self.model.register(catalog)
-        self.browser.add_patients(catalog.patients)
-        if catalog.skipped:
-            self.notifier.warning("Some files were skipped",
-                                  f"{len(catalog.skipped)} file(s) in {names} could not be read; see details.", skipped)
-        first_uid = added[0] if added else catalog.all_series()[0].uid
-        self.browser.select_series(first_uid)
-        self.show_series(first_uid)
-        self.viewer.setFocus()
-        if not catalog.skipped:  # replaces "Preparing the demo study…" and the like
-            self.statusBar().showMessage(f"Opened {names}.", 5_000)
-        return True
-
-    def dragEnterEvent(self, event: QDragEnterEvent) -> None:  # noqa: N802
-        if event.mimeData().hasUrls():
-            event.acceptProposedAction()
-
-    def dropEvent(self, event: QDropEvent) -> None:  # noqa: N802
-        paths = [Path(url.toLocalFile()) for url in event.mimeData().urls() if url.isLocalFile()]
-        if paths:
-            event.acceptProposedAction()
-            self.open_paths(paths)
 
     # ----- navigation -----------------------------------------------------------------------
 

@@ -163,6 +163,7 @@ class SessionModel:
             if cached is None or opened is None:
                 continue
             threshold = self.score(cached, map_settings).nats_threshold
+            drawn = [m.text for m in self.measurements if (m.series_uid, m.slice_index) == entry.key and m.text]
             slices.append(SessionSlice(opened.series, entry.slice_index, cached.result, cached.prior_path,
-                                       entry.flagged, threshold, entry.note))
+                                       entry.flagged, threshold, entry.note, drawn))
         return slices

@@ -15,7 +15,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         run = run_analysis(args.inputs, args.out, settings_from_args(args), prior=args.prior, slices=args.slices,
                            overwrite=args.overwrite, progress=progress)
     flagged = sum(1 for r in run.rows if r["flagged"])
-    print(f"analysed {len(run.rows)} slice(s), {flagged} flagged; results in {run.out}")
+    if run.flag_rule is None:
+        s = settings_from_args(args)
+        print(f"analysed {len(run.rows)} slice(s); nothing can be flagged: the prior has no calibration (threshold "
+              f"or healthy reference) for these settings (views {s.views}, steps {s.steps}, samples {s.samples}, "
+              f"guidance {s.guidance}, patch {s.patch}, sigma window {s.sigma_window}); run `klviewer calibrate` with "
+              f"them or pass --flag-threshold; results in {run.out}")
+    else:
+        print(f"analysed {len(run.rows)} slice(s), {flagged} flagged ({run.rule_text}); results in {run.out}")
     for s in run.skipped:
         print(f"skipped {s['path']}: {s['reason']}")
     return 0

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.klviewer-installed
 
-.PHONY: run test venv bench clean data data-pycerr data-invesalius
+.PHONY: run test venv bench clean data data-pycerr data-invesalius screenshots
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ run: $(STAMP)
 
 test: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q
+
+# The app in a real X window at both screen sizes with fresh settings (tests/test_app_real_window.py checks
+# the same with a tiny prior). Needs Xvfb: apt-get install xvfb libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1
+screenshots: $(STAMP)
+	for size in 1366x768 1920x1080; do \
+	  QT_QPA_PLATFORM=xcb xvfb-run -a -s "-screen 0 $${size}x24" $(BIN)/python -m klviewer.app.screen_check --out docs/screenshots || exit 1; \
+	done
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_radon.py

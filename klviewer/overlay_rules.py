@@ -52,7 +52,7 @@ def colorbar_ticks(levels: tuple[float, float], peak: float, threshold: float | 
     if threshold is not None and lo <= threshold <= hi:
         marks.append((threshold, f"thr {tick_label(threshold)}"))
     ticks = [(float(v), tick_label(float(v))) for v in np.arange(lo, hi + step / 2, step)
-             if all(abs(v - m) > 0.08 * span for m, _ in marks)]
+             if all(abs(v - m) > 0.12 * span for m, _ in marks)]
     return ticks + marks
 
 

@@ -24,7 +24,10 @@ class OpeningMixin:
         except (OSError, KlviewerError) as exc:
             self.notifier.error("Cannot create the demo study", str(exc))
             return False
-        return self.open_paths([folder], remember=False)
+        opened = self.open_paths([folder], remember=False)
+        if opened:
+            self.statusBar().showMessage("Demo study opened: a phantom abdomen, 4 healthy slices and 4 with lesions.", 8_000)
+        return opened
 
     def open_paths(self, paths: list[Path], remember: bool = True) -> bool:
         """Open files/folders; every problem becomes a message, never an exception."""

@@ -8,7 +8,7 @@ from PySide6.QtGui import QIcon, QImage, QPixmap
 from klviewer.app.display import initial_window
 from klviewer.io.study import Series
 
-THUMBNAIL_PX = 48
+THUMBNAIL_PX = 40
 
 
 def thumbnail_pixels(series: Series, size: int = THUMBNAIL_PX) -> np.ndarray | None:

@@ -54,6 +54,7 @@ from klviewer.inference.result import SliceResult
 from klviewer.inference.scoring import flag_rule
 from klviewer.inference.verdict_text import Verdict, format_nats, slice_label, table_verdict
 from klviewer.io.safe_write import OutputExistsError, atomic_write
+from klviewer.overlay_rules import overlay_levels
 from klviewer.results.reader import CaseEntry, ResultsFolder, SliceEntry, read_results
 from klviewer.results.slice_file import load_slice_result
 
@@ -408,8 +409,7 @@ def _save_maps(job: _Job, case: CaseEntry, datasets: list[Dataset], kl_maps: np.
                z_masks: np.ndarray | None) -> None:
     """The Parametric Map of KL, and the Segmentation of the patches the flag rule marks."""
     threshold = job.threshold
-    upper = 2.0 * threshold if threshold is not None else float(kl_maps.max())
-    pm = parametric_map(datasets, kl_maps, levels=(0.0, upper if upper > 0 else 1.0),
+    pm = parametric_map(datasets, kl_maps, levels=overlay_levels(float(kl_maps.max()), threshold),
                         description=f"KL per {case.slices[0].row.get('patch', '?')} px patch, nats")
     save("dicom/parametric_map.dcm", lambda f: _save_dicom(job, pm, f))
     if job.z_threshold is not None and z_masks is not None:

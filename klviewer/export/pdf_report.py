@@ -140,7 +140,8 @@ def report_figure(ctx: ReportContext, panels: Sequence[tuple[str, np.ndarray]], 
         ax.set_axis_off()
     cax = fig.add_axes((0.06, 0.685, width, 0.008))
     bar = fig.colorbar(ScalarMappable(Normalize(*style.levels), COLORMAP), cax=cax, orientation="horizontal")
-    bar.set_label("KL (nats) of the patch; cyan outline = flagged by the rule; dashed = slice max", fontsize=7)
+    fig.text(0.06, 0.655, "KL (nats) of the patch; cyan outline = flagged by the rule; dashed line = the slice's maximum",
+             fontsize=7)
     mark_colorbar(bar, style)
     bar.ax.tick_params(labelsize=6)
 

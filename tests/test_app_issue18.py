@@ -136,18 +136,24 @@ def test_progress_bar_appears_only_once_work_is_reported(capsys) -> None:
     assert capsys.readouterr().err == ""
 
 
-def test_secondary_capture_of_a_one_word_name_warns_nothing() -> None:
+def test_dicom_objects_of_a_one_word_name_warn_nothing() -> None:
     import pydicom
     from pydicom.data import get_testdata_file
 
-    from klviewer.export.dicom_objects import secondary_capture
+    from klviewer.export.dicom_objects import parametric_map, secondary_capture, unambiguous_names
 
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     ds.PatientName = "ANONYMOUS"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        sc = secondary_capture(ds, np.zeros((8, 8, 3), np.uint8), series_uid="1.2.3", instance_number=1)
-    assert str(sc.PatientName) == "ANONYMOUS^" and str(ds.PatientName) == "ANONYMOUS", "the source is not changed"
+        source = unambiguous_names(ds)
+        sc = secondary_capture(source, np.zeros((8, 8, 3), np.uint8), series_uid="1.2.3", instance_number=1)
+        pm = parametric_map([source], np.zeros((1, ds.Rows, ds.Columns), np.float32), levels=(0.0, 1.0),
+                            description="KL")
+    assert str(sc.PatientName) == str(pm.PatientName) == "ANONYMOUS^"
+    with pytest.warns(UserWarning, match="single component"):  # what highdicom printed on stderr before
+        ds.PatientName = "ANONYMOUS"
+        secondary_capture(ds, np.zeros((8, 8, 3), np.uint8), series_uid="1.2.3", instance_number=1)
 
 
 def test_measurement_numbers() -> None:

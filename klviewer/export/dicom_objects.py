@@ -14,8 +14,6 @@ Source datasets are read with pydicom and checked against the analysis record be
 
 from __future__ import annotations
 
-import copy
-
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -152,7 +150,7 @@ def segmentation(sources: Sequence[Dataset], masks: np.ndarray, *, threshold: fl
 def secondary_capture(source: Dataset, rgb: np.ndarray, *, series_uid: str, instance_number: int) -> hd.sc.SCImage:
     """The rendered overlay (uint8 RGB, burned-in colour bar and caption) in the source's patient and study."""
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=_unambiguous_names(source), pixel_array=np.ascontiguousarray(rgb, np.uint8), photometric_interpretation="RGB",
+        ref_dataset=source, pixel_array=np.ascontiguousarray(rgb, np.uint8), photometric_interpretation="RGB",
         bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=series_uid,
         series_number=SERIES_NUMBERS["sc"], sop_instance_uid=generate_uid(), instance_number=instance_number,
         manufacturer=_EQUIPMENT["manufacturer"],
@@ -164,16 +162,15 @@ def secondary_capture(source: Dataset, rgb: np.ndarray, *, series_uid: str, inst
     return sc
 
 
-def _unambiguous_names(source: Dataset) -> Dataset:
-    """A copy of `source` whose one-component person names end in a caret: the same name in DICOM
-    (trailing separators may be left out, PS3.5 6.2.1.2), and highdicom does not warn on stderr that a
-    name such as "ANONYMOUS" might be malformed."""
-    ref = copy.deepcopy(source)
+def unambiguous_names(ds: Dataset) -> Dataset:
+    """`ds` (an in-memory copy of a source, never written back) with its one-component person names
+    ending in a caret: the same name in DICOM (trailing separators may be left out, PS3.5 6.2.1.2), and
+    highdicom no longer warns on stderr, for every object it makes, that "ANONYMOUS" may be malformed."""
     for keyword in ("PatientName", "ReferringPhysicianName"):
-        value = str(ref.get(keyword, "") or "")
+        value = str(ds.get(keyword, "") or "")
         if value and "^" not in value:
-            setattr(ref, keyword, value + "^")
-    return ref
+            setattr(ds, keyword, value + "^")
+    return ds
 
 
 def _reference(source: Dataset) -> Dataset:

@@ -38,6 +38,7 @@ from klviewer.export.dicom_objects import (
     segmentation,
     source_hu,
     source_window,
+    unambiguous_names,
 )
 from klviewer.export.geometry import to_source_grid
 from klviewer.export.images import (
@@ -299,6 +300,7 @@ def _sources(job: _Job, case: CaseEntry, skipped: list[str]) -> _Sources:
         return _Sources(None, no_patient, SOFT_TISSUE_WINDOW)
     if job.pseudonyms is not None:
         datasets = [job.pseudonyms.apply(ds) for ds in datasets]
+    datasets = [unambiguous_names(ds) for ds in datasets]
     first = datasets[0]
     date = str(first.get("StudyDate", "") or "")
     date = f"{date[:4]}-{date[4:6]}-{date[6:8]}" if len(date) == 8 and date.isdigit() else date

@@ -331,9 +331,11 @@ class ComparisonView(QWidget):
         comparison = self.model.comparison
         names = {"before": comparison.before_prior, "after": comparison.after_prior}
         for side, frame in zip(SIDES, frames):
-            flag = " · <span style='color:#ff6a4d'>FLAGGED</span>" if frame.flagged else ""
+            verdict = frame.verdict
+            status = "<span style='color:#ff6a4d'>FLAGGED</span>" if verdict.flagged else verdict.status
             self.titles[side].setText(
-                f"<b>{side.capitalize()}</b>: {_esc(names[side])} · score {format_nats(frame.score)} nats{flag}")
+                f"<b>{side.capitalize()}</b>: {_esc(names[side])} · score {format_nats(frame.score)} nats · {status}")
+            self.titles[side].setToolTip(f"{verdict.value} · {verdict.rule_text}")
         self._title_difference()
 
     def _title_difference(self) -> None:

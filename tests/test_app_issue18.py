@@ -20,7 +20,7 @@ from klviewer.app.layout_check import global_rect, layout_problems
 from klviewer.app.map_controls import LogSlider
 from klviewer.app.measurements import Measurement, distance_text, roi_mask, roi_stats
 from klviewer.app.menus import OPEN_FILTERS
-from klviewer.app.session_file import read_session, save_session
+from klviewer.app.session_file import read_session, save_session, unsaved_handwork
 from klviewer.app.thumbnails import thumbnail_pixels
 from klviewer.app.window_state import fitted_geometry
 from klviewer.inference.calibration import CALIBRATION_FILE
@@ -199,7 +199,9 @@ def test_session_is_saved_and_reopened(window, qtbot, tmp_path) -> None:  # noqa
     window.map_controls.set_settings(replace(window.map_controls.settings(), patch=4))
     window.viewer.apply_preset(1)
     uid, index = window.current_uid, window.index
+    assert unsaved_handwork(window), "closing now would lose the flag, the note and the measurement"
     folder = save_session(window, tmp_path / "reading")
+    assert not unsaved_handwork(window)
     assert folder.name == "reading.klvsession" and (folder / "results" / "summary.json").is_file()
     doc = read_session(folder)
     assert doc["current"] == {"series_uid": uid, "slice_index": index} and doc["view"]["patch"] == 4

@@ -34,6 +34,7 @@ from klviewer.app.prior_fit_panel import PriorFitPanel
 from klviewer.app.prior_tools import PriorTools
 from klviewer.app.scope import Scope, measurement_scope
 from klviewer.app.session import CachedResult, ResultCache
+from klviewer.app.session_file import confirm_close
 from klviewer.app.settings import Preferences
 from klviewer.app.viewer import SliceContext, SliceViewer
 from klviewer.app.viewer_tools import ViewerTools
@@ -363,6 +364,9 @@ class MainWindow(OpeningMixin, QMainWindow):
         return True
 
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802
+        if not confirm_close(self):  # flags, notes and measurements are not lost without a word
+            event.ignore()
+            return
         self.stop_run()
         self.prior_fit.slot.stop()
         if self.export_dialog is not None:

@@ -43,6 +43,8 @@ class SessionModel:
         self.calibrations = FlagThresholds()
         self.measurements: list[Measurement] = []
         """Distances and ROIs drawn on slices (see klviewer.app.measurements)."""
+        self.saved_handwork: str | None = None
+        """Flags, notes and measurements as last saved or opened (see klviewer.app.session_file)."""
 
     # ----- open series and the shown slice -------------------------------------------------------
 

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PySide6.QtWidgets import QFileDialog
+from PySide6.QtWidgets import QFileDialog, QMessageBox
 
 from klviewer.app.display import MapSettings, WindowLevel
 from klviewer.app.measurements import Measurement
@@ -75,6 +75,7 @@ def save_session(w: MainWindow, folder: Path) -> Path:
             write_session_results(snapshot.slices, staging / "results", snapshot.map_settings)
         atomic_write_text(staging / SESSION_FILE, json.dumps(session_document(w), indent=2) + "\n")
         _swap_in(staging, folder)
+        w.model.saved_handwork = handwork(w)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -133,6 +134,7 @@ def open_session(w: MainWindow, folder: Path) -> bool:
         w.notifier.error("Cannot open the session", f"{folder}: {exc}")
         return False
     _restore_view(w, doc)
+    w.model.saved_handwork = handwork(w)
     w.statusBar().showMessage(f"Session {folder.name} opened.", 5_000)
     return True
 
@@ -186,18 +188,50 @@ def _restore_view(w: MainWindow, doc: dict[str, Any]) -> None:
     w.refresh_overlay()
 
 
-def save_session_dialog(w: MainWindow) -> None:
+def handwork(w: MainWindow) -> str:
+    """What only the user made in this session (flags set by hand, notes, measurements), as comparable text."""
+    doc = session_document(w)
+    return json.dumps([[c for c in doc["cases"] if c["manual_flag"] is not None or c["note"]], doc["measurements"]])
+
+
+def unsaved_handwork(w: MainWindow) -> bool:
+    """Flags, notes or measurements made since the session was last saved or opened (none: nothing to lose)."""
+    now = handwork(w)
+    return now not in (w.model.saved_handwork, handwork_of_nothing())
+
+
+def handwork_of_nothing() -> str:
+    return json.dumps([[], []])
+
+
+def confirm_close(w: MainWindow) -> bool:
+    """Before the window closes: offer to save flags, notes and measurements that would be lost. False: stay open."""
+    if not w.notifier.show_dialogs or not unsaved_handwork(w):
+        return True
+    answer = QMessageBox.question(
+        w, "Save the session?", "Flags set by hand, notes or measurements of this session are not saved. "
+        "Save the session before closing?",
+        QMessageBox.StandardButton.Save | QMessageBox.StandardButton.Discard | QMessageBox.StandardButton.Cancel)
+    if answer == QMessageBox.StandardButton.Cancel:
+        return False
+    if answer == QMessageBox.StandardButton.Save:
+        return save_session_dialog(w)
+    return True
+
+
+def save_session_dialog(w: MainWindow) -> bool:
     path, _ = QFileDialog.getSaveFileName(w, "Save session", w.prefs.get("session/last", "session" + SESSION_SUFFIX),
                                           f"klviewer session (*{SESSION_SUFFIX})")
     if not path:
-        return
+        return False
     try:
         folder = save_session(w, Path(path))
     except (KlviewerError, OSError) as exc:
         w.notifier.error("Cannot save the session", str(exc))
-        return
+        return False
     w.prefs.set("session/last", str(folder))
     w.statusBar().showMessage(f"Session saved to {folder}.", 5_000)
+    return True
 
 
 def open_session_dialog(w: MainWindow) -> None:

@@ -15,15 +15,7 @@ from test_app_support import (  # noqa: F401
     window,
 )
 
-from klviewer.app.case_list import (
-    FLAG_COLUMN,
-    NOTE_COLUMN,
-    PATIENT_COLUMN,
-    SCORE_COLUMN,
-    SERIES_COLUMN,
-    SLICE_COLUMN,
-    VERDICT_COLUMN,
-)
+from klviewer.app.case_list import CASE_COLUMN, FLAG_COLUMN, NOTE_COLUMN, SCORE_COLUMN, VERDICT_COLUMN
 
 
 def test_fast_analysis_shows_overlay_layers_and_case(window, qtbot) -> None:
@@ -125,11 +117,11 @@ def test_run_series_fills_a_sortable_case_list_that_navigates(window, qtbot) -> 
     view = window.case_view
     scores = [view.proxy.index(r, SCORE_COLUMN).data(Qt.ItemDataRole.UserRole) for r in range(view.proxy.rowCount())]
     assert scores == sorted(scores, reverse=True), "sorted by score, highest first"
-    view.table.sortByColumn(SLICE_COLUMN, Qt.SortOrder.AscendingOrder)
-    assert [view.proxy.index(r, SLICE_COLUMN).data() for r in range(8)] == list(range(8)), "numbered from 0, as exports"
-    first = [view.proxy.index(0, c).data() for c in (PATIENT_COLUMN, SERIES_COLUMN, VERDICT_COLUMN)]
-    assert first == ["KLV-DEMO-001", "#1 Phantom abdomen: 4 healthy, 4 with liver lesions",
-                     "cannot flag"], "each row names its patient, series and verdict"
+    view.table.sortByColumn(CASE_COLUMN, Qt.SortOrder.AscendingOrder)
+    cases = [view.proxy.index(r, CASE_COLUMN).data() for r in range(8)]
+    assert cases == [f"KLV-DEMO-001 · slice {i}\n#1 Phantom abdomen: 4 healthy, 4 with liver lesions" for i in range(8)], \
+        "each row names its patient, slice (numbered from 0, as exports) and series"
+    assert view.proxy.index(0, VERDICT_COLUMN).data() == "cannot flag"
 
     row = window.cases.find(window.current_uid, 2)
     view.select_row(row)

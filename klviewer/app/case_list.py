@@ -1,7 +1,8 @@
 """The case list view: a sortable table over the Qt-free `CaseList`.
 
-The flag column is a checkbox (ticked automatically above the threshold, or by hand), the note
-column is editable, and picking a row asks the main window to show that slice.
+Each row names its case (patient, slice, series) in one cell, so the verdict, its flag checkbox (ticked
+by the flag rule, or by hand) and the KL z-score fit a narrow dock beside it; the note column is
+editable, and picking a row asks the main window to show that slice.
 """
 
 from __future__ import annotations
@@ -13,18 +14,17 @@ from PySide6.QtGui import QColor
 from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QTableView, QVBoxLayout, QWidget
 
 from klviewer.app.cases import CaseChange, CaseEntry, CaseList
+from klviewer.inference.verdict_text import slice_label
 
-COLUMNS = ("Patient", "Series", "Slice", "Verdict", "KL z", "Score (nats)", "Flag", "Note")
+COLUMNS = ("Case", "Verdict", "KL z", "Score (nats)", "Note")
 """Slices are numbered from 0, as everywhere (klviewer.inference.verdict_text.slice_label)."""
-PATIENT_COLUMN, SERIES_COLUMN = COLUMNS.index("Patient"), COLUMNS.index("Series")
-SLICE_COLUMN = COLUMNS.index("Slice")
-VERDICT_COLUMN = COLUMNS.index("Verdict")
-SCORE_COLUMN = COLUMNS.index("Score (nats)")
+CASE_COLUMN = COLUMNS.index("Case")
+VERDICT_COLUMN = FLAG_COLUMN = COLUMNS.index("Verdict")
+"""The verdict's text beside its flag checkbox."""
 Z_COLUMN = COLUMNS.index("KL z")
-FLAG_COLUMN = COLUMNS.index("Flag")
+SCORE_COLUMN = COLUMNS.index("Score (nats)")
 NOTE_COLUMN = COLUMNS.index("Note")
-COLUMN_WIDTHS = {PATIENT_COLUMN: 96, SERIES_COLUMN: 96, SLICE_COLUMN: 40, VERDICT_COLUMN: 82, Z_COLUMN: 48,
-                 SCORE_COLUMN: 84, FLAG_COLUMN: 62, NOTE_COLUMN: 120}
+COLUMN_WIDTHS = {CASE_COLUMN: 128, VERDICT_COLUMN: 104, Z_COLUMN: 46, SCORE_COLUMN: 84, NOTE_COLUMN: 120}
 SORT_ROLE = Qt.ItemDataRole.UserRole
 
 Index = QModelIndex | QPersistentModelIndex
@@ -83,31 +83,31 @@ class CaseTableModel(QAbstractTableModel):
             return Qt.CheckState.Checked if entry.flagged else Qt.CheckState.Unchecked
         z = entry.z_score
         if role == SORT_ROLE:
-            return (entry.patient, entry.series, entry.slice_index, entry.status, float("-inf") if z is None else z,
-                    entry.score, int(entry.flagged), entry.note)[col]
+            # Qt sorts strings and numbers, not tuples: the case by patient, series, then slice number.
+            case = f"{entry.patient}\x00{entry.series}\x00{entry.slice_index:09d}"
+            return (case, f"{int(entry.flagged)}{entry.status}", float("-inf") if z is None else z, entry.score,
+                    entry.note)[col]
         if role == Qt.ItemDataRole.ToolTipRole:
             return self._tooltip(entry, col)
         if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.EditRole):
-            if col == FLAG_COLUMN:
-                return entry.flag_source
-            return (entry.patient, entry.series, entry.slice_index, entry.status, "" if z is None else f"{z:.3g}",
-                    f"{entry.score:.4g}", None, entry.note)[col]
+            case = f"{entry.patient} · {slice_label(entry.slice_index)}\n{entry.series}"
+            return (case, entry.status, "" if z is None else f"{z:.3g}", f"{entry.score:.4g}", entry.note)[col]
         if role == Qt.ItemDataRole.ForegroundRole and col == VERDICT_COLUMN and entry.flagged:
             return QColor("#ff6a4d")
-        if role == Qt.ItemDataRole.TextAlignmentRole and col in (SLICE_COLUMN, SCORE_COLUMN, Z_COLUMN):
+        if role == Qt.ItemDataRole.TextAlignmentRole and col in (SCORE_COLUMN, Z_COLUMN):
             return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
         return None
 
     @staticmethod
     def _tooltip(entry: CaseEntry, col: int) -> str | None:
         rule = entry.verdict.rule_text if entry.verdict is not None else ""
-        if col in (VERDICT_COLUMN, FLAG_COLUMN):
-            source = "flag set by hand (untick to hand it back to the rule)" if entry.manual_flag is not None else "automatic"
+        if col == VERDICT_COLUMN:
+            source = "flag set by hand" if entry.manual_flag is not None else "flag by the rule (tick to set it by hand)"
             return f"{source}; {rule}" if rule else source
         if col == Z_COLUMN:
             return "KL z-score against the prior's healthy reference (empty where it has none for these map settings)"
-        if col in (PATIENT_COLUMN, SERIES_COLUMN):
-            return f"{entry.patient}\n{entry.series}\nslice {entry.slice_index} (numbered from 0)"
+        if col == CASE_COLUMN:
+            return f"patient {entry.patient}\nseries {entry.series}\n{slice_label(entry.slice_index)} (numbered from 0)"
         return None
 
     def setData(self, index: Index, value: Any, role: int = Qt.ItemDataRole.EditRole) -> bool:  # noqa: N802

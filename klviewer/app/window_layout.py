@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QDockWidget, QFrame, QLabel, QScrollArea, QWidget
+from PySide6.QtWidgets import QDockWidget, QFrame, QLabel, QLayout, QScrollArea, QWidget
 
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError
@@ -27,6 +27,9 @@ def make_dock(w: MainWindow, title: str, name: str, widget: QWidget, area: Qt.Do
 def scrolled(widget: QWidget) -> QScrollArea:
     """`widget` in a vertical scroll area: a short dock scrolls instead of squeezing its rows (or letting
     the dock below draw over them)."""
+    # The scroll area shrinks its widget down to the widget's minimum size only, and that must follow
+    # the layout (a longer summary line raises it), or the rows are squeezed instead of scrolled.
+    widget.layout().setSizeConstraint(QLayout.SizeConstraint.SetMinimumSize)
     area = QScrollArea()
     area.setWidgetResizable(True)
     area.setFrameShape(QFrame.Shape.NoFrame)

@@ -48,7 +48,9 @@ def colorbar_ticks(levels: tuple[float, float], peak: float, threshold: float | 
     raw = span / count
     magnitude = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1.0
     step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
-    marks = [(min(peak, hi), f"max {tick_label(peak)}")]
+    # A maximum beyond the range is labelled just below the top end, where its label is not cut off.
+    beyond = "↑" if peak > hi else ""
+    marks = [(min(peak, hi - 0.04 * span), f"max {tick_label(peak)}{beyond}")]
     if threshold is not None and lo <= threshold <= hi:
         marks.append((threshold, f"thr {tick_label(threshold)}"))
     ticks = [(float(v), tick_label(float(v))) for v in np.arange(lo, hi + step / 2, step)

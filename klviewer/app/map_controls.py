@@ -93,6 +93,9 @@ class MapControls(QWidget):
         self._display_threshold: tuple[float, str] | None = None
         self.calibration_label = QLabel()
         self.calibration_label.setWordWrap(True)
+        # Room for three lines always, so the dock keeps its height whatever the label says.
+        self.calibration_label.setMinimumHeight(3 * self.calibration_label.fontMetrics().lineSpacing() + 4)
+        self.calibration_label.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
         self.reset_button = QPushButton("Reset to calibrated")
         self.reset_button.setToolTip("Patch size and noise levels of the prior's calibration, where thresholds "
                                      "and the healthy reference hold")
@@ -171,12 +174,11 @@ class MapControls(QWidget):
             self.calibration_label.setStyleSheet("")
             self.calibration_label.setText("Calibrated settings: flags and z-scores hold.")
         else:
-            known = "; ".join(f"patch {patch} px, σ {lo:g}–{hi:g}" for patch, (lo, hi) in calibrated_maps[:3])
+            known = "; ".join(f"patch {patch} px, σ {lo:g}–{hi:g}" for patch, (lo, hi) in calibrated_maps[:2])
             self.calibration_label.setStyleSheet(UNCALIBRATED_STYLE)
-            self.calibration_label.setText("Uncalibrated: no threshold or healthy reference for these map settings, "
-                                           "so nothing can be flagged."
-                                           + (f" Calibrated: {known}." if known else " The prior has no calibration "
-                                              "for this run's sampler settings."))
+            self.calibration_label.setText(
+                f"Uncalibrated here: nothing can be flagged. Calibrated: {known}." if known else
+                "Uncalibrated: the prior has no calibration for this run's sampler settings; nothing can be flagged.")
 
     def set_z_available(self, available: bool) -> None:
         """Whether the shown slice has KL z-scores at these map settings; the choice is kept either way."""

@@ -15,7 +15,7 @@ from klviewer.app.display import OverlayFrame, colorbar_ticks
 from klviewer.overlay_rules import COLORMAP, OUTLINE_RGB
 
 OUTLINE_COLOR = QColor.fromRgbF(*OUTLINE_RGB)
-COLORBAR_WIDTH = 140
+COLORBAR_WIDTH = 150
 BAR_STEPS = 256
 """The colour bar's own coordinates run over its 256 colours."""
 
@@ -40,7 +40,7 @@ class OverlayLayer:
         self.colorbar = pg.ColorBarItem(values=(0.0, 1.0), colorMap=pg.colormap.get(COLORMAP), interactive=False,
                                         width=14, colorMapMenu=False)
         self.colorbar.axis.setLabel("KL per patch (nats)")  # beside the ticks; the default place overlaps the bar
-        self.colorbar.axis.setWidth(72)  # room for "max 6076" beside the bar, the title beyond it
+        self.colorbar.axis.setWidth(82)  # room for "max 6076" beside the bar, the title beyond it
         self.colorbar.setImageItem(self.image)
         self.colorbar.setFixedWidth(COLORBAR_WIDTH)  # else the layout squeezes its tick labels off screen
         layout.addItem(self.colorbar, row=0, col=col)

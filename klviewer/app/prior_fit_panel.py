@@ -76,7 +76,7 @@ class PriorFitPanel(QWidget):
         self.plot.setLogMode(x=True, y=False)
         self.plot.setLabel("bottom", "σ (prior units)")
         self.plot.setLabel("left", "KL (nats)")  # short: a long label is clipped at the axis' height
-        self.plot.setMinimumHeight(180)
+        self.plot.setMinimumHeight(160)
         self.legend = self.plot.addLegend(offset=(10, 10))
         self.note = QLabel("Pick a reference and candidate priors, then Compute.")
         self.note.setWordWrap(True)

@@ -46,7 +46,7 @@ def build_docks(w: MainWindow) -> None:
     w.browser_dock = make_dock(w, "Studies", "studiesDock", w.browser, left)
     w.cases_dock = make_dock(w, "Case list", "casesDock", w.case_view, left)
     w.analysis_dock = make_dock(w, "Analysis", "analysisDock", scrolled(w.panel), right)
-    w.prior_fit_dock = make_dock(w, "Prior fit", "priorFitDock", w.prior_fit, right)
+    w.prior_fit_dock = make_dock(w, "Prior fit", "priorFitDock", scrolled(w.prior_fit), right)
     w.tabifyDockWidget(w.analysis_dock, w.prior_fit_dock)
     map_area = scrolled(w.map_controls)
     map_area.setFixedHeight(w.map_controls.sizeHint().height() + 4)

@@ -64,7 +64,7 @@ def rule_text(rule: str | None, nats_threshold: float | None, z_threshold: float
     if rule == "nats":
         source = "set by the user" if forced else "prior's calibration"
         return f"flags when largest patch KL > {format_nats(nats_threshold)} nats ({source})"
-    return "no calibrated rule for these settings (patch, σ window, sampler), so nothing can be flagged"
+    return "no calibrated rule for these settings: nothing can be flagged"
 
 
 def verdict_of(flagged: bool, rule: str | None, score: float, z_score: float | None, nats_threshold: float | None,

@@ -108,10 +108,11 @@ def test_non_square_images_are_padded_not_stretched(tiny_prior: Path) -> None:
     from klviewer.priors import load_prior
 
     hu = np.full((40, 64), -1000.0, np.float32)
-    hu[10:30, 22:42] = 60.0  # a 20 x 20 mm square at 1 mm pixels
-    series = Series(uid="x", modality="CT", source_kind="array", slices=[Slice(hu=hu)], pixel_spacing_mm=(1.0, 1.0))
+    hu[10:30, 22:42] = 60.0  # a 125 x 125 mm square at 6.25 mm pixels
+    series = Series(uid="x", modality="CT", source_kind="array", slices=[Slice(hu=hu)], pixel_spacing_mm=(6.25, 6.25))
     prepared = prepare_slice(series, 0, load_prior(tiny_prior), AnalysisSettings(steps=3), torch.device("cpu"))
-    assert prepared.pixel_spacing_mm == pytest.approx(64 / SIZE)
+    assert prepared.pixel_spacing_mm == pytest.approx(400 / SIZE), "the prior's own pixel spacing"
+    assert prepared.grid.scale == (0.5, 0.5) and prepared.grid.target_shape == (SIZE, SIZE)
     inside = prepared.original_hu > -500
     rows, cols = np.nonzero(inside)
     assert np.ptp(rows) == pytest.approx(np.ptp(cols), abs=1), "the square must stay square"

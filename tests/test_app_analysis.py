@@ -23,21 +23,23 @@ def test_fast_analysis_shows_overlay_layers_and_case(window, qtbot) -> None:
     assert window.thread is None
     overlay = window.viewer.overlay
     assert overlay.has_data() and overlay.image.isVisible() and overlay.colorbar.isVisible()
-    assert overlay.frame.pixels.shape == (32, 32), "the overlay is on the prior's grid"
+    native = window.current.series.slices[window.index].hu.shape
+    assert overlay.frame.pixels.shape == native != (32, 32), "the overlay is mapped back onto the source grid"
     assert overlay.image.image is not None and np.isfinite(overlay.image.image).any()
     assert overlay.frame.boxes == [] and overlay.outlines.path().isEmpty(), \
         "without a calibrated rule nothing is flagged, so nothing is outlined"
     corner = window.viewer.corners["br"].text()
     assert "CANNOT FLAG" in corner and "nothing can be flagged" in corner and "tiny-test" in corner
     assert window.cases[0].status == "cannot flag" and "cannot flag" in window.panel.summary.text()
-    assert window.viewer.base.image.shape == (32, 32), "analysed slices show the analysis grid"
+    assert window.viewer.base.image.shape == native, "analysed slices stay on the source grid"
     combo = window.viewer.base_combo
     assert all(combo.model().item(combo.findData(k)).isEnabled() for k in ("original", "fbp", "mean"))
     std = combo.model().item(combo.findData("std"))
     assert not std.isEnabled() and "2 or more posterior samples" in std.toolTip(), \
         "one sample has no spread: no black 'posterior std' image without a word"
     window.viewer.set_base("mean")
-    assert np.array_equal(window.viewer.base.image, window.current_result().result.recon_hu)
+    result = window.current_result().result
+    assert np.array_equal(window.viewer.base.image, result.grid_transform.resample_to_source(result.recon_hu, fill=-1000.0))
     text = window.viewer.probe_at(window.viewer.view.mapViewToScene(window.viewer.view.viewRect().center()))
     assert "KL" in text and "nats" in text
     assert len(window.cases) == 1 and window.cases[0].slice_index == window.index
@@ -224,9 +226,10 @@ def test_side_by_side_pane_is_linked(window, qtbot) -> None:
     assert "run the analysis" in viewer.compare_label.text()
     run_and_wait(qtbot, window)
     result = window.current_result().result
-    assert np.array_equal(viewer.compare_image.image, result.recon_hu)
+    back = result.grid_transform.resample_to_source
+    assert np.array_equal(viewer.compare_image.image, back(result.recon_hu, fill=-1000.0))
     viewer.set_compare_kind("fbp")
-    assert np.array_equal(viewer.compare_image.image, result.fbp_hu)
+    assert np.array_equal(viewer.compare_image.image, back(result.fbp_hu, fill=-1000.0))
     qtbot.keyClick(viewer, Qt.Key.Key_4)
     assert tuple(viewer.compare_image.levels) == tuple(viewer.base.levels), "window/level linked"
     viewer.view.scaleBy((0.5, 0.5))

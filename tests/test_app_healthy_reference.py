@@ -33,7 +33,10 @@ def test_z_scores_flag_and_show_only_at_the_calibrated_map_settings(window, qtbo
     qtbot.waitUntil(lambda: overlay.frame.shows_z, timeout=2000)
     shown = overlay.frame
     finite = np.isfinite(shown.raw_pixels)
-    assert np.allclose(shown.raw_pixels[finite], shown.z_map.to_pixels()[finite])
+    grid = window.current_result().result.grid_transform
+    on_source = grid.resample_to_source(shown.z_map.to_pixels(), nearest=True)
+    assert shown.raw_pixels.shape == grid.source_shape, "shown on the source grid"
+    assert np.allclose(shown.raw_pixels[finite], on_source[finite])
     assert np.nanmin(shown.pixels) > 0 and "z-score" in overlay.colorbar.axis.labelText
     assert " z " in controls.threshold_label.text()
     centre = window.viewer.view.mapViewToScene(window.viewer.view.viewRect().center())

@@ -60,7 +60,7 @@ def test_overlay_frame_follows_each_setting() -> None:
     frame = overlay_frame(energy, base, flag_threshold=None)
     assert frame.pixels.shape == (64, 64) and np.isfinite(frame.pixels).all()
     assert frame.kl_map.values.shape == (8, 8)
-    assert frame.boxes == [] and frame.verdict.status == "cannot flag", "no rule: nothing outlined, nothing flagged"
+    assert frame.boxes == [] and frame.verdict_text.status == "cannot flag", "no rule: nothing outlined, nothing flagged"
     assert frame.levels == (0.0, pytest.approx(frame.score)) and not frame.flagged, "no calibrated range: the slice's own"
     assert frame.peak == pytest.approx(frame.score) and frame.threshold_mark is None
     assert frame.scale_label().endswith("relative to this slice")
@@ -75,7 +75,7 @@ def test_overlay_frame_follows_each_setting() -> None:
     flagged = overlay_frame(energy, base, flag_threshold=frame.score * 0.9)
     assert flagged.flagged and flagged.boxes == [(40, 48, 8, 16)]
     assert flagged.levels[1] == pytest.approx(1.5 * 0.9 * frame.score), "fixed range: 1.5 x the threshold"
-    assert flagged.threshold_mark == pytest.approx(0.9 * frame.score) and flagged.verdict.status == "flagged"
+    assert flagged.threshold_mark == pytest.approx(0.9 * frame.score) and flagged.verdict_text.status == "flagged"
     quiet = overlay_frame(energy, base, flag_threshold=frame.score * 2)
     assert quiet.boxes == [] and not quiet.flagged and quiet.levels == flagged.levels[:1] + (3 * frame.score,)
     huge = overlay_frame(energy, MapSettings(patch=500), None)

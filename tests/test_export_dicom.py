@@ -43,7 +43,7 @@ def _rows(fx: ResultsFixture, case: str) -> list[dict]:
 
 def _expected_map(fx: ResultsFixture, row: dict, shape: tuple[int, int]) -> np.ndarray:
     result = load_slice_result(fx.results / row["file"])
-    return to_source_grid(result.kl_map.to_pixels().astype(np.float32), shape)
+    return to_source_grid(result.kl_map.to_pixels().astype(np.float32), result.grid_for(shape))
 
 
 def test_parametric_map_reads_back_on_the_source_grid(fx: ResultsFixture, exported) -> None:

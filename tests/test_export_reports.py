@@ -74,11 +74,15 @@ def test_pngs_are_the_windowed_images(fx: ResultsFixture, report, threshold: flo
         "0000_fbp.png", "0000_original.png", "0000_overlay.png", "0000_reconstruction.png"]
     result = load_slice_result(fx.results / rows[0]["file"])
     window = (40.0, 400.0)  # write_ct_series' default window, read from the source series
+    grid = result.grid_transform
+    assert grid is not None and not grid.is_identity(), "the fixture's 40x48 slices are resampled onto the prior's grid"
     for name, image in (("reconstruction", result.recon_hu), ("fbp", result.fbp_hu), ("original", result.original_hu)):
         png = np.asarray(Image.open(case.folder / "png" / f"0000_{name}.png"))
-        np.testing.assert_array_equal(png, grey_uint8(image, window))
+        assert png.shape == grid.source_shape, "pictures show the source geometry"
+        np.testing.assert_array_equal(png, grey_uint8(grid.resample_to_source(image, fill=-1000.0), window))
     overlay = np.asarray(Image.open(case.folder / "png" / "0000_overlay.png"))
-    assert overlay.ndim == 3 and overlay.shape[0] >= 384 and overlay.shape[1] > overlay.shape[0], "image plus colour bar"
+    assert overlay.ndim == 3 and overlay.shape[1] >= 384 + 110 and overlay.shape[1] > overlay.shape[0], \
+        "the 40 x 48 source slice enlarged to at least 384 px across, plus the colour bar"
     array_case = next(c for c in report.cases if c.case == "stack.npy")
     assert (array_case.folder / "png" / "0000_original.png").is_file()
 

@@ -279,7 +279,7 @@ def test_export_follows_the_z_rule_when_the_analysis_flagged_by_it(tiny_prior: P
                                               assert_missing_frames_are_empty=True)[..., 0]
     for mask, row in zip(masks, run.rows):
         result = load_slice_result(run.out / row["file"])
-        expected = to_source_grid(result.z_map.to_pixels() > summary["z_threshold"], mask.shape)
+        expected = to_source_grid(result.z_map.to_pixels() > summary["z_threshold"], result.grid_for(mask.shape)) > 0
         np.testing.assert_array_equal(mask.astype(bool), expected)
         assert expected.any() == row["flagged"]
 
@@ -303,7 +303,11 @@ def test_calibrate_on_healthy_studies_instead_of_phantoms(tiny_prior: Path, tmp_
     assert z_calibration_for(prior, AnalysisSettings(steps=4, views=8, patch=4)) is None, "steps are part of the key"
     assert z_calibration_for(prior, AnalysisSettings(steps=3, views=8, patch=4)) is not None
 
-    for refused in (["-n", "5"], ["--cache", str(tmp_path / "c")]):
-        assert main(["calibrate", *options, "--healthy", str(tmp_path / "healthy"), "--dry-run", *refused]) == 2
+    assert main(["calibrate", *options, "--healthy", str(tmp_path / "healthy"), "--dry-run", "-n", "5"]) == 2
+    cached = ["calibrate", *options, "--healthy", str(tmp_path / "healthy"), "--slices", "0-3", "--dry-run",
+              "--cache", str(tmp_path / "c")]
+    assert main(cached) == 0 and len(list((tmp_path / "c").glob("*/*.npz"))) == 4, "one result per slice, per prior"
+    first = capsys.readouterr().out
+    assert main(cached) == 0 and capsys.readouterr().out == first, "a re-run reads the cache and says the same"
     assert main(["calibrate", *options, "--slices", "0", "--dry-run"]) == 2
     assert "--slices picks slices" in capsys.readouterr().err

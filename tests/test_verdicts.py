@@ -17,7 +17,7 @@ from klviewer.export import export_results
 from klviewer.export.images import OUTLINE_RGB
 from klviewer.inference.calibration import CALIBRATION_FILE
 from klviewer.inference.settings import AnalysisSettings
-from klviewer.inference.verdict_text import CANNOT_FLAG, FLAGGED, NOT_FLAGGED, slice_label, table_verdict, verdict_of
+from klviewer.inference.verdict_text import CANNOT_FLAG, FLAGGED, MISMATCH, NOT_FLAGGED, describe, slice_label, table_verdict
 from klviewer.io.dicom_write import write_ct_series
 from klviewer.phantoms import make_phantom
 from klviewer.results.analyze import run_analysis
@@ -26,7 +26,7 @@ SETTINGS = AnalysisSettings(views=8, steps=3, patch=4, sigma_window=(0.01, 0.5),
 
 
 def test_verdict_words_name_the_rule_and_its_unit() -> None:
-    z = verdict_of(False, "z", 132.0, 3.76, 338.0, 4.913)
+    z = describe(False, "z", 132.0, 3.76, 338.0, 4.913)
     assert z.status == NOT_FLAGGED and z.value == "KL z 3.76" and "KL z-score > 4.91" in z.rule_text
     assert z.caption == "not flagged · KL z 3.76 (rule: KL z > 4.91)"
     nats = table_verdict(True, 412.0, None, 338.0, None)
@@ -35,6 +35,8 @@ def test_verdict_words_name_the_rule_and_its_unit() -> None:
     none = table_verdict(False, 412.0, None, None, None)
     assert none.status == CANNOT_FLAG and "nothing can be flagged" in none.rule_text and not none.flagged
     assert slice_label(4, 8) == "slice 4 (of 0–7)" and slice_label(0) == "slice 0"
+    mismatch = table_verdict(True, 412.0, 9.0, 338.0, 4.9, mismatch="prior fit 0.9 > 0.2 nats per body pixel: ...")
+    assert mismatch.status == MISMATCH and mismatch.rule_text.startswith("prior fit") and not mismatch.flagged
 
 
 def _outline_pixels(path: Path) -> int:

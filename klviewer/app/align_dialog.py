@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -35,7 +35,7 @@ from klviewer.app.messages import Notifier
 from klviewer.app.prior_choices import chosen_path, fill_combo, known_priors
 from klviewer.app.scope import SCOPES, Scope
 from klviewer.app.settings import Preferences
-from klviewer.app.task_progress import TaskProgress
+from klviewer.app.task_progress import TaskProgress, result_label
 from klviewer.app.task_worker import JobContext, TaskSlot
 from klviewer.errors import KlviewerError
 from klviewer.inference.settings import AnalysisSettings
@@ -127,9 +127,7 @@ class AlignDialog(QDialog):
         close = QPushButton("Close")
         close.clicked.connect(self.hide)
         self.progress = TaskProgress(self.slot)
-        self.result_label = QLabel()
-        self.result_label.setWordWrap(True)
-        self.result_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.result_label = result_label()
 
         out_row = QHBoxLayout()
         out_row.addWidget(self.out, 1)

@@ -14,7 +14,7 @@ from PySide6.QtGui import QColor
 from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QTableView, QVBoxLayout, QWidget
 
 from klviewer.app.cases import CaseChange, CaseEntry, CaseList
-from klviewer.inference.verdict_text import slice_label
+from klviewer.inference.verdict_text import MISMATCH, slice_label
 
 COLUMNS = ("Case", "Verdict", "KL z", "Score (nats)", "Note")
 """Slices are numbered from 0, as everywhere (klviewer.inference.verdict_text.slice_label)."""
@@ -92,7 +92,7 @@ class CaseTableModel(QAbstractTableModel):
         if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.EditRole):
             case = f"{entry.patient} · {slice_label(entry.slice_index)}\n{entry.series}"
             return (case, entry.status, "" if z is None else f"{z:.3g}", f"{entry.score:.4g}", entry.note)[col]
-        if role == Qt.ItemDataRole.ForegroundRole and col == VERDICT_COLUMN and entry.flagged:
+        if role == Qt.ItemDataRole.ForegroundRole and col == VERDICT_COLUMN and (entry.flagged or entry.verdict == MISMATCH):
             return QColor("#ff6a4d")
         if role == Qt.ItemDataRole.TextAlignmentRole and col in (SCORE_COLUMN, Z_COLUMN):
             return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
@@ -100,7 +100,7 @@ class CaseTableModel(QAbstractTableModel):
 
     @staticmethod
     def _tooltip(entry: CaseEntry, col: int) -> str | None:
-        rule = entry.verdict.rule_text if entry.verdict is not None else ""
+        rule = entry.rule
         if col == VERDICT_COLUMN:
             source = "flag set by hand" if entry.manual_flag is not None else "flag by the rule (tick to set it by hand)"
             return f"{source}; {rule}" if rule else source

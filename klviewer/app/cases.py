@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from klviewer.inference.verdict_text import Verdict
 
 ChangeKind = Literal["inserting", "inserted", "changed", "resetting", "reset"]
 
@@ -30,8 +29,10 @@ class CaseEntry:
     prior: str = ""
     z_score: float | None = None
     """KL z-score against the prior's healthy reference; None where it has none for the map settings."""
-    verdict: Verdict | None = None
-    """The automatic verdict with the rule behind it (None for rows built without one)."""
+    verdict: str = ""
+    """The automatic verdict (klviewer.inference.scoring.Verdict.status): flagged, not flagged, prior mismatch, cannot flag."""
+    rule: str = ""
+    """The rule that made the verdict, worded as every view words it (klviewer.inference.verdict_text)."""
 
     @property
     def key(self) -> tuple[str, int]:
@@ -46,9 +47,7 @@ class CaseEntry:
         """What the row says: the automatic verdict's status, or the flag set by hand."""
         if self.manual_flag is not None:
             return "flagged (by hand)" if self.manual_flag else "not flagged (by hand)"
-        if self.verdict is not None:
-            return self.verdict.status
-        return "flagged" if self.auto_flagged else "not flagged"
+        return self.verdict or ("flagged" if self.auto_flagged else "not flagged")
 
     @property
     def flag_source(self) -> str:
@@ -110,10 +109,11 @@ class CaseList:
         self._emit("changed", row)
 
     def set_score(self, row: int, score: float, auto_flagged: bool, z_score: float | None = None,
-                  verdict: Verdict | None = None) -> None:
+                  verdict: str = "", rule: str = "") -> None:
         entry = self.entries[row]
-        if (entry.score, entry.auto_flagged, entry.z_score, entry.verdict) != (score, auto_flagged, z_score, verdict):
-            entry.score, entry.auto_flagged, entry.z_score, entry.verdict = score, auto_flagged, z_score, verdict
+        new = (score, auto_flagged, z_score, verdict, rule)
+        if (entry.score, entry.auto_flagged, entry.z_score, entry.verdict, entry.rule) != new:
+            entry.score, entry.auto_flagged, entry.z_score, entry.verdict, entry.rule = new
             self._emit("changed", row)
 
     def clear(self) -> None:

@@ -331,7 +331,7 @@ class ComparisonView(QWidget):
         comparison = self.model.comparison
         names = {"before": comparison.before_prior, "after": comparison.after_prior}
         for side, frame in zip(SIDES, frames):
-            verdict = frame.verdict
+            verdict = frame.verdict_text
             status = "<span style='color:#ff6a4d'>FLAGGED</span>" if verdict.flagged else verdict.status
             self.titles[side].setText(
                 f"<b>{side.capitalize()}</b>: {_esc(names[side])} · score {format_nats(frame.score)} nats · {status}")

@@ -13,11 +13,12 @@ import numpy as np
 from klviewer.inference.energy import EnergyField, KLMap
 from klviewer.inference.healthy_reference import ZCalibration, z_map_fits
 from klviewer.inference.result import SliceResult
-from klviewer.inference.scoring import SliceScore, score_slice
-from klviewer.inference.verdict_text import Verdict, score_verdict, verdict_of
+from klviewer.inference.scoring import MISMATCH, SliceScore, Verdict, score_slice
+from klviewer.inference.verdict_text import VerdictText, describe
 from klviewer.io.study import Patient, Series, Study
 from klviewer.overlay_rules import DISPLAY_FRACTION, OVERLAY_OPACITY, display_cut, overlay_levels
 from klviewer.overlay_rules import colorbar_ticks as overlay_ticks
+from klviewer.physics.grid import AIR_HU, GridTransform
 
 
 def patient_label(patient: Patient) -> str:
@@ -99,20 +100,44 @@ BASE_IMAGES: dict[str, str] = {
 
 
 def base_image(kind: str, series: Series, index: int, result: SliceResult | None) -> np.ndarray | None:
-    """The (H, W) HU image to show, or None when this kind is not available for the slice.
+    """The (H, W) HU image to show on the source grid, or None when this kind is not available for the slice.
 
-    An analysed slice shows every layer on the analysis grid, so the overlay lines up with the
-    base image pixel for pixel; before analysis the native slice is shown.
+    The original is the native slice; the analysis' images, made on the prior's grid, are mapped
+    back onto the source grid (see `frame_on_source`, which does the same for the overlay).
     """
-    if result is not None:
-        if kind == "std" and result.settings.samples < 2:
-            return None  # one sample has no spread: an all-zero image would read as black tissue
-        images = {"original": result.original_hu, "fbp": result.fbp_hu, "mean": result.recon_hu,
-                  "std": result.posterior_std_hu}
-        return images.get(kind)
-    if kind == "original" and series.slices and 0 <= index < len(series.slices):
-        return series.slices[index].hu
-    return None
+    native = series.slices[index].hu if series.slices and 0 <= index < len(series.slices) else None
+    if kind == "original":
+        return native
+    if result is None:
+        return None
+    if kind == "std" and result.settings.samples < 2:
+        return None  # one sample has no spread: an all-zero image would read as black tissue
+    image = {"fbp": result.fbp_hu, "mean": result.recon_hu, "std": result.posterior_std_hu}.get(kind)
+    if image is None:
+        return None
+    grid = result.grid_for(source_shape(series, index))
+    if grid.is_identity():
+        return image
+    return grid.resample_to_source(image, fill=0.0 if kind == "std" else AIR_HU)
+
+
+def source_shape(series: Series, index: int) -> tuple[int, int]:
+    """The pixel grid results are shown on: the slice's own, or a sinogram's reconstruction grid."""
+    if series.slices and 0 <= index < len(series.slices):
+        return series.slices[index].shape
+    if series.sinogram is not None:
+        return tuple(series.sinogram.grid_size)  # type: ignore[return-value]
+    raise ValueError(f"series {series.uid} has no slice {index}")
+
+
+def frame_on_source(frame: OverlayFrame, grid: GridTransform) -> OverlayFrame:
+    """The overlay on the source grid: each source pixel shows its nearest prior-grid patch value (no value is
+    invented between patches), and outlines are the same patches' edges in source pixels."""
+    if grid.is_identity():
+        return frame
+    return replace(frame, pixels=grid.resample_to_source(frame.pixels, nearest=True),
+                   raw_pixels=grid.resample_to_source(frame.raw_pixels, nearest=True),
+                   boxes=[grid.box_to_source(box) for box in frame.boxes])
 
 
 def available_bases(series: Series, index: int, result: SliceResult | None) -> list[str]:
@@ -178,10 +203,12 @@ class OverlayFrame:
     """(H, W) float32, unmasked: what the probe reports."""
     levels: tuple[float, float]
     display_threshold: float
-    boxes: list[tuple[int, int, int, int]]
-    """(r0, r1, c0, c1) of the outlined patches: exactly those the flag rule flags."""
+    boxes: list[tuple[float, float, float, float]]
+    """(r0, r1, c0, c1) edges of the outlined patches, in the pixels of `pixels`: exactly those the flag rule flags."""
     shows_z: bool = False
     """`pixels`, `raw_pixels`, `levels`, `peak` and `display_threshold` are KL z-scores, not nats."""
+    verdict: Verdict | None = None
+    """The slice's verdict with its prior fit (which the frame's scores alone cannot tell)."""
     peak: float = 0.0
     """The slice's largest value of the shown quantity (marked on the colour bar)."""
     threshold_mark: float | None = None
@@ -217,8 +244,12 @@ class OverlayFrame:
         return self.scored.flagged
 
     @property
-    def verdict(self) -> Verdict:
-        return score_verdict(self.scored)
+    def verdict_text(self) -> VerdictText:
+        """The verdict in the words every view uses: the prior-fit mismatch when `verdict` says so, else the flag rule's."""
+        s = self.scored
+        mismatch = self.verdict.rule if self.verdict is not None and self.verdict.status == MISMATCH else None
+        return describe(s.flagged, s.rule, s.score, s.z_score, s.nats_threshold, s.z_threshold, s.forced_nats is not None,
+                        mismatch)
 
     @property
     def fixed_scale(self) -> bool:
@@ -327,10 +358,12 @@ def summary_html(result: SliceResult) -> str:
             f"{result.seconds:.1f} s.{notes}")
 
 
-def result_verdict(result: SliceResult) -> Verdict:
-    """The verdict a result was stored with, at the run's own map settings."""
-    return verdict_of(result.flagged, result.flag_rule, result.score, result.z_score, result.flag_threshold,
-                      result.z_threshold, result.settings.flag_threshold is not None)
+def result_verdict(result: SliceResult) -> VerdictText:
+    """The verdict a result was stored with, at the run's own map settings, prior fit first."""
+    decided = result.verdict()
+    return describe(result.flagged, result.flag_rule, result.score, result.z_score, result.flag_threshold,
+                    result.z_threshold, result.settings.flag_threshold is not None,
+                    decided.rule if decided.status == MISMATCH else None)
 
 
 def round_sig(value: float, digits: int = 3) -> float:

@@ -13,6 +13,7 @@ from PySide6.QtCore import QTimer, Signal
 from PySide6.QtGui import QCloseEvent, QKeyEvent
 from PySide6.QtWidgets import QMainWindow, QWidget
 
+from klviewer.app.adapt_dialog import AdaptDialog
 from klviewer.app.align_dialog import AlignDialog
 from klviewer.app.analysis_panel import AnalysisPanel
 from klviewer.app.analysis_runs import AnalysisRuns
@@ -22,7 +23,15 @@ from klviewer.app.cases import CaseList
 from klviewer.app.compare_dialog import CompareDialog
 from klviewer.app.comparison_view import ComparisonView
 from klviewer.app.dialogs import about_html, shortcuts_html, show_html
-from klviewer.app.display import frame_of, nearest_calibrated, patient_label, study_label, summary_html
+from klviewer.app.display import (
+    frame_of,
+    frame_on_source,
+    nearest_calibrated,
+    patient_label,
+    source_shape,
+    study_label,
+    summary_html,
+)
 from klviewer.app.export_dialog import ExportDialog
 from klviewer.app.export_job import SessionSnapshot
 from klviewer.app.map_controls import MapControls
@@ -36,14 +45,16 @@ from klviewer.app.scope import Scope, measurement_scope
 from klviewer.app.session import CachedResult, ResultCache
 from klviewer.app.session_file import confirm_close
 from klviewer.app.settings import Preferences
+from klviewer.app.study_banner import StudyBanner
 from klviewer.app.viewer import SliceContext, SliceViewer
 from klviewer.app.viewer_tools import ViewerTools
-from klviewer.app.window_layout import build_docks, build_status
+from klviewer.app.window_layout import build_central, build_docks, build_status
 from klviewer.app.window_state import restore_window, save_window
 from klviewer.app.worker import AnalysisThread, PriorCache, RunRequest
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError
 from klviewer.inference.result import SliceResult
+from klviewer.inference.scoring import verdict_of
 from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.study import Series
 
@@ -69,8 +80,8 @@ class MainWindow(OpeningMixin, QMainWindow):
         self.export_dialog: ExportDialog | None = None
 
         self.viewer = SliceViewer()
-        self.viewer.graphics.setAcceptDrops(False)  # drops go to the window, which opens them
-        self.setCentralWidget(self.viewer)
+        self.banner = StudyBanner()
+        build_central(self)
         self.browser = StudyBrowser()
         self.case_view = CaseListView(self.model.cases)
         self.panel = AnalysisPanel(prefs, self.notifier)
@@ -80,7 +91,7 @@ class MainWindow(OpeningMixin, QMainWindow):
         self.runs.slice_done.connect(self._slice_done)
         self.runs.finished.connect(self.analysis_finished)
         self.tools = PriorTools(self, prefs, self.notifier, self.panel, self.scope_for, self.analysis_settings,
-                                self.map_controls.settings)
+                                self.map_controls.settings, self.model.patient_series)
         self.tools_view = ViewerTools(self)
         build_docks(self)
         self.recent_menu = build_menus(self)
@@ -163,6 +174,7 @@ class MainWindow(OpeningMixin, QMainWindow):
         entry = self.current
         if entry is None:
             self.viewer.clear()
+            self.banner.show_for(None)
             return
         cached = self.current_result()
         result = cached.result if cached else None
@@ -170,6 +182,7 @@ class MainWindow(OpeningMixin, QMainWindow):
             series=entry.series, index=self.index, patient=patient_label(entry.patient), study=study_label(entry.study),
             result=result, prior_name=result.prior_name if result else self.panel.prior_name(),
         ), reset=reset)
+        self.banner.show_for(result)
         self._update_map_ranges(entry.series, cached)
         self.refresh_overlay()
 
@@ -204,6 +217,8 @@ class MainWindow(OpeningMixin, QMainWindow):
         settings = self.map_controls.settings()
         scored = self.model.score(cached, settings)
         frame = frame_of(scored, settings.clamped(cached.result.energy.image_shape))
+        frame = frame_on_source(frame, cached.result.grid_for(source_shape(self.current.series, self.index)))
+        frame.verdict = verdict_of(scored, cached.result.prior_fit)
         self.viewer.set_overlay(frame)
         self.map_controls.set_z_available(scored.z_map is not None)
         self.map_controls.show_calibration(scored.rule is not None, self.model.calibrated_maps(cached))
@@ -301,6 +316,9 @@ class MainWindow(OpeningMixin, QMainWindow):
     def show_prior_fit(self) -> None:
         self.prior_fit_dock.show()
         self.prior_fit_dock.raise_()
+
+    def open_adapt_dialog(self) -> AdaptDialog:
+        return self.tools.open_adapt_dialog()
 
     def open_align_dialog(self) -> AlignDialog:
         return self.tools.open_align_dialog()

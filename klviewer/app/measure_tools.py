@@ -9,12 +9,14 @@ PDF report have them.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyqtgraph as pg
 
-from klviewer.app.measurements import Measurement, distance_text, roi_mask, roi_stats
+from klviewer.app.display import source_shape
+from klviewer.app.measurements import Measurement, distance_text, inside_roi, roi_mask, roi_stats
 
 if TYPE_CHECKING:
     from klviewer.app.main_window import MainWindow
@@ -78,29 +80,42 @@ class MeasureTools:
         label.setPos(m.geometry[0], m.geometry[1])
 
     def measure(self, m: Measurement) -> None:
-        """Compute `m.text` from the slice as shown: the base image, and the KL map at the sliders' settings."""
+        """Compute `m.text` from the slice as shown: the base image (on the source grid), and the KL energy and
+        z-scores (on the prior's grid) at the sliders' settings."""
         ctx = self.viewer.context
         image = self.viewer.base.image
         if ctx is None or image is None or (ctx.series.uid, ctx.index) != (m.series_uid, m.slice_index):
             return
-        native = ctx.series.image_shape
         spacing = ctx.series.pixel_spacing_mm
-        mm_per_unit = spacing[1] if spacing else None
-        if mm_per_unit is None and ctx.result is not None:
-            mm_per_unit = ctx.result.pixel_spacing_mm * image.shape[1] / native[1]
+        mm_per_px = spacing[1] if spacing else None
         if m.kind == "distance":
-            m.text = distance_text(m.geometry, mm_per_unit)
+            m.text = distance_text(m.geometry, mm_per_px)
             return
-        mask = roi_mask(m.kind, m.geometry, native, image.shape)
-        pixel_kl = z = None
+        mask = roi_mask(m.kind, m.geometry, image.shape, image.shape)
+        pixel_kl = z = on_prior = None
         frame = self.viewer.overlay.frame
         if ctx.result is not None and frame is not None:
             pixel_kl = ctx.result.energy.kl_map(1, frame.kl_map.sigma_window).values
+            on_prior = self._prior_grid_mask(m, ctx, pixel_kl.shape)
             if frame.z_map is not None:
                 z = frame.z_map.to_pixels().astype(np.float64)
-        stats = roi_stats(mask, image, None if mm_per_unit is None else mm_per_unit * native[1] / image.shape[1],
-                          pixel_kl, z)
-        m.text = f"{m.kind}: empty" if stats is None else stats.text(m.kind)
+        stats = roi_stats(mask, image, mm_per_px)
+        if stats is None:
+            m.text = f"{m.kind}: empty"
+            return
+        inside = roi_stats(on_prior, np.zeros(on_prior.shape), None, pixel_kl, z) if on_prior is not None else None
+        if inside is not None:
+            stats = replace(stats, kl_nats=inside.kl_nats, z_max=inside.z_max)
+        m.text = stats.text(m.kind)
+
+    @staticmethod
+    def _prior_grid_mask(m: Measurement, ctx, shape: tuple[int, int]) -> np.ndarray:
+        """The prior-grid pixels whose centres fall inside the shape: the KL energy inside is summed there,
+        where each pixel holds its own energy once."""
+        grid = ctx.result.grid_for(source_shape(ctx.series, ctx.index))
+        rows, cols = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+        src_r, src_c = grid.to_source(rows, cols)
+        return inside_roi(m.kind, m.geometry, src_c + 0.5, src_r + 0.5)  # pixel centres sit at +0.5 in the view
 
     def refresh(self) -> None:
         """Show the shapes of the shown slice only, measured again (the overlay or the base image changed)."""

@@ -40,21 +40,25 @@ class Measurement:
         return cls(kind, str(doc["series_uid"]), int(doc["slice_index"]), geometry, str(doc.get("text", "")))
 
 
+def inside_roi(kind: str, geometry: tuple[float, float, float, float], x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Which of the points (x, y), in view coordinates, lie inside the ellipse or rectangle."""
+    gx, gy, w, h = geometry
+    if kind == "rectangle":
+        return (x >= min(gx, gx + w)) & (x <= max(gx, gx + w)) & (y >= min(gy, gy + h)) & (y <= max(gy, gy + h))
+    rx, ry = abs(w) / 2, abs(h) / 2
+    if rx == 0 or ry == 0:
+        return np.zeros(np.broadcast(x, y).shape, bool)
+    return ((x - (gx + w / 2)) / rx) ** 2 + ((y - (gy + h / 2)) / ry) ** 2 <= 1.0
+
+
 def roi_mask(kind: str, geometry: tuple[float, float, float, float], extent: tuple[int, int],
              shape: tuple[int, int]) -> np.ndarray:
     """(H, W) bool: the pixels of an image of `shape`, stretched over `extent` (height, width in view units),
     whose centres lie inside the ellipse or rectangle."""
-    x, y, w, h = geometry
     rows, cols = shape
-    sy, sx = extent[0] / rows, extent[1] / cols
-    cy = (np.arange(rows) + 0.5)[:, None] * sy
-    cx = (np.arange(cols) + 0.5)[None, :] * sx
-    if kind == "rectangle":
-        return (cx >= min(x, x + w)) & (cx <= max(x, x + w)) & (cy >= min(y, y + h)) & (cy <= max(y, y + h))
-    rx, ry = abs(w) / 2, abs(h) / 2
-    if rx == 0 or ry == 0:
-        return np.zeros(shape, bool)
-    return ((cx - (x + w / 2)) / rx) ** 2 + ((cy - (y + h / 2)) / ry) ** 2 <= 1.0
+    y = (np.arange(rows) + 0.5)[:, None] * (extent[0] / rows)
+    x = (np.arange(cols) + 0.5)[None, :] * (extent[1] / cols)
+    return np.broadcast_to(inside_roi(kind, geometry, x, y), shape).copy()
 
 
 @dataclass(frozen=True)

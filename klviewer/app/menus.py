@@ -61,6 +61,7 @@ def build_menus(w: MainWindow) -> QMenu:
     run_menu.addAction(action(w, "&Cancel", w.cancel_run, "Esc"))
     run_menu.addSeparator()
     run_menu.addAction(action(w, "&Prior fit…", w.show_prior_fit))
+    run_menu.addAction(action(w, "A&dapt prior to my studies…", w.open_adapt_dialog))
     run_menu.addAction(action(w, "&Align prior…", w.open_align_dialog))
     run_menu.addAction(action(w, "C&ompare priors…", w.open_compare_dialog))
 
@@ -91,7 +92,7 @@ def fill_recent(w: MainWindow) -> None:
 OPEN_FILTERS = ";;".join((
     "CT images, any file name: DICOM (with or without .dcm), .npy, .npz, sinogram .json, NIfTI, .inv3 (*)",
     "DICOM files named .dcm, and DICOMDIR (*.dcm *.DCM DICOMDIR)",
-    "Arrays and sinograms (*.npy *.npz *.json)",
+    "Arrays, sinograms, NIfTI and InVesalius (*.npy *.npz *.json *.nii *.nii.gz *.inv3)",
 ))
 """The first filter shows every file: DICOM files often have no extension (IM0001, or a UID); the reader
 tells what a file is from its content."""

@@ -17,8 +17,9 @@ from klviewer.app.session import CachedResult, FlagThresholds, ResultCache, Resu
 from klviewer.app.session_results import SessionSlice
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError
+from klviewer.evaluation.adapt import patient_key
 from klviewer.inference.result import SliceResult
-from klviewer.inference.scoring import SliceScore, score_slice
+from klviewer.inference.scoring import FLAGGED, SliceScore, score_slice
 from klviewer.inference.settings import AnalysisSettings
 from klviewer.inference.verdict_text import score_verdict
 from klviewer.io.study import Catalog, Patient, Series, Study
@@ -58,6 +59,12 @@ class SessionModel:
                         self.series[series.uid] = OpenSeries(patient, study, series)
                         added.append(series.uid)
         return added
+
+    def patient_series(self) -> list[tuple[str, Series]]:
+        """Every open image series that can be analysed, with its patient (PatientID, else the study): what a
+        site adaptation trains and calibrates on."""
+        return [(patient_key(e.patient.patient_id, e.study.uid), e.series) for e in self.series.values()
+                if e.series.analysis_refusal() is None and e.series.slices]
 
     @property
     def current(self) -> OpenSeries | None:
@@ -136,18 +143,25 @@ class SessionModel:
         """Keep a finished slice and list it with its verdict under the map sliders."""
         self.results.put(ResultKey.of(series_uid, index, prior_path, settings), result, prior_path)
         scored = self.score(CachedResult(result, prior_path), map_settings)
+        verdict = score_verdict(scored, result.prior_fit)
         entry = self.series.get(series_uid)
         series = entry.series if entry else None
         self.cases.upsert(CaseEntry(
-            series_uid=series_uid, slice_index=index, patient=(entry.patient.patient_id or patient_label(entry.patient)) if entry else "",
+            series_uid=series_uid, slice_index=index,
+            patient=(entry.patient.patient_id or patient_label(entry.patient)) if entry else "",
             series=series_label(series) if series else series_uid, score=scored.score,
-            auto_flagged=scored.flagged, prior=result.prior_name, z_score=scored.z_score, verdict=score_verdict(scored),
+            auto_flagged=verdict.status == FLAGGED, prior=result.prior_name, z_score=scored.z_score,
+            verdict=verdict.status, rule=verdict.rule_text,
         ))
 
     def update_case(self, uid: str, index: int, scored: SliceScore) -> None:
+        """The listed slice's verdict under the map sliders (its prior fit does not depend on them)."""
         row = self.cases.find(uid, index)
-        if row is not None:
-            self.cases.set_score(row, scored.score, scored.flagged, scored.z_score, score_verdict(scored))
+        cached = self.results.latest(uid, index)
+        if row is not None and cached is not None:
+            verdict = score_verdict(scored, cached.result.prior_fit)
+            self.cases.set_score(row, scored.score, verdict.status == FLAGGED, scored.z_score, verdict.status,
+                                 verdict.rule_text)
 
     def rescore(self, map_settings: MapSettings) -> None:
         """Scores and automatic flags of every listed slice, under the map sliders."""

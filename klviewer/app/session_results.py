@@ -104,8 +104,10 @@ def _write_group(members: list[SessionSlice], out: Path, settings: MapSettings) 
         for line in item.measurements:
             folder.measurements.setdefault(plan.case, []).append(f"{slice_label(item.index)}: {line}")
     z_thresholds.discard(None)
+    fit_threshold = next((m.result.prior_fit.threshold for m in members if m.result.prior_fit is not None), None)
     write_summary(run, summary_settings, prior_path, prior_fingerprint(prior_path), members[0].flag_threshold, False,
-                  z_thresholds.pop() if len(z_thresholds) == 1 else None)
+                  z_thresholds.pop() if len(z_thresholds) == 1 else None,
+                  fit_threshold)
     folder.notes = {case: "; ".join(lines) for case, lines in case_notes.items()}
     return folder
 

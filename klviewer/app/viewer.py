@@ -487,12 +487,12 @@ class SliceViewer(QWidget):
         return text
 
 
-STATUS_COLORS = {"flagged": "#ff6a4d", "cannot flag": "#e0b050"}
+STATUS_COLORS = {"flagged": "#ff6a4d", "prior mismatch": "#ff6a4d", "cannot flag": "#e0b050"}
 
 
 def verdict_lines(frame: OverlayFrame) -> list[str]:
     """The caption's verdict: status and number, the rule that decided, and the map settings."""
-    verdict = frame.verdict
+    verdict = frame.verdict_text
     color = STATUS_COLORS.get(verdict.status)
     status = f"<span style='color:{color}'><b>{verdict.status.upper()}</b></span>" if color else verdict.status
     lo, hi = frame.kl_map.sigma_window

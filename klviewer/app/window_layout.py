@@ -1,17 +1,29 @@
-"""The main window's docks and status bar."""
+"""The main window's central area, docks and status bar."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QDockWidget, QFrame, QLabel, QLayout, QScrollArea, QWidget
+from PySide6.QtWidgets import QDockWidget, QFrame, QLabel, QLayout, QScrollArea, QVBoxLayout, QWidget
 
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError
 
 if TYPE_CHECKING:
     from klviewer.app.main_window import MainWindow
+
+
+def build_central(w: MainWindow) -> None:
+    """The viewer, with the study banner (prior mismatch, geometry) above it."""
+    w.viewer.graphics.setAcceptDrops(False)  # drops go to the window, which opens them
+    central = QWidget()
+    column = QVBoxLayout(central)
+    column.setContentsMargins(0, 0, 0, 0)
+    column.setSpacing(0)
+    column.addWidget(w.banner)
+    column.addWidget(w.viewer, 1)
+    w.setCentralWidget(central)
 
 
 def make_dock(w: MainWindow, title: str, name: str, widget: QWidget, area: Qt.DockWidgetArea) -> QDockWidget:

@@ -12,10 +12,24 @@ import warnings
 from collections.abc import Sequence
 
 from klviewer import __version__
-from klviewer.cli import align, analyze, batch, calibrate, compare, evaluate, export, gui, info, phantoms, shift, train
+from klviewer.cli import (
+    adapt,
+    align,
+    analyze,
+    batch,
+    calibrate,
+    compare,
+    evaluate,
+    export,
+    gui,
+    info,
+    phantoms,
+    shift,
+    train,
+)
 from klviewer.errors import KlviewerError
 
-SUBCOMMANDS = (info, phantoms, analyze, train, export, shift, align, compare, batch, evaluate, calibrate, gui)
+SUBCOMMANDS = (info, phantoms, analyze, train, adapt, export, shift, align, compare, batch, evaluate, calibrate, gui)
 """In the order `klviewer --help` lists them."""
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 
 from klviewer.cli.options import INPUT_HELP, SLICES_HELP, add_analysis_options, add_quiet_option, settings_from_args
 from klviewer.cli.progress import progress_bar
+from klviewer.inference.scoring import CANNOT_FLAG, FLAGGED, MISMATCH, NOT_FLAGGED
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -14,15 +16,19 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     with progress_bar("analyze", "step", quiet=args.quiet) as progress:
         run = run_analysis(args.inputs, args.out, settings_from_args(args), prior=args.prior, slices=args.slices,
                            overwrite=args.overwrite, progress=progress)
-    flagged = sum(1 for r in run.rows if r["flagged"])
-    if run.flag_rule is None:
+    counts = Counter(r["verdict"] for r in run.rows)
+    parts = [f"{counts[status]} {status}" for status in (FLAGGED, MISMATCH, NOT_FLAGGED, CANNOT_FLAG) if counts[status]]
+    print(f"analysed {len(run.rows)} slice(s): {', '.join(parts)}; results in {run.out}")
+    if counts[MISMATCH]:
+        print(f"prior mismatch: {args.prior} does not describe {counts[MISMATCH]} slice(s), so their KL maps and flags "
+              "are not meaningful; adapt a prior to your site's healthy studies (klviewer adapt)")
+    if counts[CANNOT_FLAG]:
         s = settings_from_args(args)
-        print(f"analysed {len(run.rows)} slice(s); nothing can be flagged: the prior has no calibration (threshold "
-              f"or healthy reference) for these settings (views {s.views}, steps {s.steps}, samples {s.samples}, "
-              f"guidance {s.guidance}, patch {s.patch}, sigma window {s.sigma_window}); run `klviewer calibrate` with "
-              f"them or pass --flag-threshold; results in {run.out}")
-    else:
-        print(f"analysed {len(run.rows)} slice(s), {flagged} flagged ({run.rule_text}); results in {run.out}")
+        print(f"cannot flag: nothing can be flagged, because {args.prior} has no calibrated threshold for these settings "
+              f"(views {s.views}, steps {s.steps}, samples {s.samples}, guidance {s.guidance}, patch {s.patch}, "
+              f"sigma window {s.sigma_window}); klviewer calibrate with them, or --flag-threshold NATS")
+    elif run.rule_text:
+        print(f"rule: {run.rule_text}")
     for s in run.skipped:
         print(f"skipped {s['path']}: {s['reason']}")
     return 0

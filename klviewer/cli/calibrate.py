@@ -37,6 +37,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         z = cal.entry["healthy_reference"]
         print(f"KL z-score threshold {cal.z_threshold:.4g}: {z['healthy_exceeding']} of {cal.scores.size} healthy "
               f"slices above it (cross-fitted z-scores {z['healthy_z_scores']['min']:.3g} to {z['healthy_z_scores']['max']:.3g})")
+    fit = cal.entry["prior_fit"]
+    print(f"prior-fit threshold {fit['threshold']:.4g} nats per body pixel ({fit['margin']:g} x the healthy score at the "
+          f"false-positive rate; healthy {fit['healthy_scores']['min']:.3g} to {fit['healthy_scores']['max']:.3g})")
     print(f"written to {cal.path}" if cal.path else "not written (--dry-run)")
     return 0
 

@@ -12,6 +12,7 @@ without it; the reference stored is fitted on all of them.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,18 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from klviewer.devices import resolve_device
-from klviewer.errors import KlviewerError
+from klviewer.errors import KlviewerError, KlviewerInputError
 from klviewer.evaluation.detection import CALIBRATION_SEED_BASE, run_cases
 from klviewer.inference.calibration import calibration_key, write_calibration
 from klviewer.inference.healthy_reference import HealthySlice, cross_fitted_scores, fit_reference
 from klviewer.inference.measurements import collect_measurements
 from klviewer.inference.pipeline import analyze_prepared
-from klviewer.inference.result import SliceResult
-from klviewer.inference.settings import AnalysisSettings
+from klviewer.inference.plan import SeriesPlan
+from klviewer.inference.prior_fit import STATISTIC, prior_fit_score
+from klviewer.inference.result import SliceResult, recut
+from klviewer.inference.settings import AnalysisSettings, sampling_key
 from klviewer.priors.base import Prior
 from klviewer.priors.checkpoint import load_prior, prior_fingerprint, resolve_prior_path
+from klviewer.results.slice_file import load_slice_result, write_slice_npz
 
 
 @dataclass
@@ -46,6 +51,11 @@ class Calibration:
     z_scores: np.ndarray | None = None
     """Cross-fitted healthy KL z-scores; None when there were too few slices for a reference."""
 
+
+PRIOR_FIT_MARGIN = 2.0
+"""The prior-fit threshold is this multiple of the healthy score at the false-positive rate: a few healthy
+calibration slices cannot show the spread of a new patient's, while a prior that does not describe a study
+adds several times the healthy KL (docs/prior_fit.md)."""
 
 MIN_REFERENCE_SLICES = 4
 """Fewer healthy slices than this leave each cross-fitting fold too thin for a spread per bin."""
@@ -74,23 +84,26 @@ def calibrate_prior(
     overwrite: bool = False,
     command: str = "",
     progress: Callable[[int, int], None] | None = None,
-    healthy: Sequence[str | Path] | None = None,
+    healthy: Sequence[str | Path] | SeriesPlan | None = None,
     slices: str = "all",
+    cancel: threading.Event | None = None,
 ) -> Calibration:
-    """Score `n` healthy phantoms (or the `slices` of the `healthy` studies) with `settings` and set
-    the thresholds at false-positive rate `fpr`."""
+    """Score `n` healthy phantoms (or the `slices` of the `healthy` studies, paths or the series of a plan)
+    with `settings` and set the thresholds at false-positive rate `fpr`. `cache` keeps each slice's
+    result, per prior weights, so a re-run skips sampling."""
     device = resolve_device(settings.device)
     prior_path = resolve_prior_path(prior)
     network = load_prior(prior_path, device=device)
+    fingerprint = prior_fingerprint(prior_path)
     if healthy is not None:
-        if cache is not None:
-            raise KlviewerError("a cache folder holds phantom results only; it cannot be used with healthy studies")
-        results, source = _score_studies(network, prior_path.name, settings, healthy, slices, device, progress)
+        study_cache = None if cache is None else cache / fingerprint[:16]
+        results, source = _score_studies(network, prior_path.name, settings, healthy, slices, device, progress, cancel,
+                                         study_cache)
     else:
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
         cases = run_cases(network, settings, n_id=n, n_ood=0, seed=seed, seed_base=CALIBRATION_SEED_BASE, cache=cache,
-                          device=device, progress=progress)
+                          device=device, progress=progress, cancel=cancel)
         results, source = [c.result for c in cases], {"phantom_seeds": [c.seed for c in cases]}
     scores = np.array([r.score for r in results])
     threshold = threshold_at_fpr(scores, fpr)
@@ -102,7 +115,7 @@ def calibrate_prior(
         "healthy_exceeding": int((scores > threshold).sum()),
         "healthy_scores": {"min": float(scores.min()), "median": float(np.median(scores)), "max": float(scores.max())},
         **source,
-        "prior_sha256": prior_fingerprint(prior_path),
+        "prior_sha256": fingerprint,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
     }
@@ -118,19 +131,40 @@ def calibrate_prior(
             "healthy_z_scores": {"min": float(z_scores.min()), "median": float(np.median(z_scores)),
                                  "max": float(z_scores.max())},
         }
+    fit_scores = np.array([prior_fit_score(r.energy, r.recon_hu, settings.sigma_window) for r in results])
+    fit_threshold = PRIOR_FIT_MARGIN * threshold_at_fpr(fit_scores, fpr)
+    entry["prior_fit"] = {
+        "statistic": STATISTIC, "threshold": fit_threshold, "margin": PRIOR_FIT_MARGIN,
+        "healthy_exceeding": int((fit_scores > fit_threshold).sum()),
+        "healthy_scores": {"min": float(fit_scores.min()), "median": float(np.median(fit_scores)),
+                           "max": float(fit_scores.max())},
+    }
     path = write_calibration(prior_path, entry, overwrite=overwrite) if write else None
     return Calibration(threshold, fpr, scores, entry, path, z_threshold, z_scores)
 
 
-def _score_studies(network: Prior, prior_name: str, settings: AnalysisSettings, inputs: Sequence[str | Path], slices: str,
-                   device, progress: Callable[[int, int], None] | None) -> tuple[list[SliceResult], dict[str, Any]]:
+def _score_studies(network: Prior, prior_name: str, settings: AnalysisSettings,
+                   inputs: Sequence[str | Path] | SeriesPlan, slices: str, device: torch.device,
+                   progress: Callable[[int, int], None] | None, cancel: threading.Event | None,
+                   cache: Path | None) -> tuple[list[SliceResult], dict[str, Any]]:
     """Analyse every picked slice of the healthy studies; returns the results and what the entry records of them."""
     measurements = collect_measurements(inputs, network, settings, slices=slices, device=device)
     results: list[SliceResult] = []
     for measured in measurements.slices:
-        results.append(analyze_prepared(measured.prepared, network, settings, prior_name=prior_name, flag_threshold=None))
+        cached = None if cache is None else cache / f"{measured.case}_{measured.index:04d}.npz"
+        if cached is not None and cached.is_file():
+            result = load_slice_result(cached)
+            if sampling_key(result.settings) != sampling_key(settings):
+                raise KlviewerInputError(cached, "cached result was made with other settings; use another cache folder")
+            result = recut(result, settings)
+        else:
+            result = analyze_prepared(measured.prepared, network, settings, prior_name=prior_name, flag_threshold=None,
+                                      cancel=cancel)
+            if cached is not None:
+                write_slice_npz(result, cached)
+        results.append(result)
         if progress is not None:
             progress(len(results), len(measurements))
-    source = {"healthy_inputs": [str(Path(p).resolve()) for p in inputs], "healthy_slices": slices,
-              "skipped": measurements.skipped}
+    recorded = inputs.sources if isinstance(inputs, SeriesPlan) else [str(Path(p).resolve()) for p in inputs]
+    source = {"healthy_inputs": recorded, "healthy_slices": slices, "skipped": measurements.skipped}
     return results, source

@@ -52,10 +52,13 @@ from klviewer.export.images import (
 from klviewer.export.pdf_report import ReportContext, write_report_pdf
 from klviewer.export.tables import CASES_CSV, CASES_JSON, write_case_tables
 from klviewer.inference.result import SliceResult
-from klviewer.inference.scoring import flag_rule
-from klviewer.inference.verdict_text import Verdict, format_nats, slice_label, table_verdict
+from klviewer.inference.scoring import flag_rule, mismatch_rule
+from klviewer.inference.prior_fit import MISMATCH as FIT_MISMATCH
+from klviewer.inference.prior_fit import PriorFit
+from klviewer.inference.verdict_text import VerdictText, format_nats, slice_label, table_verdict
 from klviewer.io.safe_write import OutputExistsError, atomic_write
 from klviewer.overlay_rules import overlay_levels
+from klviewer.physics.grid import AIR_HU
 from klviewer.results.reader import CaseEntry, ResultsFolder, SliceEntry, read_results
 from klviewer.results.slice_file import load_slice_result
 
@@ -315,11 +318,20 @@ def _above_z(result: SliceResult, z_threshold: float) -> np.ndarray:
     return result.z_map.to_pixels() > z_threshold
 
 
-def _verdict(job: _Job, entry: SliceEntry, flagged: bool) -> Verdict:
-    """A slice's verdict as the export decides it, with the rule (the same words as the app's)."""
+def _verdict(job: _Job, entry: SliceEntry, flagged: bool) -> VerdictText:
+    """A slice's verdict as the export decides it, with the rule (the same words as the app's): a prior-fit
+    mismatch first."""
     z = entry.row.get("z_score")
     return table_verdict(flagged, entry.score, None if z is None else float(z), job.threshold, job.z_threshold,
-                         job.selection_threshold)
+                         job.selection_threshold, _mismatch(job, entry.row))
+
+
+def _mismatch(job: _Job, row: dict[str, Any]) -> str | None:
+    """The prior-fit mismatch words of a summary row whose slice the prior does not describe, else None."""
+    threshold = job.results.summary.get("prior_fit_threshold")
+    if row.get("prior_fit") != FIT_MISMATCH or row.get("prior_fit_score") is None or threshold is None:
+        return None
+    return mismatch_rule(PriorFit(FIT_MISMATCH, float(row["prior_fit_score"]), float(threshold)))
 
 
 def _caption(job: _Job, entry: SliceEntry, flagged: bool) -> str:
@@ -370,9 +382,10 @@ def _write_case(job: _Job, case: CaseEntry, staging: Path, skipped: list[str]) -
         if sources.datasets is not None:
             ds = sources.datasets[number]
             hu = source_hu(ds)
-            kl_source = to_source_grid(kl, hu.shape)
+            grid = result.grid_for(hu.shape)
+            kl_source = to_source_grid(kl, grid)
             on_source.append(kl_source)
-            mask_source = to_source_grid(mask, hu.shape)
+            mask_source = to_source_grid(mask.astype(np.float32), grid) > 0
             if job.z_threshold is not None:
                 z_on_source.append(mask_source)
             if entry.slice_index in pictured:
@@ -395,13 +408,28 @@ def _write_case(job: _Job, case: CaseEntry, staging: Path, skipped: list[str]) -
     return written, {"patient": sources.patient}
 
 
+def _on_source(result: SliceResult, kl: np.ndarray, flagged: np.ndarray) -> dict[str, np.ndarray | None]:
+    """The result's images, KL map and flagged pixels on its source grid, as pictures show them (where the grid
+    is recorded)."""
+    images = {"recon": result.recon_hu, "fbp": result.fbp_hu, "original": result.original_hu,
+              "std": result.posterior_std_hu}
+    grid = result.grid_transform
+    if grid is None or grid.is_identity():
+        return {**images, "kl": kl, "flagged": flagged}
+    back = {k: None if v is None else grid.resample_to_source(v, fill=AIR_HU) for k, v in images.items()}
+    back["std"] = grid.resample_to_source(result.posterior_std_hu, fill=0.0)
+    return {**back, "kl": to_source_grid(kl, grid), "flagged": to_source_grid(flagged.astype(np.float32), grid) > 0}
+
+
 def _save_pngs(save: Callable[[str, Callable[[Any], None]], None], stem: str, result: SliceResult, kl: np.ndarray,
                style: OverlayStyle, window: tuple[float, float], caption: str, flagged: np.ndarray) -> None:
-    overlay = add_colorbar(overlay_rgb(result.recon_hu, kl, window, style, flagged=flagged), style, caption)
-    images = {"overlay": overlay, "reconstruction": grey_uint8(result.recon_hu, window),
-              "fbp": grey_uint8(result.fbp_hu, window)}
-    if result.original_hu is not None:
-        images["original"] = grey_uint8(result.original_hu, window)
+    shown = _on_source(result, kl, flagged)
+    overlay = add_colorbar(overlay_rgb(shown["recon"], shown["kl"], window, style, flagged=shown["flagged"]), style,
+                           caption)
+    images = {"overlay": overlay, "reconstruction": grey_uint8(shown["recon"], window),
+              "fbp": grey_uint8(shown["fbp"], window)}
+    if shown["original"] is not None:
+        images["original"] = grey_uint8(shown["original"], window)
     for name, image in images.items():
         save(f"png/{stem}_{name}.png", lambda f, image=image: write_png(f, image))
 
@@ -437,13 +465,15 @@ def _save_dicom(job: _Job, ds: Dataset, handle: Any) -> None:
 
 def _panels(result: SliceResult, kl: np.ndarray, style: OverlayStyle, window: tuple[float, float],
             flagged: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    panels = [("Reconstruction (posterior mean) + KL", overlay_rgb(result.recon_hu, kl, window, style, flagged=flagged))]
-    if result.original_hu is not None:
-        panels.append(("Original (on the prior's grid)", grey_uint8(result.original_hu, window)))
-    panels.append(("FBP of the measurement", grey_uint8(result.fbp_hu, window)))
-    if result.original_hu is None:
-        spread = float(result.posterior_std_hu.max()) or 1.0
-        panels.append(("Posterior std (0 to max)", grey_uint8(result.posterior_std_hu, (spread / 2, spread))))
+    shown = _on_source(result, kl, flagged)
+    panels = [("Reconstruction (posterior mean) + KL",
+               overlay_rgb(shown["recon"], shown["kl"], window, style, flagged=shown["flagged"]))]
+    if shown["original"] is not None:
+        panels.append(("Original", grey_uint8(shown["original"], window)))
+    panels.append(("FBP of the measurement", grey_uint8(shown["fbp"], window)))
+    if shown["original"] is None:
+        spread = float(shown["std"].max()) or 1.0
+        panels.append(("Posterior std (0 to max)", grey_uint8(shown["std"], (spread / 2, spread))))
     return panels
 
 
@@ -498,11 +528,16 @@ def _largest_z(case: CaseEntry) -> float | None:
     return max((float(s.row["z_score"]) for s in case.slices if s.row.get("z_score") is not None), default=None)
 
 
-def _case_verdict(job: _Job, case: CaseEntry, flagged: set[int]) -> Verdict:
-    """The case's verdict: flagged when any slice is; its numbers are the largest slice's."""
+def _case_verdict(job: _Job, case: CaseEntry, flagged: set[int]) -> VerdictText:
+    """The case's verdict: the study's prior fit first, then flagged when any slice is; its numbers are the
+    largest slice's."""
     top = case.top
-    z = _largest_z(case)
-    return table_verdict(bool(flagged), top.score, z, job.threshold, job.z_threshold, job.selection_threshold)
+    fit = (job.results.summary.get("cases") or {}).get(case.name)
+    mismatch = None
+    if isinstance(fit, dict) and fit.get("verdict") == FIT_MISMATCH:
+        mismatch = mismatch_rule(PriorFit.from_dict(fit, job.results.path))
+    return table_verdict(bool(flagged), top.score, _largest_z(case), job.threshold, job.z_threshold,
+                         job.selection_threshold, mismatch)
 
 
 def _rule_columns(job: _Job) -> dict[str, Any]:

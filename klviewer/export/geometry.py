@@ -1,13 +1,10 @@
-"""Placing maps made on the prior's grid back onto the source image's pixel grid.
+"""Placing maps made on the prior's grid back onto the source image's pixel grid, and DICOM orientation.
 
-The analysis puts a (H, W) source slice on the prior's N x N grid with `resize_square`:
-centre-pad to a square of side S = max(H, W) (pad_h // 2 rows on top, pad_w // 2 columns on
-the left), then resample S -> N. So source pixel (r, c) lies at padded position
-(r + pad_h // 2, c + pad_w // 2), and its centre falls in prior pixel
-floor((position + 0.5) * N / S). Maps are carried back with exactly that nearest-pixel lookup:
-a KL patch value is a sum over a patch, not an intensity, so interpolating between patches
-would invent values; nearest keeps every value (and the score, the map's maximum) exact and
-patch edges sharp.
+Each result records how its source grid maps onto the prior's (`klviewer.physics.grid`); older
+results get the square padding by pixel count they were made with. Maps are carried back with a
+nearest-pixel lookup: a KL patch value is a sum over a patch, not an intensity, so interpolating
+between patches would invent values; nearest keeps every value (and the score, the map's maximum)
+exact and patch edges sharp.
 """
 
 from __future__ import annotations
@@ -16,24 +13,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-
-def prior_indices(source_shape: tuple[int, int], prior_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each source row and column, the prior-grid row and column its centre falls in."""
-    h, w = source_shape
-    side = max(h, w)
-    top, left = (side - h) // 2, (side - w) // 2
-    rows = np.floor((np.arange(h) + top + 0.5) * prior_size / side).astype(np.int64)
-    cols = np.floor((np.arange(w) + left + 0.5) * prior_size / side).astype(np.int64)
-    return np.clip(rows, 0, prior_size - 1), np.clip(cols, 0, prior_size - 1)
+from klviewer.physics.grid import GridTransform
 
 
-def to_source_grid(prior_map: np.ndarray, source_shape: tuple[int, int]) -> np.ndarray:
-    """A (N, N) map on the prior's grid as a (H, W) map on the source grid (nearest prior pixel)."""
-    n = prior_map.shape[0]
-    if prior_map.shape != (n, n):
-        raise ValueError(f"prior-grid maps are square, got {prior_map.shape}")
-    rows, cols = prior_indices(source_shape, n)
-    return prior_map[np.ix_(rows, cols)]
+def to_source_grid(prior_map: np.ndarray, grid: GridTransform) -> np.ndarray:
+    """A map on the prior's grid as a map on the source grid (nearest prior pixel; 0 outside the prior's grid)."""
+    return grid.resample_to_source(prior_map, nearest=True, fill=0.0)
 
 
 _AXIS_LETTERS = (("R", "L"), ("A", "P"), ("F", "H"))

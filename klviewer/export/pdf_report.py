@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from klviewer import __version__
 from klviewer.export.images import COLORMAP, OverlayStyle, mark_colorbar
-from klviewer.inference.verdict_text import Verdict, table_verdict
+from klviewer.inference.verdict_text import VerdictText, table_verdict
 from klviewer.results.reader import CaseEntry
 
 A4_INCHES = (8.27, 11.69)
@@ -60,6 +60,18 @@ def _nats(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g} nats"
 
 
+def _prior_mismatch(case: CaseEntry) -> str | None:
+    """The verdict line of a study the prior does not describe (its slices' median prior-fit score above the
+    threshold), or None: such a study is reported as a mismatch, never as not flagged."""
+    scores = [float(x.row["prior_fit_score"]) for x in case.slices if x.row.get("prior_fit_score") is not None]
+    verdicts = [x.row.get("prior_fit") for x in case.slices]
+    if not scores or verdicts.count("mismatch") * 2 <= len(verdicts):
+        return None
+    return (f"Verdict: PRIOR MISMATCH   the prior does not describe this study ({verdicts.count('mismatch')} of "
+            f"{len(verdicts)} slices, median prior fit {float(np.median(scores)):.3g} nats per body pixel); "
+            "its KL maps and flags are not meaningful")
+
+
 def report_sections(ctx: ReportContext) -> list[tuple[str, list[str]]]:
     """(heading, lines) blocks of the report, in page order."""
     top = ctx.case.top
@@ -76,9 +88,12 @@ def report_sections(ctx: ReportContext) -> list[tuple[str, list[str]]]:
     z_scores = [float(x.row["z_score"]) for x in ctx.case.slices if x.row.get("z_score") is not None]
     verdict = _verdict(ctx, ctx.flagged, top.score, max(z_scores, default=None))
     status = verdict.status.upper() if verdict.flagged else verdict.status
+    mismatch = _prior_mismatch(ctx.case)
+    first = [f"Flag: {status} · {verdict.value} · {verdict.rule_text}"] if mismatch is None else textwrap.wrap(mismatch, 100)
+    geometry = sorted({w for x in ctx.case.slices for w in str(x.row.get("geometry_warnings") or "").split("; ") if w})
     sections = [
         ("Result", [
-            f"Flag: {status} · {verdict.value} · {verdict.rule_text}",
+            *first,
             f"Score (largest patch KL): {_nats(top.score)}   on slice {top.slice_index} (slices numbered from 0)",
             f"Total KL of that slice: {_nats(top.total_kl)}",
             f"Slices analysed: {len(ctx.case.slices)}, flagged: {len(flagged_indices)}",
@@ -88,6 +103,7 @@ def report_sections(ctx: ReportContext) -> list[tuple[str, list[str]]]:
                     for x in ctx.case.slices[:MAX_SLICE_ROWS]]
          + ([f"... and {len(ctx.case.slices) - MAX_SLICE_ROWS} more (see cases.json)"]
             if len(ctx.case.slices) > MAX_SLICE_ROWS else [])),
+        *([("Geometry far from the prior's", [textwrap.shorten(w, 110) for w in geometry[:4]])] if geometry else []),
         ("Note", note),
         ("Acquisition", [f"source: {ctx.case.source_kind or 'not recorded'}   projections: {views}",
                          f"noise: {noise}"]),
@@ -100,11 +116,12 @@ def report_sections(ctx: ReportContext) -> list[tuple[str, list[str]]]:
                         f"report by klviewer {__version__} on {ctx.export_date}"]),
     ]
     if ctx.measurements:
-        sections.insert(3, ("Measurements", ctx.measurements[:MAX_NOTE_LINES]))
+        after_note = [heading for heading, _ in sections].index("Note") + 1
+        sections.insert(after_note, ("Measurements", ctx.measurements[:MAX_NOTE_LINES]))
     return sections
 
 
-def _verdict(ctx: ReportContext, flagged: bool, score: float, z_score: float | None) -> Verdict:
+def _verdict(ctx: ReportContext, flagged: bool, score: float, z_score: float | None) -> VerdictText:
     return table_verdict(flagged, score, None if z_score is None else float(z_score), ctx.threshold, ctx.z_threshold,
                          ctx.threshold if ctx.rule_forced else None)
 

@@ -83,6 +83,19 @@ class PriorCalibration:
         entry = self.entry(settings)
         return None if entry is None else z_calibration_of(entry, self.path / CALIBRATION_FILE)
 
+    def prior_fit_threshold(self, settings: AnalysisSettings) -> float | None:
+        """The prior-fit threshold (KL per body pixel) for these settings, or None when it was not calibrated."""
+        entry = self.entry(settings)
+        if entry is None or not isinstance(entry.get("prior_fit"), dict):
+            return None
+        try:
+            value = float(entry["prior_fit"]["threshold"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise KlviewerInputError(self.path / CALIBRATION_FILE, f"prior_fit without a usable threshold ({exc})") from exc
+        if not value > 0 or value == float("inf"):
+            raise KlviewerInputError(self.path / CALIBRATION_FILE, f"prior_fit threshold must be positive, got {value}")
+        return value
+
     def windows(self) -> list[tuple[float, float]]:
         """Sigma windows the prior was calibrated with, so the sliders can land on them exactly."""
         windows = []

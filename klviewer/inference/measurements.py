@@ -8,6 +8,7 @@ plan, for `shift`, `align`, `compare` and the app's prior-fit and alignment jobs
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,10 @@ from klviewer.inference.plan import SeriesPlan, as_plan
 from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.sinogram_acquisition import acquisition_from_sinogram
 from klviewer.io.study import Series
-from klviewer.physics.acquisition import DEFAULT_SINOGRAM_SIGMA, Acquisition, simulate_measurement
+from klviewer.physics.acquisition import AIR_HU, DEFAULT_SINOGRAM_SIGMA, Acquisition, simulate_measurement
+from klviewer.physics.grid import GridTransform
 from klviewer.physics.units import MU_WATER_PER_MM
 from klviewer.priors.base import Prior
-from klviewer.priors.data import resize_square
 
 MEASUREMENT_SIGMA_FLOOR = DEFAULT_SINOGRAM_SIGMA
 """Smallest line-integral noise std the likelihood assumes. Even a noise-free simulation has
@@ -42,50 +43,123 @@ class PreparedSlice:
     pixel_spacing_mm: float
     slice_seed: int
     notes: list[str] = field(default_factory=list)
+    grid: GridTransform | None = None
+    """How the source grid (the image's, or a sinogram sidecar's reconstruction grid) maps onto the prior's."""
+    geometry_warnings: list[str] = field(default_factory=list)
+    """Where the source's spacing or field of view lies far from what the prior saw (also in `notes`)."""
 
 
-def _resampled(hu: np.ndarray, size: tuple[int, int], spacing: float, notes: list[str]) -> tuple[np.ndarray, float]:
-    """The slice on the prior's grid, prepared exactly as training slices are (`resize_square`)."""
-    if hu.shape == size:
-        return hu.astype(np.float32), spacing
-    notes.append(f"resampled {hu.shape[0]}x{hu.shape[1]} to the prior's {size[0]}x{size[1]} grid")
-    out = resize_square(torch.from_numpy(hu.astype(np.float32))[None], size[0])[0]
-    return out.numpy(), spacing * max(hu.shape) / size[0]
+COARSE_FACTOR = 1.5
+"""Source pixels this many times the prior's, or coarser, lack detail the prior expects."""
+SMALL_FOV = 0.75
+"""A field of view below this fraction of the prior's leaves most of its grid filled with air."""
+TISSUE_HU = -500.0
+CUT_EDGE_FRACTION = 0.1
+"""An image edge that is tissue over this fraction of its length cuts through the body."""
+CROPPED_TISSUE_FRACTION = 0.01
+
+
+def target_spacing(prior: Prior, source_fov_mm: float, notes: list[str]) -> float:
+    """The prior's pixel spacing; a prior that records none gets the source's field of view over its grid."""
+    size = max(prior.config.image_size)
+    if prior.config.pixel_spacing_mm is not None:
+        return float(prior.config.pixel_spacing_mm)
+    notes.append(f"the prior records no pixel spacing: the slice's {source_fov_mm:.0f} mm field of view fills its "
+                 f"{size}-pixel grid")
+    return source_fov_mm / size
+
+
+def source_spacing(series: Series, hu_shape: tuple[int, int], prior: Prior,
+                   notes: list[str]) -> tuple[tuple[float, float], bool]:
+    """The slice's (row, column) pixel spacing in mm, and whether it is an assumption.
+
+    A spacing that is zero, negative or not a number is refused; a missing one is assumed to make
+    the image span the prior's field of view, and the notes say so.
+    """
+    source = series.files[0] if series.files else None
+    if series.pixel_spacing_mm is not None:
+        rows, cols = (float(v) for v in series.pixel_spacing_mm)
+        if not (math.isfinite(rows) and math.isfinite(cols) and rows > 0 and cols > 0):
+            raise KlviewerInputError(source, f"pixel spacing {rows} x {cols} mm is not a positive size; fix the "
+                                             "file's PixelSpacing (or the sidecar's pixel_spacing_mm)")
+        return (rows, cols), False
+    if prior.config.pixel_spacing_mm is None:
+        notes.append("no pixel spacing known, and the prior records none: the image fills the prior's grid")
+        spacing = 1.0
+    else:
+        fov = prior.config.pixel_spacing_mm * max(prior.config.image_size)
+        spacing = fov / max(hu_shape)
+        notes.append(f"no pixel spacing known: assuming the image spans the prior's {fov:.0f} mm field of view "
+                     f"({spacing:.3g} mm pixels)")
+    return (spacing, spacing), True
+
+
+def geometry_warnings(grid: GridTransform, hu: np.ndarray | None) -> list[str]:
+    """What a reader of the results must know when the source's spacing or field of view is far from the prior's."""
+    warnings = []
+    coarse = max(grid.source_spacing_mm) / min(grid.target_spacing_mm)
+    if coarse >= COARSE_FACTOR and not grid.spacing_assumed:
+        warnings.append(f"source pixels ({max(grid.source_spacing_mm):.3g} mm) are {coarse:.1f}x the prior's "
+                        f"({min(grid.target_spacing_mm):.3g} mm): detail finer than that is missing")
+    source_fov, target_fov = grid.source_fov_mm, grid.target_fov_mm
+    if min(s / t for s, t in zip(source_fov, target_fov)) < SMALL_FOV:
+        warnings.append(f"field of view {source_fov[0]:.0f} x {source_fov[1]:.0f} mm is much smaller than the prior's "
+                        f"{target_fov[0]:.0f} mm; the rest of its grid is air")
+        if hu is not None:
+            edge = np.concatenate([hu[0], hu[-1], hu[:, 0], hu[:, -1]])
+            tissue = float((edge > TISSUE_HU).mean())
+            if tissue > CUT_EDGE_FRACTION:
+                warnings.append(f"the image edge cuts through the body ({tissue:.0%} of it is tissue): the cut is an "
+                                "edge the prior never saw")
+    if hu is not None and max(s / t for s, t in zip(source_fov, target_fov)) > 1.0:
+        rows, cols = np.meshgrid(np.arange(hu.shape[0]), np.arange(hu.shape[1]), indexing="ij")
+        r, c = grid.to_target(rows, cols)
+        outside = (r < -0.5) | (r > grid.target_shape[0] - 0.5) | (c < -0.5) | (c > grid.target_shape[1] - 0.5)
+        cropped = float((outside & (hu > TISSUE_HU)).sum()) / hu.size
+        if cropped > CROPPED_TISSUE_FRACTION:
+            warnings.append(f"the prior's {target_fov[0]:.0f} mm field of view leaves out tissue at the edges of this "
+                            f"{source_fov[0]:.0f} x {source_fov[1]:.0f} mm image ({cropped:.0%} of its pixels)")
+    return warnings
 
 
 def prepare_slice(series: Series, index: int, prior: Prior, settings: AnalysisSettings, device: torch.device) -> PreparedSlice:
-    """The measurement for slice `index` of `series` on the prior's grid.
+    """The measurement for slice `index` of `series` on the prior's physical grid.
 
-    Image inputs are resampled to the prior's grid and their measurement is simulated with the
-    settings' views and noise. Sinogram inputs keep their measurement; the operator is built on
-    the prior's grid over the sidecar's field of view.
+    Image inputs are resampled by their pixel spacing in mm onto the prior's grid (centred, the rest
+    air), and their measurement is simulated with the settings' views and noise. Sinogram inputs keep
+    their measurement; the operator reconstructs on the prior's grid at its pixel spacing.
     """
     series.require_analyzable()
+    source = series.files[0] if series.files else None
     if not 0 <= index < series.n_slices:
-        raise KlviewerInputError(series.files[0] if series.files else None, f"slice {index} is outside 0..{series.n_slices - 1}")
+        raise KlviewerInputError(source, f"slice {index} is outside 0..{series.n_slices - 1}")
     size = prior.config.image_size
     notes: list[str] = []
     slice_seed = settings.slice_seed(index)
     if series.sinogram is not None:
         sino = series.sinogram
-        fov = sino.grid_size[0] * sino.grid_pixel_spacing_mm[0]
-        if sino.grid_size[0] != sino.grid_size[1]:
-            raise KlviewerInputError(series.files[0], f"reconstruction grid {sino.grid_size} must be square")
-        spacing = fov / size[0]
-        if tuple(sino.grid_size) != size:
-            notes.append(f"reconstructing on the prior's {size[0]}x{size[1]} grid instead of {sino.grid_size[0]}x{sino.grid_size[1]}")
+        fov = max(n * s for n, s in zip(sino.grid_size, sino.grid_pixel_spacing_mm))
+        spacing = target_spacing(prior, fov, notes)
+        grid = GridTransform.centred(tuple(sino.grid_size), tuple(sino.grid_pixel_spacing_mm), size, (spacing, spacing))
+        if not grid.is_identity():
+            notes.append(f"reconstructing on the prior's {size[0]}x{size[1]} grid ({spacing:.3g} mm pixels) instead of "
+                         f"the sidecar's {sino.grid_size[0]}x{sino.grid_size[1]}")
         on_grid = dataclasses.replace(sino, grid_size=size, grid_pixel_spacing_mm=(spacing, spacing))
         acq = acquisition_from_sinogram(on_grid, index, noise_sigma=settings.noise_sigma, device=device)
-        return PreparedSlice(acq, None, spacing, slice_seed, notes)
-    if series.pixel_spacing_mm is None:
-        notes.append("no pixel spacing known: assuming 1 mm pixels")
-    rows, cols = series.pixel_spacing_mm or (1.0, 1.0)
-    if not np.isclose(rows, cols, rtol=1e-3):
-        notes.append(f"non-square pixels {rows}x{cols} mm: using {rows} mm")
-    hu, spacing = _resampled(series.slices[index].hu, size, float(rows), notes)
-    acq = simulate_measurement(hu, spacing, settings.views, i0=settings.dose_i0, noise_sigma=settings.noise_sigma,
+        warnings = geometry_warnings(grid, None)
+        return PreparedSlice(acq, None, spacing, slice_seed, notes + warnings, grid, warnings)
+    hu = np.maximum(np.asarray(series.slices[index].hu, np.float32), AIR_HU)  # scanner padding below air is air
+    pixel, assumed = source_spacing(series, hu.shape, prior, notes)
+    spacing = target_spacing(prior, max(n * s for n, s in zip(hu.shape, pixel)), notes)
+    grid = GridTransform.centred(hu.shape, pixel, size, (spacing, spacing), spacing_assumed=assumed)
+    on_grid = hu if grid.is_identity() else grid.resample_to_target(hu)
+    if not grid.is_identity():
+        notes.append(f"resampled {hu.shape[0]}x{hu.shape[1]} at {pixel[0]:.3g} x {pixel[1]:.3g} mm onto the prior's "
+                     f"{size[0]}x{size[1]} grid at {spacing:.3g} mm")
+    warnings = geometry_warnings(grid, hu)
+    acq = simulate_measurement(on_grid, spacing, settings.views, i0=settings.dose_i0, noise_sigma=settings.noise_sigma,
                                seed=slice_seed, device=device)
-    return PreparedSlice(acq, hu, spacing, slice_seed, notes)
+    return PreparedSlice(acq, on_grid, spacing, slice_seed, notes + warnings, grid, warnings)
 
 
 def ct_measurement_model(acq: Acquisition, prior: Prior) -> MeasurementModel:

@@ -30,6 +30,7 @@ from klviewer.inference.measurements import (
     prepare_slice,
 )
 from klviewer.inference.plan import PlannedSeries, SeriesPlan
+from klviewer.inference.prior_fit import judge, prior_fit_score
 from klviewer.inference.result import SliceResult
 from klviewer.inference.sampler import PosteriorRun, posterior_sample
 from klviewer.inference.scoring import score_slice
@@ -75,11 +76,12 @@ def analyze_prepared(
     prior_name: str,
     flag_threshold: float | None,
     z_calibration: ZCalibration | None = None,
+    prior_fit_threshold: float | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> SliceResult:
-    """Sample the posterior of one prepared slice and cut its maps; `z_calibration` (the
-    prior's healthy reference for these settings) adds the KL z-score map."""
+    """Sample the posterior of one prepared slice and cut its maps; `z_calibration` (the prior's healthy
+    reference for these settings) adds the KL z-score map, `prior_fit_threshold` the prior-fit verdict."""
     start = time.perf_counter()
     acq = prepared.acquisition
     model = ct_measurement_model(acq, prior)
@@ -91,6 +93,8 @@ def analyze_prepared(
     recon_hu = np.asarray(prior.x_to_hu(run.mean), np.float32)
     scored = score_slice(run.energy, recon_hu, settings.patch, settings.sigma_window, nats_threshold=flag_threshold,
                          z_calibration=z_calibration, forced_nats=settings.flag_threshold)
+    fit_score = prior_fit_score(run.energy, recon_hu, settings.sigma_window)
+    prior_fit = None if prior_fit_threshold is None else judge(fit_score, prior_fit_threshold)
     return SliceResult(
         recon_hu=recon_hu,
         posterior_std_hu=np.asarray(run.std * abs(prior.config.hu_scale), np.float32),
@@ -101,7 +105,7 @@ def analyze_prepared(
         score=scored.score,
         total_kl=scored.kl_map.total,
         total_kl_all_sigma=run.energy.total(),
-        flagged=scored.flagged,
+        flagged=scored.flagged and (prior_fit is None or prior_fit.fits),
         flag_threshold=scored.nats_threshold,
         pixel_spacing_mm=prepared.pixel_spacing_mm,
         settings=settings,
@@ -111,6 +115,10 @@ def analyze_prepared(
         notes=prepared.notes + run.notes,
         z_map=scored.z_map,
         z_threshold=scored.z_threshold,
+        grid_transform=prepared.grid,
+        geometry_warnings=list(prepared.geometry_warnings),
+        prior_fit_score=fit_score,
+        prior_fit=prior_fit,
     )
 
 
@@ -126,6 +134,7 @@ def _analyze_each(items: Iterable[tuple[T, PreparedSlice]], n: int, loaded: Load
                   cancel: threading.Event | None) -> Iterator[tuple[T, SliceResult]]:
     nats_threshold = loaded.calibration.nats_threshold(settings)
     z_calibration = loaded.calibration.z_calibration(settings)
+    fit_threshold = loaded.calibration.prior_fit_threshold(settings)
     per_slice = settings.steps * settings.samples
     total = per_slice * n
     done = 0
@@ -136,7 +145,7 @@ def _analyze_each(items: Iterable[tuple[T, PreparedSlice]], n: int, loaded: Load
 
         result = analyze_prepared(prepared, loaded.prior, settings, prior_name=loaded.name,
                                   flag_threshold=nats_threshold, z_calibration=z_calibration,
-                                  progress=slice_progress, cancel=cancel)
+                                  prior_fit_threshold=fit_threshold, progress=slice_progress, cancel=cancel)
         done += per_slice
         yield key, result
 

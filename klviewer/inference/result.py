@@ -10,8 +10,10 @@ import numpy as np
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.energy import EnergyField, KLMap
 from klviewer.inference.healthy_reference import slice_z_score, z_map_fits
-from klviewer.inference.scoring import flag_rule
+from klviewer.inference.prior_fit import PriorFit
+from klviewer.inference.scoring import SliceScore, Verdict, flag_rule, verdict_of
 from klviewer.inference.settings import AnalysisSettings, sampling_key
+from klviewer.physics.grid import GridTransform, square_pad_transform
 
 
 @dataclass
@@ -41,10 +43,30 @@ class SliceResult:
     a lesion's size (see `healthy_reference`); None without a healthy reference calibrated for
     these settings."""
     z_threshold: float | None = None
+    grid_transform: GridTransform | None = None
+    """How the source grid maps onto the prior's, where the images and maps live (None: results written before
+    klviewer recorded it; see `klviewer.physics.grid.square_pad_transform`)."""
+    geometry_warnings: list[str] = field(default_factory=list)
+    prior_fit_score: float | None = None
+    """KL per body pixel in the run's sigma window (`klviewer.inference.prior_fit`); None in older results."""
+    prior_fit: PriorFit | None = None
+    """The prior-fit verdict; None when the prior has no prior-fit threshold for these settings."""
 
     @property
     def z_score(self) -> float | None:
         return slice_z_score(self.z_map)
+
+    def grid_for(self, source_shape: tuple[int, int]) -> GridTransform:
+        """How the source grid maps onto this result's grid: as recorded, or for older results the
+        square-padding by pixel count they were made with."""
+        if self.grid_transform is not None:
+            return self.grid_transform
+        return square_pad_transform(source_shape, self.energy.image_shape[0])
+
+    def verdict(self) -> Verdict:
+        """The verdict at the run's own map settings, and the rule that made it."""
+        scored = SliceScore(self.kl_map, self.flag_threshold, self.z_map, self.z_threshold, self.settings.flag_threshold)
+        return verdict_of(scored, self.prior_fit)
 
     @property
     def flag_rule(self) -> str | None:

@@ -12,6 +12,7 @@ import numpy as np
 
 from klviewer.inference.energy import EnergyField, KLMap
 from klviewer.inference.healthy_reference import ZCalibration, slice_z_score
+from klviewer.inference.prior_fit import PriorFit
 
 
 def flag_rule(flag_threshold: float | None, z_threshold: float | None, forced_nats: float | None) -> str | None:
@@ -79,3 +80,45 @@ def score_slice(energy: EnergyField, recon_hu: np.ndarray | None, patch: int, si
         return SliceScore(kl_map, threshold, forced_nats=forced_nats)
     return SliceScore(kl_map, threshold, z_calibration.reference.z_map(energy, recon_hu), z_calibration.threshold,
                       forced_nats)
+
+
+FLAGGED, NOT_FLAGGED, MISMATCH, CANNOT_FLAG = "flagged", "not flagged", "prior mismatch", "cannot flag"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One slice's (or study's) verdict and the rule that made it, as every view, table and report shows it."""
+
+    status: str
+    """FLAGGED, NOT_FLAGGED, MISMATCH (the prior does not describe the study: local maps mean nothing) or
+    CANNOT_FLAG (no threshold is calibrated for these settings)."""
+    rule: str
+
+    @property
+    def needs_review(self) -> bool:
+        return self.status in (FLAGGED, MISMATCH)
+
+
+def mismatch_rule(prior_fit: PriorFit) -> str:
+    """The words of a prior-fit mismatch, wherever one is shown."""
+    return (f"prior fit {prior_fit.score:.3g} > {prior_fit.threshold:.3g} nats per body pixel: "
+            "this prior does not describe the study, so its local KL maps are not meaningful")
+
+
+def verdict_of(scored: SliceScore, prior_fit: PriorFit | None) -> Verdict:
+    """The prior-fit verdict first (a mismatch is never "not flagged"), then the flag rule of `scored`."""
+    if prior_fit is not None and not prior_fit.fits:
+        return Verdict(MISMATCH, mismatch_rule(prior_fit))
+    rule = scored.rule
+    if rule == "z":
+        above = scored.z_score is not None and scored.z_score > scored.z_threshold
+        z = "none" if scored.z_score is None else f"{scored.z_score:.3g}"
+        return Verdict(FLAGGED if above else NOT_FLAGGED,
+                       f"KL z-score {z} {'>' if above else '<='} {scored.z_threshold:.3g} (healthy-reference threshold)")
+    if rule == "nats":
+        above = scored.score > scored.nats_threshold
+        source = "set by the user" if scored.forced_nats is not None else "calibrated"
+        return Verdict(FLAGGED if above else NOT_FLAGGED,
+                       f"largest patch KL {scored.score:.3g} {'>' if above else '<='} {scored.nats_threshold:.3g} nats "
+                       f"({source} threshold)")
+    return Verdict(CANNOT_FLAG, "no threshold is calibrated for these settings: nothing can be flagged")

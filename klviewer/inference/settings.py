@@ -56,3 +56,9 @@ def sampling_key(settings: AnalysisSettings) -> tuple[tuple[str, Any], ...]:
     """The settings that need a new sampling run when they change."""
     d = settings.to_dict()
     return tuple(sorted((k, v if not isinstance(v, list) else tuple(v)) for k, v in d.items() if k not in MAP_ONLY_KEYS))
+
+
+DETECTION_SETTINGS = AnalysisSettings(samples=4, patch=4, sigma_window=(0.01, 0.05))
+"""The detection settings: 4 samples, z-scores over 4 px patches in the sigma window where lesions show."""
+NAMED_SETTINGS = {"default": AnalysisSettings(), "detection": DETECTION_SETTINGS}
+"""Settings a prior is calibrated for by name (`klviewer adapt --calibrate`)."""

@@ -1,9 +1,10 @@
 """A slice's verdict and the rule that produced it, in the words every view uses.
 
 The caption under the image, the case list, the Analysis panel's summary line, the exported
-pictures, the PDF and the tables all call `verdict_of`, so a slice never reads "not flagged"
-in one place and carries flag outlines in another. The verdict itself comes from
-`klviewer.inference.scoring`; this module only says it.
+pictures, the PDF and the tables all word a verdict with `describe` (or `score_verdict` for a
+scored slice), so a slice never reads "not flagged" in one place and carries flag outlines in
+another. The verdict itself, prior mismatch included, comes from `klviewer.inference.scoring`;
+this module only says it.
 
 Slices are numbered from 0 everywhere (app, `--slices`, file names, tables, PDF): `slice_label`.
 """
@@ -12,22 +13,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from klviewer.inference.scoring import SliceScore, flag_rule
+from klviewer.inference.prior_fit import PriorFit
+from klviewer.inference.scoring import CANNOT_FLAG, FLAGGED, MISMATCH, NOT_FLAGGED, SliceScore, flag_rule, verdict_of
 
-FLAGGED = "flagged"
-NOT_FLAGGED = "not flagged"
-CANNOT_FLAG = "cannot flag"
-"""No rule applies: the prior has no calibration (threshold or healthy reference) for these settings."""
-
-RULE_NAMES = {"z": "KL z-score", "nats": "largest patch KL", None: "none"}
+__all__ = ["CANNOT_FLAG", "FLAGGED", "MISMATCH", "NOT_FLAGGED", "VerdictText", "describe", "score_verdict",
+           "table_verdict", "rule_text", "format_nats", "slice_label"]
 
 
 @dataclass(frozen=True)
-class Verdict:
-    """One slice's verdict with the numbers and the rule behind it."""
+class VerdictText:
+    """One slice's verdict with the numbers and the rule behind it, in words."""
 
     status: str
-    """FLAGGED, NOT_FLAGGED or CANNOT_FLAG."""
+    """FLAGGED, NOT_FLAGGED, MISMATCH or CANNOT_FLAG (klviewer.inference.scoring)."""
     rule: str | None
     """"z", "nats" or None (see `klviewer.inference.scoring.flag_rule`)."""
     value: str
@@ -67,10 +65,13 @@ def rule_text(rule: str | None, nats_threshold: float | None, z_threshold: float
     return "no calibrated rule for these settings: nothing can be flagged"
 
 
-def verdict_of(flagged: bool, rule: str | None, score: float, z_score: float | None, nats_threshold: float | None,
-               z_threshold: float | None, forced: bool = False) -> Verdict:
-    """The verdict of a slice whose flag, rule and numbers are known (a SliceScore, a SliceResult, a summary row)."""
-    if rule is None:
+def describe(flagged: bool, rule: str | None, score: float, z_score: float | None, nats_threshold: float | None,
+             z_threshold: float | None, forced: bool = False, mismatch: str | None = None) -> VerdictText:
+    """The verdict of a slice whose flag, rule and numbers are known (a SliceScore, a SliceResult, a summary row).
+    `mismatch` is the prior-fit rule when the prior does not describe the study: then that is the verdict."""
+    if mismatch is not None:
+        status = MISMATCH
+    elif rule is None:
         status = CANNOT_FLAG
     else:
         status = FLAGGED if flagged else NOT_FLAGGED
@@ -78,22 +79,28 @@ def verdict_of(flagged: bool, rule: str | None, score: float, z_score: float | N
         value = "KL z —" if z_score is None else f"KL z {z_score:.3g}"
     else:
         value = f"score {format_nats(score)} nats"
-    short = (f"KL z > {z_threshold:.3g}" if rule == "z" else
+    short = ("prior does not fit the study" if mismatch is not None else
+             f"KL z > {z_threshold:.3g}" if rule == "z" else
              f"KL > {format_nats(nats_threshold)} nats" if rule == "nats" else "none calibrated")
-    return Verdict(status, rule, value, rule_text(rule, nats_threshold, z_threshold, forced), short)
+    words = mismatch if mismatch is not None else rule_text(rule, nats_threshold, z_threshold, forced)
+    return VerdictText(status, rule, value, words, short)
 
 
-def score_verdict(scored: SliceScore) -> Verdict:
-    """The verdict of a slice scored under the map settings (what the viewer and the case list show)."""
-    return verdict_of(scored.flagged, scored.rule, scored.score, scored.z_score, scored.nats_threshold,
-                      scored.z_threshold, scored.forced_nats is not None)
+def score_verdict(scored: SliceScore, prior_fit: PriorFit | None = None) -> VerdictText:
+    """The verdict of a slice scored under the map settings (what the viewer and the case list show), the
+    study-level prior fit first (`klviewer.inference.scoring.verdict_of`)."""
+    decided = verdict_of(scored, prior_fit)
+    return describe(scored.flagged, scored.rule, scored.score, scored.z_score, scored.nats_threshold,
+                    scored.z_threshold, scored.forced_nats is not None,
+                    decided.rule if decided.status == MISMATCH else None)
 
 
 def table_verdict(flagged: bool, score: float, z_score: float | None, nats_threshold: float | None,
-                  z_threshold: float | None, forced_nats: float | None = None) -> Verdict:
+                  z_threshold: float | None, forced_nats: float | None = None,
+                  mismatch: str | None = None) -> VerdictText:
     """The verdict of a stored row, whose rule follows from the thresholds it was decided with."""
-    return verdict_of(flagged, flag_rule(nats_threshold, z_threshold, forced_nats), score, z_score, nats_threshold,
-                      z_threshold, forced_nats is not None)
+    return describe(flagged, flag_rule(nats_threshold, z_threshold, forced_nats), score, z_score, nats_threshold,
+                    z_threshold, forced_nats is not None, mismatch)
 
 
 def slice_label(index: int, count: int | None = None) -> str:

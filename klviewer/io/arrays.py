@@ -139,7 +139,8 @@ def read_array_image(path: Path) -> Catalog:
         files=[path] + ([sidecar_path] if sidecar_path else []),
     )
     if spacing is None:
-        series.warnings.append("no pixel spacing given (add a sidecar with 'pixel_spacing_mm'); assuming 1 mm")
+        series.warnings.append("no pixel spacing given (add a sidecar with 'pixel_spacing_mm'); the analysis assumes "
+                               "the image spans the prior's field of view")
     series.warnings.extend(hu_range_warnings(volume))
     study = Study(uid=f"file:{path.resolve()}", description=path.stem, series=[series])
     patient_id = str(doc.get("patient_id", "(arrays)"))

@@ -71,5 +71,5 @@ def analyze_plan(
             on_slice(row, item.result)
     z = loaded.calibration.z_calibration(settings)
     write_summary(run, settings, loaded.path, loaded.fingerprint, loaded.calibration.nats_threshold(settings),
-                  overwrite, None if z is None else z.threshold)
+                  overwrite, None if z is None else z.threshold, loaded.calibration.prior_fit_threshold(settings))
     return run

@@ -3,7 +3,8 @@
 Arrays: recon_hu, posterior_std_hu, fbp_hu, residual_backprojection, original_hu (image inputs),
 energy (bins x H x W nats) with sigma_edges, kl_map with its patch starts, kl_z_map with its window
 starts (when the prior has a healthy reference), score, total_kl, and `metadata` (JSON: settings,
-scores, the flag rule and its threshold, notes).
+scores, the flag rule and its threshold, notes, `grid_transform` from the source grid to the
+prior's and the `geometry_warnings`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import numpy as np
 from klviewer import __version__
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.energy import EnergyField, KLMap
+from klviewer.inference.prior_fit import PriorFit
 from klviewer.inference.result import SliceResult
 from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.safe_write import atomic_write
+from klviewer.physics.grid import GridTransform
 
 
 def write_slice_npz(result: SliceResult, path: Path, overwrite: bool = False) -> Path:
@@ -72,6 +75,10 @@ def slice_metadata(result: SliceResult) -> dict[str, Any]:
         "z_window": None if result.z_map is None else result.z_map.patch,
         "z_threshold": result.z_threshold,
         "flag_rule": result.flag_rule,
+        "grid_transform": None if result.grid_transform is None else result.grid_transform.to_dict(),
+        "geometry_warnings": result.geometry_warnings,
+        "prior_fit_score": result.prior_fit_score,
+        "prior_fit": None if result.prior_fit is None else result.prior_fit.to_dict(),
     }
 
 
@@ -97,6 +104,10 @@ def load_slice_result(path: Path) -> SliceResult:
             settings=AnalysisSettings.from_dict(meta["settings"]), prior_name=str(meta["prior"]),
             seconds=float(meta["seconds"]), original_hu=arrays.get("original_hu"), notes=list(meta["notes"]),
             z_map=z_map, z_threshold=None if meta.get("z_threshold") is None else float(meta["z_threshold"]),
+            grid_transform=None if meta.get("grid_transform") is None else GridTransform.from_dict(meta["grid_transform"]),
+            geometry_warnings=[str(w) for w in meta.get("geometry_warnings", [])],
+            prior_fit_score=None if meta.get("prior_fit_score") is None else float(meta["prior_fit_score"]),
+            prior_fit=None if meta.get("prior_fit") is None else PriorFit.from_dict(meta["prior_fit"], path),
         )
     except KlviewerInputError:
         raise

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from klviewer import __version__
+from klviewer.inference.prior_fit import judge, study_prior_fit
 from klviewer.inference.result import SliceResult
 from klviewer.inference.scoring import flag_rule
 from klviewer.inference.settings import AnalysisSettings
@@ -26,7 +27,8 @@ from klviewer.io.safe_write import atomic_write_text
 CSV_COLUMNS = [
     "input", "case", "slice_index", "score", "total_kl", "flagged", "z_score", "views", "dose_i0", "noise_sigma",
     "steps", "samples", "guidance", "patch", "sigma_lo", "sigma_hi", "seed", "prior", "seconds", "file",
-    "source_kind", "series_uid", "source_file", "sop_instance_uid",
+    "source_kind", "series_uid", "source_file", "sop_instance_uid", "verdict", "prior_fit", "prior_fit_score",
+    "geometry_warnings",
 ]
 
 
@@ -52,11 +54,27 @@ def summary_row(source: str, case: str, index: int, result: SliceResult, file: P
         "dose_i0": s.dose_i0, "noise_sigma": s.noise_sigma, "steps": s.steps, "samples": s.samples,
         "guidance": s.guidance, "patch": result.kl_map.patch, "sigma_lo": lo, "sigma_hi": hi, "seed": s.seed,
         "prior": result.prior_name, "seconds": round(result.seconds, 3), "file": str(file),
+        "verdict": result.verdict().status,
+        "prior_fit": "uncalibrated" if result.prior_fit is None else result.prior_fit.verdict,
+        "prior_fit_score": None if result.prior_fit_score is None else round(result.prior_fit_score, 6),
+        "geometry_warnings": "; ".join(result.geometry_warnings),
     }
 
 
+def case_prior_fits(rows: list[dict[str, Any]], threshold: float | None) -> dict[str, dict[str, Any]]:
+    """Each case's (study's) prior-fit verdict from its slices' scores (`study_prior_fit`); none without a threshold."""
+    scores: dict[str, list[float]] = {}
+    for row in rows:
+        if row.get("prior_fit_score") is not None:
+            scores.setdefault(row["case"], []).append(float(row["prior_fit_score"]))
+    if threshold is None:
+        return {}
+    return {case: study_prior_fit([judge(v, threshold) for v in values]).to_dict() for case, values in scores.items()}
+
+
 def write_summary(run: AnalysisRun, settings: AnalysisSettings, prior_path: Path, fingerprint: str,
-                   threshold: float | None, overwrite: bool, z_threshold: float | None = None) -> None:
+                  threshold: float | None, overwrite: bool, z_threshold: float | None = None,
+                  prior_fit_threshold: float | None = None) -> None:
     run.flag_rule = flag_rule(threshold, z_threshold, settings.flag_threshold)
     run.rule_text = rule_text(run.flag_rule, threshold, z_threshold, settings.flag_threshold is not None)
     summary = {
@@ -67,6 +85,8 @@ def write_summary(run: AnalysisRun, settings: AnalysisSettings, prior_path: Path
         "flag_threshold": threshold,
         "z_threshold": z_threshold,
         "flag_rule": run.flag_rule,
+        "prior_fit_threshold": prior_fit_threshold,
+        "cases": case_prior_fits(run.rows, prior_fit_threshold),
         "rows": run.rows,
         "skipped": run.skipped,
     }

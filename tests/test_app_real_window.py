@@ -68,6 +68,6 @@ def test_real_window_layout_and_screenshots(xvfb, screen: str, tiny_prior: Path,
         assert 0 <= x and 0 <= y and x + w <= width and y + h <= height, f"{step['step']}: window off the screen"
         assert step["problems"] == [], f"{step['step']}: {step['problems']}"
         assert (out / step["screenshot"]).stat().st_size > 10_000, "a real picture of the screen"
-    assert [s["step"] for s in report["steps"] if not s["ok"]] in ([], ["z-view"]), \
-        "every state was reached (the tiny prior has no healthy reference, so no z view)"
-    assert done.returncode in (0, 1), done.stderr[-2000:]
+    assert [s["step"] for s in report["steps"] if not s["ok"]] == ["z-view", "mismatch-banner"], \
+        "every other state was reached (the tiny prior has no healthy reference and no prior-fit threshold)"
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -20,7 +20,7 @@ WRAP_CHARS = 16
 
 
 def wrapped(text: str) -> str:
-    return textwrap.fill(text, WRAP_CHARS, break_long_words=False, break_on_hyphens=False)
+    return textwrap.fill(text, WRAP_CHARS, break_on_hyphens=False)  # a long UID is broken too
 
 
 def _tag(item: QTreeWidgetItem, kind: str, uid: str) -> None:

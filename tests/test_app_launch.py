@@ -32,7 +32,7 @@ def test_gui_analyse_screenshot_quit(qapp, tmp_path: Path, tiny_prior: Path, iso
                               screenshot=shot, quit=True))
     assert code == 0
     pixels = _pixels(shot)
-    assert pixels.shape[1] >= 780 and pixels.std() > 10, "a real, non-blank screenshot (the offscreen screen is 800 wide)"
+    assert pixels.shape[1] > 800 and pixels.std() > 10, "a real, non-blank screenshot"
     saved = QSettings(str(isolated_settings), QSettings.Format.IniFormat)
     assert int(saved.value("map/patch")) == 4 and float(saved.value("map/sigma_low")) == 0.02
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QByteArray, QRect, QSize, QTimer
-from PySide6.QtGui import QGuiApplication
+from PySide6.QtGui import QGuiApplication, QScreen
 
 from klviewer.app.display import MapSettings
 from klviewer.app.window_layout import size_docks
@@ -30,9 +30,17 @@ def fitted_geometry(available: QRect, size: tuple[int, int] = DEFAULT_SIZE) -> Q
     return rect
 
 
+def real_screen(w: MainWindow) -> QScreen | None:
+    """The screen the window is on; None for Qt's offscreen platform, whose 800-pixel "screen" no one looks at
+    (scripted screenshots keep the default size there)."""
+    if QGuiApplication.platformName() == "offscreen":
+        return None
+    return w.screen() or QGuiApplication.primaryScreen()
+
+
 def fit_to_screen(w: MainWindow) -> None:
     """Keep the window inside its screen's available area (a saved geometry may come from a larger screen)."""
-    screen = w.screen() or QGuiApplication.primaryScreen()
+    screen = real_screen(w)
     if screen is None:
         return
     available = screen.availableGeometry()
@@ -57,7 +65,7 @@ def restore_window(w: MainWindow) -> None:
     w.viewer.overlay.set_opacity(w.map_controls.settings().opacity)
     geometry, state = p.get_bytes("window/geometry"), p.get_bytes("window/state")
     if geometry is None or not w.restoreGeometry(geometry):
-        screen = w.screen() or QGuiApplication.primaryScreen()
+        screen = real_screen(w)
         if screen is None:
             w.resize(*DEFAULT_SIZE)
         else:

@@ -104,7 +104,9 @@ def test_confusing_states_are_resolved(window, qtbot) -> None:  # noqa: F811
     viewer.set_comparing(True)
     assert viewer.compare_kind != viewer.base_kind and viewer.compare_image.image is not None
     assert viewer.compare_view.width() > 0.4 * viewer.view.width(), "two equal panes, not a sliver"
+    width = viewer.view.width()
     viewer.set_comparing(False)
+    qtbot.waitUntil(lambda: viewer.view.width() > 1.6 * width, timeout=2000)  # one pane again takes the room
     viewer.probe_text = "(3, 4)  HU 40"
     assert window.panel.summary.text()
     stack = np.stack([np.full((16, 16), 40.0, np.float32)] * 2)

@@ -15,7 +15,7 @@ KIND_ROLE = Qt.ItemDataRole.UserRole
 UID_ROLE = Qt.ItemDataRole.UserRole + 1
 
 
-WRAP_CHARS = 16
+WRAP_CHARS = 12
 """Names longer than this go onto more lines, so a narrow Studies dock shows them whole."""
 
 

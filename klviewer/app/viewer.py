@@ -311,6 +311,7 @@ class SliceViewer(QWidget):
                 self.graphics.ci.layout.setColumnStretchFactor(col, 1)
         else:
             self.graphics.ci.removeItem(self.compare_view)
+            self.graphics.ci.layout.setColumnStretchFactor(COMPARE_COL, 0)  # no empty half where the pane was
         self.compare_label.setVisible(on)
         self.compare_check.blockSignals(True)
         self.compare_check.setChecked(on)

@@ -12,7 +12,7 @@ BUNDLE_STAMP := $(VENV)/.klviewer-bundle-installed
 # Extra arguments for `klviewer gui`, e.g. make run ARGS="--analyze --screenshot x.png --quit".
 ARGS ?=
 
-.PHONY: run test venv bench wheel bundle bundle-smoke clean data data-pycerr data-invesalius
+.PHONY: run test venv bench wheel bundle bundle-smoke clean data data-pycerr data-invesalius screenshots
 
 $(APP_STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,13 @@ run: $(APP_STAMP)
 test: $(DEV_STAMP)
 	$(BIN)/python packaging/check_qt_runtime.py --platform offscreen
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q
+
+# The app in a real X window at both screen sizes with fresh settings (tests/test_app_real_window.py checks
+# the same with a tiny prior). Needs Xvfb: apt-get install xvfb libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1
+screenshots: $(DEV_STAMP)
+	for size in 1366x768 1920x1080; do \
+	  QT_QPA_PLATFORM=xcb xvfb-run -a -s "-screen 0 $${size}x24" $(BIN)/python -m klviewer.app.screen_check --out docs/screenshots || exit 1; \
+	done
 
 bench: $(APP_STAMP)
 	$(BIN)/python benchmarks/bench_radon.py

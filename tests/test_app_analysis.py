@@ -15,7 +15,7 @@ from test_app_support import (  # noqa: F401
     window,
 )
 
-from klviewer.app.case_list import FLAG_COLUMN, NOTE_COLUMN
+from klviewer.app.case_list import CASE_COLUMN, FLAG_COLUMN, NOTE_COLUMN, SCORE_COLUMN, VERDICT_COLUMN
 
 
 def test_fast_analysis_shows_overlay_layers_and_case(window, qtbot) -> None:
@@ -26,12 +26,17 @@ def test_fast_analysis_shows_overlay_layers_and_case(window, qtbot) -> None:
     native = window.current.series.slices[window.index].hu.shape
     assert overlay.frame.pixels.shape == native != (32, 32), "the overlay is mapped back onto the source grid"
     assert overlay.image.image is not None and np.isfinite(overlay.image.image).any()
-    assert overlay.frame.boxes, "without a calibrated threshold the top patches are outlined"
-    assert not overlay.outlines.path().isEmpty()
-    assert "KL score" in window.viewer.corners["br"].text() and "tiny-test" in window.viewer.corners["br"].text()
+    assert overlay.frame.boxes == [] and overlay.outlines.path().isEmpty(), \
+        "without a calibrated rule nothing is flagged, so nothing is outlined"
+    corner = window.viewer.corners["br"].text()
+    assert "CANNOT FLAG" in corner and "nothing can be flagged" in corner and "tiny-test" in corner
+    assert window.cases[0].status == "cannot flag" and "cannot flag" in window.panel.summary.text()
     assert window.viewer.base.image.shape == native, "analysed slices stay on the source grid"
     combo = window.viewer.base_combo
-    assert all(combo.model().item(combo.findData(k)).isEnabled() for k in ("original", "fbp", "mean", "std"))
+    assert all(combo.model().item(combo.findData(k)).isEnabled() for k in ("original", "fbp", "mean"))
+    std = combo.model().item(combo.findData("std"))
+    assert not std.isEnabled() and "2 or more posterior samples" in std.toolTip(), \
+        "one sample has no spread: no black 'posterior std' image without a word"
     window.viewer.set_base("mean")
     result = window.current_result().result
     assert np.array_equal(window.viewer.base.image, result.grid_transform.resample_to_source(result.recon_hu, fill=-1000.0))
@@ -112,10 +117,13 @@ def test_run_series_fills_a_sortable_case_list_that_navigates(window, qtbot) -> 
     run_and_wait(qtbot, window, window.run_series)
     assert len(window.cases) == 8
     view = window.case_view
-    scores = [view.proxy.index(r, 1).data(Qt.ItemDataRole.UserRole) for r in range(view.proxy.rowCount())]
+    scores = [view.proxy.index(r, SCORE_COLUMN).data(Qt.ItemDataRole.UserRole) for r in range(view.proxy.rowCount())]
     assert scores == sorted(scores, reverse=True), "sorted by score, highest first"
-    view.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
-    assert [view.proxy.index(r, 0).data() for r in range(8)] == list(range(1, 9))
+    view.table.sortByColumn(CASE_COLUMN, Qt.SortOrder.AscendingOrder)
+    cases = [view.proxy.index(r, CASE_COLUMN).data() for r in range(8)]
+    assert cases == [f"KLV-DEMO-001 · slice {i}\n#1 Phantom abdomen: 4 healthy, 4 with liver lesions" for i in range(8)], \
+        "each row names its patient, slice (numbered from 0, as exports) and series"
+    assert view.proxy.index(0, VERDICT_COLUMN).data() == "cannot flag"
 
     row = window.cases.find(window.current_uid, 2)
     view.select_row(row)

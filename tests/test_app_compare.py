@@ -26,7 +26,8 @@ from klviewer.app.comparison import (
     paired_overlays,
     summary_text,
 )
-from klviewer.app.display import PRESETS, MapSettings, format_nats
+from klviewer.app.display import PRESETS, MapSettings
+from klviewer.inference.verdict_text import format_nats
 from klviewer.inference.settings import AnalysisSettings
 
 
@@ -150,7 +151,7 @@ def test_std_images_numbers_table_and_probe(view, comparison) -> None:
 
     psnr_col = 2 + [m.key for m in METRICS].index("psnr")
     for row, c in enumerate(comparison.cases):
-        assert view.table.item(row, 1).text() == str(c.index + 1)
+        assert view.table.item(row, 1).text() == str(c.index), "slices numbered from 0, as everywhere"
         b, a = c.metrics["before"]["psnr"], c.metrics["after"]["psnr"]
         assert view.table.item(row, psnr_col).text() == f"{b:.2f} → {a:.2f}"
 

@@ -87,7 +87,7 @@ def test_session_results_are_written_as_the_app_shows_them(window, qtbot, tmp_pa
     results = read_results(folder.path)  # the exporter's own reader accepts it
     (case,) = results.cases
     assert [s.slice_index for s in case.slices] == [3, 4] and [s.flagged for s in case.slices] == [True, False]
-    assert folder.notes == {case.name: "slice 4: hypodense focus?"}
+    assert folder.notes == {case.name: "slice 3: hypodense focus?"}
     summary = json.loads((folder.path / "summary.json").read_text())
     assert summary["prior"]["name"] == "tiny-test" and summary["settings"]["patch"] == 4
     first = load_slice_result(case.slices[0].file)

@@ -16,6 +16,7 @@ from klviewer.app.display import (
     LogScale,
     MapSettings,
     WindowLevel,
+    colorbar_ticks,
     flagged_patches,
     initial_window,
     overlay_frame,
@@ -59,8 +60,10 @@ def test_overlay_frame_follows_each_setting() -> None:
     frame = overlay_frame(energy, base, flag_threshold=None)
     assert frame.pixels.shape == (64, 64) and np.isfinite(frame.pixels).all()
     assert frame.kl_map.values.shape == (8, 8)
-    assert frame.boxes[0] == (40, 48, 8, 16), "the hot spot is the top patch"
-    assert frame.levels == (0.0, pytest.approx(frame.score)) and not frame.flagged
+    assert frame.boxes == [] and frame.verdict_text.status == "cannot flag", "no rule: nothing outlined, nothing flagged"
+    assert frame.levels == (0.0, pytest.approx(frame.score)) and not frame.flagged, "no calibrated range: the slice's own"
+    assert frame.peak == pytest.approx(frame.score) and frame.threshold_mark is None
+    assert frame.scale_label().endswith("relative to this slice")
 
     for changed in (MapSettings(patch=4, sigma_window=(0.01, 0.5), threshold_fraction=0.0),
                     MapSettings(patch=8, sigma_window=(0.05, 5.0), threshold_fraction=0.0)):
@@ -70,16 +73,33 @@ def test_overlay_frame_follows_each_setting() -> None:
     assert np.nanmin(cut.pixels) >= 0.5 * frame.score - 1e-6
 
     flagged = overlay_frame(energy, base, flag_threshold=frame.score * 0.9)
-    assert flagged.flagged and flagged.boxes == [(40, 48, 8, 16)] and flagged.levels[1] == pytest.approx(1.8 * frame.score)
+    assert flagged.flagged and flagged.boxes == [(40, 48, 8, 16)]
+    assert flagged.levels[1] == pytest.approx(1.5 * 0.9 * frame.score), "fixed range: 1.5 x the threshold"
+    assert flagged.threshold_mark == pytest.approx(0.9 * frame.score) and flagged.verdict_text.status == "flagged"
+    quiet = overlay_frame(energy, base, flag_threshold=frame.score * 2)
+    assert quiet.boxes == [] and not quiet.flagged and quiet.levels == flagged.levels[:1] + (3 * frame.score,)
     huge = overlay_frame(energy, MapSettings(patch=500), None)
     assert huge.kl_map.patch == 64, "the patch is clamped to the image"
 
 
-def test_flagged_patches_without_threshold_are_the_top_ones() -> None:
+def test_flagged_patches_are_those_above_the_threshold() -> None:
     kl = _energy().kl_map(16, (0.01, 0.5))
-    boxes = flagged_patches(kl, None, top=2)
-    assert len(boxes) == 2 and boxes[0] == (32, 48, 0, 16)
+    assert flagged_patches(kl, kl.score * 0.99) == [(32, 48, 0, 16)]
     assert flagged_patches(kl, kl.score + 1) == []
+
+
+def test_colorbar_marks_threshold_and_slice_maximum() -> None:
+    energy = _energy()
+    base = MapSettings(patch=8, sigma_window=(0.01, 0.5), threshold_fraction=0.0)
+    score = overlay_frame(energy, base, None).score
+    below = overlay_frame(energy, base, flag_threshold=score * 2)
+    ticks = {label.split()[0] if not label[0].isdigit() else label: value for value, label in colorbar_ticks(below)}
+    assert ticks["thr"] == pytest.approx(score * 2) and ticks["max"] == pytest.approx(score)
+    assert all(abs(v - score) > 0.12 * below.levels[1] for label, v in ticks.items() if label[0].isdigit())
+    assert len(ticks) >= 4, "round numbers besides the marks"
+    above = overlay_frame(energy, base, flag_threshold=score / 4)
+    top = [value for value, label in colorbar_ticks(above) if label.startswith("max")]
+    assert top == [pytest.approx(0.96 * above.levels[1])], "a maximum beyond the range sits at the top end, labelled"
 
 
 def test_log_scale_round_trip() -> None:

@@ -17,7 +17,7 @@ from test_app_compare_support import (  # noqa: F401
 )
 from test_app_support import isolated_settings, window  # noqa: F401
 
-from klviewer.app.display import format_nats
+from klviewer.inference.verdict_text import format_nats
 from klviewer.app.scope import measurement_scope
 
 

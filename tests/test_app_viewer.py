@@ -26,7 +26,7 @@ def test_demo_study_loads_into_browser_and_viewer(window) -> None:
     assert image is not None and image.shape == (256, 256)
     assert np.array_equal(image, series.slices[4].hu)
     tl, tr = window.viewer.corners["tl"].text(), window.viewer.corners["tr"].text()
-    assert "KLV-DEMO-001" in tl and "Slice 5 / 8" in tr
+    assert "KLV-DEMO-001" in tl and "Slice 4 (of 0–7)" in tr
     assert "W 400" in window.viewer.corners["bl"].text()
     assert "not analysed" in window.viewer.corners["br"].text()
     assert window.viewer.overlay.frame is None, "no overlay before analysis"

@@ -46,7 +46,7 @@ def test_overlay_colours_outlines_and_transparency() -> None:
     kl[8:12, 8:12] = 4.0  # coloured, not flagged
     kl[0:4, 12:16] = 1.0  # below a fifth of the peak: left transparent
     style = OverlayStyle.for_map(kl, threshold=5.0)
-    assert style.levels == (0.0, 10.0) and style.cut == pytest.approx(2.0)
+    assert style.levels == (0.0, 7.5) and style.cut == pytest.approx(2.0), "a fixed range: 1.5 x the threshold"
     rgb = overlay_rgb(base, kl, (40, 400), style)
     grey = grey_uint8(base, (40, 400))[0, 0]
     assert grey == 128
@@ -57,6 +57,10 @@ def test_overlay_colours_outlines_and_transparency() -> None:
     assert inside.sum() > unflagged.sum(), "inferno: more KL is brighter"
     assert tuple(rgb[9, 8]) != tuple(rgb[4, 4]), "unflagged patches are not outlined"
     assert OverlayStyle.for_map(kl, None).levels == (0.0, 10.0) and OverlayStyle.for_map(kl * 0, None).levels == (0.0, 1.0)
+    by_z = OverlayStyle.for_map(kl, threshold=5.0, nats_rule=False)
+    assert by_z.threshold is None and not by_z.flagged_mask(kl).any(), "under the z rule no nats threshold outlines"
+    rgb_z = overlay_rgb(base, kl, (40, 400), by_z, flagged=np.zeros(kl.shape, bool))
+    assert not (rgb_z == np.round(np.array(OUTLINE_RGB) * 255).astype(np.uint8)).all(axis=2).any()
     with pytest.raises(ValueError):
         overlay_rgb(base, kl[:8], (40, 400), style)
 
@@ -146,9 +150,11 @@ def test_case_tables(fx: ResultsFixture, report, threshold: float) -> None:
     scores = fx.case_scores()
     assert set(rows) == set(scores)
     for name, row in rows.items():
-        assert float(row["score"]) == pytest.approx(scores[name])
+        assert float(row["score_nats"]) == pytest.approx(scores[name])
         assert row["flagged"] == str(scores[name] > threshold) and row["status"] == "exported"
-        assert float(row["flag_threshold"]) == pytest.approx(threshold)
+        assert row["verdict"] == ("flagged" if scores[name] > threshold else "not flagged")
+        assert row["flag_rule"] == "largest_patch_kl_nats" and row["z_threshold"] == ""
+        assert float(row["nats_threshold"]) == pytest.approx(threshold), "a threshold in nats, in a column that says so"
     assert rows["S002-abdomen"]["note"] == NOTE and rows["S002-abdomen"]["slices"] == "2"
     assert rows["S002-abdomen"]["patient"].startswith("Doe^Jane (ID P-111)")
     assert rows["stack.npy"]["source_kind"] == "array" and "report.pdf" in rows["stack.npy"]["files"]
@@ -157,4 +163,5 @@ def test_case_tables(fx: ResultsFixture, report, threshold: float) -> None:
     assert doc["analysis"]["settings"]["steps"] == 4 and doc["formats"] == ["csv", "pdf", "png"]
     case = next(c for c in doc["cases"] if c["case"] == "S002-abdomen")
     assert [s["slice_index"] for s in case["slices"]] == [0, 1] and case["top_slice"] in (0, 1)
+    assert doc["slice_numbering"] == "from 0" and {"score_nats", "total_kl_nats", "verdict"} <= set(case["slices"][0])
     assert all(Path(report.out / f).is_file() for c in doc["cases"] for f in c["files"])

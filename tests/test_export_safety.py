@@ -197,8 +197,9 @@ def test_selection_thresholds_and_options(fx: ResultsFixture, tmp_path: Path) ->
     assert all(c.folder is None and c.files == [] for c in report.cases), "csv alone writes only the tables"
     assert sorted(p.name for p in (tmp_path / "some").iterdir()) == ["cases.csv", "cases.json"]
     table = json.loads((tmp_path / "some" / "cases.json").read_text())
-    assert table["flag_threshold"] == threshold and table["flag_threshold_source"] == "export --flag-threshold"
-    assert all(c["flagged"] and c["score"] > threshold for c in table["cases"])
+    assert table["nats_threshold"] == threshold and table["flag_threshold_source"] == "export --flag-threshold"
+    assert table["flag_rule"] == "largest_patch_kl_nats" and table["z_threshold"] is None
+    assert all(c["flagged"] and c["score_nats"] > threshold for c in table["cases"])
 
     everything = export_results(fx.results, tmp_path / "all", flagged_only=False, formats="csv")
     assert sorted(c.case for c in everything.cases) == sorted(scores)

@@ -270,7 +270,8 @@ def test_export_follows_the_z_rule_when_the_analysis_flagged_by_it(tiny_prior: P
 
     report = export_results(run.out, tmp_path / "export", formats=("dicom", "pdf", "csv"))
     table = json.loads((report.out / "cases.json").read_text())
-    assert table["flag_threshold"] == summary["z_threshold"] and "z-score" in table["flag_threshold_source"]
+    assert table["z_threshold"] == summary["z_threshold"] and "z-score" in table["flag_threshold_source"]
+    assert table["flag_rule"] == "kl_z_score" and table["nats_threshold"] is None, "a z threshold is never filed as nats"
     case = run.rows[0]["case"]
     seg = hd.seg.segread(report.out / case / "dicom" / "segmentation.dcm")
     assert "z-score" in seg.ContentDescription

@@ -137,6 +137,7 @@ class AnalysisPanel(QWidget):
         layout.addWidget(self.progress)
         layout.addWidget(self.eta)
         layout.addWidget(self.summary)
+        layout.addStretch(1)  # spare height goes below the panel, not between its rows
         self._fill_priors()
         self.restore()
 

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from PySide6.QtCore import Qt, Signal
+import textwrap
+
+from PySide6.QtCore import QSize, Qt, Signal
 from PySide6.QtWidgets import QHeaderView, QTreeWidget, QTreeWidgetItem, QWidget
 
 from klviewer.app.display import patient_label, series_label, study_label
+from klviewer.app.thumbnails import THUMBNAIL_PX, thumbnail_icon
 from klviewer.io.study import Patient
 
 KIND_ROLE = Qt.ItemDataRole.UserRole
 UID_ROLE = Qt.ItemDataRole.UserRole + 1
+
+
+WRAP_CHARS = 12
+"""Names longer than this go onto more lines, so a narrow Studies dock shows them whole."""
+
+
+def wrapped(text: str) -> str:
+    return textwrap.fill(text, WRAP_CHARS, break_on_hyphens=False)  # a long UID is broken too
 
 
 def _tag(item: QTreeWidgetItem, kind: str, uid: str) -> None:
@@ -30,7 +41,8 @@ class StudyBrowser(QTreeWidget):
         header.setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
         header.setSectionResizeMode(2, QHeaderView.ResizeMode.ResizeToContents)
         header.setStretchLastSection(False)
-        self.setUniformRowHeights(True)
+        self.setTextElideMode(Qt.TextElideMode.ElideNone)  # long names are wrapped (see `wrapped`), not cut
+        self.setIconSize(QSize(THUMBNAIL_PX, THUMBNAIL_PX))
         self.itemSelectionChanged.connect(self._selection_changed)
 
     def add_patients(self, patients: list[Patient]) -> None:
@@ -38,21 +50,24 @@ class StudyBrowser(QTreeWidget):
         for patient in patients:
             p_item = self._child(self.invisibleRootItem(), patient.patient_id)
             if p_item is None:
-                p_item = QTreeWidgetItem([patient_label(patient), "", ""])
+                p_item = QTreeWidgetItem([wrapped(patient_label(patient)), "", ""])
                 _tag(p_item, "patient", patient.patient_id)
                 self.addTopLevelItem(p_item)
             for study in patient.studies:
                 s_item = self._child(p_item, study.uid)
                 if s_item is None:
-                    s_item = QTreeWidgetItem([study_label(study), "", ""])
+                    s_item = QTreeWidgetItem([wrapped(study_label(study)), "", ""])
                     _tag(s_item, "study", study.uid)
                     p_item.addChild(s_item)
                 for series in study.series:
                     if self._child(s_item, series.uid) is not None:
                         continue
-                    item = QTreeWidgetItem([series_label(series), series.modality, str(series.n_slices)])
+                    item = QTreeWidgetItem([wrapped(series_label(series)), series.modality, str(series.n_slices)])
                     _tag(item, "series", series.uid)
                     item.setTextAlignment(2, Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                    icon = thumbnail_icon(series)
+                    if icon is not None:
+                        item.setIcon(0, icon)
                     tip = [series.description or series.uid, f"{series.n_slices} image(s), {series.source_kind}"]
                     tip += series.warnings
                     refusal = series.analysis_refusal()

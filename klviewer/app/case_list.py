@@ -1,7 +1,8 @@
 """The case list view: a sortable table over the Qt-free `CaseList`.
 
-The flag column is a checkbox (ticked automatically above the threshold, or by hand), the note
-column is editable, and picking a row asks the main window to show that slice.
+Each row names its case (patient, slice, series) in one cell, so the verdict, its flag checkbox (ticked
+by the flag rule, or by hand) and the KL z-score fit a narrow dock beside it; the note column is
+editable, and picking a row asks the main window to show that slice.
 """
 
 from __future__ import annotations
@@ -9,16 +10,21 @@ from __future__ import annotations
 from typing import Any
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, QSortFilterProxyModel, Qt, Signal
+from PySide6.QtGui import QColor
 from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QTableView, QVBoxLayout, QWidget
 
 from klviewer.app.cases import CaseChange, CaseEntry, CaseList
+from klviewer.inference.verdict_text import MISMATCH, slice_label
 
-COLUMNS = ("Slice", "Score (nats)", "KL z", "Flagged", "Note", "Series", "Patient")
-SLICE_COLUMN = COLUMNS.index("Slice")
-SCORE_COLUMN = COLUMNS.index("Score (nats)")
+COLUMNS = ("Case", "Verdict", "KL z", "Score (nats)", "Note")
+"""Slices are numbered from 0, as everywhere (klviewer.inference.verdict_text.slice_label)."""
+CASE_COLUMN = COLUMNS.index("Case")
+VERDICT_COLUMN = FLAG_COLUMN = COLUMNS.index("Verdict")
+"""The verdict's text beside its flag checkbox."""
 Z_COLUMN = COLUMNS.index("KL z")
-FLAG_COLUMN = COLUMNS.index("Flagged")
+SCORE_COLUMN = COLUMNS.index("Score (nats)")
 NOTE_COLUMN = COLUMNS.index("Note")
+COLUMN_WIDTHS = {CASE_COLUMN: 128, VERDICT_COLUMN: 104, Z_COLUMN: 46, SCORE_COLUMN: 84, NOTE_COLUMN: 120}
 SORT_ROLE = Qt.ItemDataRole.UserRole
 
 Index = QModelIndex | QPersistentModelIndex
@@ -77,22 +83,31 @@ class CaseTableModel(QAbstractTableModel):
             return Qt.CheckState.Checked if entry.flagged else Qt.CheckState.Unchecked
         z = entry.z_score
         if role == SORT_ROLE:
-            return (entry.slice_index, entry.score, float("-inf") if z is None else z, int(entry.flagged), entry.note,
-                    entry.series, entry.patient)[col]
-        if role == Qt.ItemDataRole.ToolTipRole and col == FLAG_COLUMN:
-            return ("flag set by hand" if entry.manual_flag is not None
-                    else f"automatic: {entry.verdict}: {entry.rule}" if entry.verdict
-                    else "automatic: ticked when the KL z-score (or, without a healthy reference, the score) "
-                         "is above the calibrated threshold")
-        if role == Qt.ItemDataRole.ToolTipRole and col == Z_COLUMN:
-            return "KL z-score against the prior's healthy reference (empty where it has none for these map settings)"
+            # Qt sorts strings and numbers, not tuples: the case by patient, series, then slice number.
+            case = f"{entry.patient}\x00{entry.series}\x00{entry.slice_index:09d}"
+            return (case, f"{int(entry.flagged)}{entry.status}", float("-inf") if z is None else z, entry.score,
+                    entry.note)[col]
+        if role == Qt.ItemDataRole.ToolTipRole:
+            return self._tooltip(entry, col)
         if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.EditRole):
-            if col == FLAG_COLUMN:
-                return entry.verdict if entry.manual_flag is None and entry.verdict else entry.flag_source
-            return (entry.slice_index + 1, f"{entry.score:.4g}", "" if z is None else f"{z:.3g}", None, entry.note,
-                    entry.series, entry.patient)[col]
-        if role == Qt.ItemDataRole.TextAlignmentRole and col in (SLICE_COLUMN, SCORE_COLUMN, Z_COLUMN):
+            case = f"{entry.patient} · {slice_label(entry.slice_index)}\n{entry.series}"
+            return (case, entry.status, "" if z is None else f"{z:.3g}", f"{entry.score:.4g}", entry.note)[col]
+        if role == Qt.ItemDataRole.ForegroundRole and col == VERDICT_COLUMN and (entry.flagged or entry.verdict == MISMATCH):
+            return QColor("#ff6a4d")
+        if role == Qt.ItemDataRole.TextAlignmentRole and col in (SCORE_COLUMN, Z_COLUMN):
             return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        return None
+
+    @staticmethod
+    def _tooltip(entry: CaseEntry, col: int) -> str | None:
+        rule = entry.rule
+        if col == VERDICT_COLUMN:
+            source = "flag set by hand" if entry.manual_flag is not None else "flag by the rule (tick to set it by hand)"
+            return f"{source}; {rule}" if rule else source
+        if col == Z_COLUMN:
+            return "KL z-score against the prior's healthy reference (empty where it has none for these map settings)"
+        if col == CASE_COLUMN:
+            return f"patient {entry.patient}\nseries {entry.series}\n{slice_label(entry.slice_index)} (numbered from 0)"
         return None
 
     def setData(self, index: Index, value: Any, role: int = Qt.ItemDataRole.EditRole) -> bool:  # noqa: N802
@@ -127,13 +142,16 @@ class CaseListView(QWidget):
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.DoubleClicked
                                    | QAbstractItemView.EditTrigger.EditKeyPressed)
         self.table.verticalHeader().setVisible(False)
-        self.table.verticalHeader().setDefaultSectionSize(self.table.fontMetrics().height() + 8)
-        self.table.setWordWrap(False)
+        # Long patient and series names wrap onto more lines instead of being cut.
+        self.table.verticalHeader().setMinimumSectionSize(self.table.fontMetrics().height() + 8)
+        self.table.verticalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.table.setWordWrap(True)
+        self.table.setTextElideMode(Qt.TextElideMode.ElideNone)
         self.table.setAlternatingRowColors(True)
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
-        for col, width in ((SLICE_COLUMN, 44), (SCORE_COLUMN, 90), (Z_COLUMN, 52), (FLAG_COLUMN, 76), (NOTE_COLUMN, 120)):
-            header.resizeSection(col, width)
+        for col, width in COLUMN_WIDTHS.items():
+            header.resizeSection(col, max(width, header.sectionSizeHint(col)))
         header.setStretchLastSection(True)
         # Moving through the rows (mouse or arrow keys) shows each slice; a click re-shows the current one.
         self.table.selectionModel().currentRowChanged.connect(lambda current, _previous: self._picked(current))

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+
 ChangeKind = Literal["inserting", "inserted", "changed", "resetting", "reset"]
 
 
@@ -31,7 +32,7 @@ class CaseEntry:
     verdict: str = ""
     """The automatic verdict (klviewer.inference.scoring.Verdict.status): flagged, not flagged, prior mismatch, cannot flag."""
     rule: str = ""
-    """The rule that made the verdict."""
+    """The rule that made the verdict, worded as every view words it (klviewer.inference.verdict_text)."""
 
     @property
     def key(self) -> tuple[str, int]:
@@ -40,6 +41,13 @@ class CaseEntry:
     @property
     def flagged(self) -> bool:
         return self.auto_flagged if self.manual_flag is None else self.manual_flag
+
+    @property
+    def status(self) -> str:
+        """What the row says: the automatic verdict's status, or the flag set by hand."""
+        if self.manual_flag is not None:
+            return "flagged (by hand)" if self.manual_flag else "not flagged (by hand)"
+        return self.verdict or ("flagged" if self.auto_flagged else "not flagged")
 
     @property
     def flag_source(self) -> str:

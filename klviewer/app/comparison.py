@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from klviewer.app.display import MapSettings, OverlayFrame, WindowLevel, format_nats, overlay_frame, with_result_z
+from klviewer.app.display import MapSettings, OverlayFrame, WindowLevel, overlay_frame, with_result_z
+from klviewer.inference.verdict_text import format_nats
 from klviewer.errors import KlviewerError
 
 SIDES = ("before", "after")
@@ -163,4 +164,4 @@ class ComparisonModel:
 
     def title(self) -> str:
         case = self.case
-        return f"{case.case} · slice {case.index + 1} ({self.index + 1} / {len(self)})"
+        return f"{case.case} · slice {case.index} (case {self.index + 1} / {len(self)})"

@@ -46,7 +46,8 @@ from klviewer.app.comparison import (
     metric_value,
     summary_text,
 )
-from klviewer.app.display import PRESETS, MapSettings, WindowLevel, format_nats
+from klviewer.app.display import PRESETS, MapSettings, WindowLevel
+from klviewer.inference.verdict_text import format_nats
 from klviewer.app.messages import Notifier
 from klviewer.app.overlay import COLORBAR_WIDTH, OverlayLayer
 from klviewer.app.viewer import GREY_LUT, PRESET_KEYS, SLICE_KEYS, preset_combo, spread_window
@@ -237,7 +238,7 @@ class ComparisonView(QWidget):
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         for row, case in enumerate(self.model.comparison.cases):
             self.table.setItem(row, 0, QTableWidgetItem(str(case.case)))
-            self.table.setItem(row, 1, QTableWidgetItem(str(case.index + 1)))
+            self.table.setItem(row, 1, QTableWidgetItem(str(case.index)))
             for col, metric in enumerate(METRICS, start=len(TABLE_FIXED_COLUMNS)):
                 before, after = (metric_value(case, side, metric.key) for side in SIDES)
                 item = QTableWidgetItem(format_pair(metric, before, after))
@@ -330,9 +331,11 @@ class ComparisonView(QWidget):
         comparison = self.model.comparison
         names = {"before": comparison.before_prior, "after": comparison.after_prior}
         for side, frame in zip(SIDES, frames):
-            flag = " · <span style='color:#ff6a4d'>FLAGGED</span>" if frame.flagged else ""
+            verdict = frame.verdict_text
+            status = "<span style='color:#ff6a4d'>FLAGGED</span>" if verdict.flagged else verdict.status
             self.titles[side].setText(
-                f"<b>{side.capitalize()}</b>: {_esc(names[side])} · score {format_nats(frame.score)} nats{flag}")
+                f"<b>{side.capitalize()}</b>: {_esc(names[side])} · score {format_nats(frame.score)} nats · {status}")
+            self.titles[side].setToolTip(f"{verdict.value} · {verdict.rule_text}")
         self._title_difference()
 
     def _title_difference(self) -> None:

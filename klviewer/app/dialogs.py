@@ -27,10 +27,13 @@ KEYS = (
     ("o", "KL overlay on / off"),
     ("i", "invert grey scale"),
     ("r", "reset zoom and pan"),
+    ("c", "cine: play / pause the slices"),
+    ("t", "DICOM tags of this slice"),
     ("Ctrl+O", "open file"),
     ("Ctrl+Shift+O", "open folder"),
     ("Ctrl+R", "run the analysis on this slice"),
     ("Ctrl+E", "export flagged cases"),
+    ("Ctrl+S", "save the session (studies, results, flags, notes, measurements, view)"),
     ("Esc", "cancel the running analysis"),
 )
 

@@ -13,9 +13,11 @@ import numpy as np
 from klviewer.inference.energy import EnergyField, KLMap
 from klviewer.inference.healthy_reference import ZCalibration, z_map_fits
 from klviewer.inference.result import SliceResult
-from klviewer.inference.scoring import SliceScore, Verdict, score_slice
+from klviewer.inference.scoring import MISMATCH, SliceScore, Verdict, score_slice
+from klviewer.inference.verdict_text import VerdictText, describe
 from klviewer.io.study import Patient, Series, Study
 from klviewer.overlay_rules import DISPLAY_FRACTION, OVERLAY_OPACITY, display_cut, overlay_levels
+from klviewer.overlay_rules import colorbar_ticks as overlay_ticks
 from klviewer.physics.grid import AIR_HU, GridTransform
 
 
@@ -108,6 +110,8 @@ def base_image(kind: str, series: Series, index: int, result: SliceResult | None
         return native
     if result is None:
         return None
+    if kind == "std" and result.settings.samples < 2:
+        return None  # one sample has no spread: an all-zero image would read as black tissue
     image = {"fbp": result.fbp_hu, "mean": result.recon_hu, "std": result.posterior_std_hu}.get(kind)
     if image is None:
         return None
@@ -140,6 +144,20 @@ def available_bases(series: Series, index: int, result: SliceResult | None) -> l
     return [k for k in BASE_IMAGES if base_image(k, series, index, result) is not None]
 
 
+def unavailable_reason(kind: str, result: SliceResult | None) -> str:
+    """Why a base image cannot be shown for a slice (for tooltips and the side-by-side pane)."""
+    if result is None:
+        return "run the analysis to see it"
+    if kind == "std" and result.settings.samples < 2:
+        return f"needs 2 or more posterior samples (this run had {result.settings.samples})"
+    return "not available for this slice"
+
+
+def matching_preset(window: WindowLevel) -> int | None:
+    """The index in PRESETS of the preset `window` is, or None for a custom window."""
+    return next((n for n, p in enumerate(PRESETS) if p.window == window), None)
+
+
 @dataclass(frozen=True)
 class MapSettings:
     """The KL-map sliders: none of them needs a new sampling run."""
@@ -159,6 +177,21 @@ class MapSettings:
         return replace(self, patch=int(min(max(self.patch, 1), max(image_shape))), sigma_window=(lo, hi))
 
 
+def nearest_calibrated(settings: MapSettings, maps: list[tuple[int, tuple[float, float]]]) -> MapSettings | None:
+    """`settings` moved to the calibrated (patch, sigma window) nearest to them: the same patch where one
+    is calibrated, then the window closest on a log scale (None without calibrated settings)."""
+    if not maps:
+        return None
+
+    def distance(m: tuple[int, tuple[float, float]]) -> tuple[bool, float]:
+        patch, (lo, hi) = m
+        lo_now, hi_now = settings.sigma_window
+        return patch != settings.patch, abs(math.log(lo / lo_now)) + abs(math.log(hi / hi_now))
+
+    patch, window = min(maps, key=distance)
+    return replace(settings, patch=patch, sigma_window=window)
+
+
 @dataclass
 class OverlayFrame:
     """One rendering of the KL overlay for a slice, and the verdict it shows."""
@@ -171,11 +204,15 @@ class OverlayFrame:
     levels: tuple[float, float]
     display_threshold: float
     boxes: list[tuple[float, float, float, float]]
-    """(r0, r1, c0, c1) edges of the outlined patches, in the pixels of `pixels`."""
+    """(r0, r1, c0, c1) edges of the outlined patches, in the pixels of `pixels`: exactly those the flag rule flags."""
     shows_z: bool = False
-    """`pixels`, `raw_pixels`, `levels` and `display_threshold` are KL z-scores, not nats."""
+    """`pixels`, `raw_pixels`, `levels`, `peak` and `display_threshold` are KL z-scores, not nats."""
     verdict: Verdict | None = None
     """The slice's verdict with its prior fit (which the frame's scores alone cannot tell)."""
+    peak: float = 0.0
+    """The slice's largest value of the shown quantity (marked on the colour bar)."""
+    threshold_mark: float | None = None
+    """The flag rule's threshold when the shown quantity is the one the rule compares (marked on the colour bar)."""
 
     @property
     def kl_map(self) -> KLMap:
@@ -206,20 +243,40 @@ class OverlayFrame:
     def flagged(self) -> bool:
         return self.scored.flagged
 
+    @property
+    def verdict_text(self) -> VerdictText:
+        """The verdict in the words every view uses: the prior-fit mismatch when `verdict` says so, else the flag rule's."""
+        s = self.scored
+        mismatch = self.verdict.rule if self.verdict is not None and self.verdict.status == MISMATCH else None
+        return describe(s.flagged, s.rule, s.score, s.z_score, s.nats_threshold, s.z_threshold, s.forced_nats is not None,
+                        mismatch)
 
-TOP_PATCHES = 3
-"""Patches outlined when no calibrated threshold applies."""
+    @property
+    def fixed_scale(self) -> bool:
+        """Whether the colours follow a calibrated range (else they run to the slice's own maximum)."""
+        threshold = self.z_threshold if self.shows_z else self.flag_threshold
+        return threshold is not None
+
+    def scale_label(self) -> str:
+        """The colour bar's title: the quantity, its unit, and whether the range is calibrated."""
+        quantity = "KL z-score vs healthy" if self.shows_z else "KL per patch (nats)"
+        return quantity if self.fixed_scale else f"{quantity}, relative to this slice"
 
 
-def flagged_patches(kl_map: KLMap, flag_threshold: float | None, top: int = TOP_PATCHES) -> list[tuple[int, int, int, int]]:
-    values = kl_map.values
-    if flag_threshold is not None:
-        rows, cols = np.nonzero(values > flag_threshold)
-    else:
-        order = np.argsort(values, axis=None)[::-1][:top]
-        order = order[values.flat[order] > 0]
-        rows, cols = np.unravel_index(order, values.shape)
+def flagged_patches(kl_map: KLMap, threshold: float) -> list[tuple[int, int, int, int]]:
+    """Boxes of the patches (or z windows) of `kl_map` above `threshold`."""
+    rows, cols = np.nonzero(kl_map.values > threshold)
     return [kl_map.patch_box(int(r), int(c)) for r, c in zip(rows, cols)]
+
+
+def rule_boxes(scored: SliceScore) -> list[tuple[int, int, int, int]]:
+    """What the flag rule flags, and nothing else: z windows above the z threshold, or patches above
+    the nats threshold; no outline where no rule applies."""
+    if scored.rule == "z":
+        return flagged_patches(scored.z_map, scored.z_threshold)
+    if scored.rule == "nats":
+        return flagged_patches(scored.kl_map, scored.nats_threshold)
+    return []
 
 
 def overlay_frame(energy: EnergyField, settings: MapSettings, flag_threshold: float | None,
@@ -233,8 +290,7 @@ def overlay_frame(energy: EnergyField, settings: MapSettings, flag_threshold: fl
 
 
 def frame_of(scored: SliceScore, settings: MapSettings) -> OverlayFrame:
-    """Render a scored slice, coloured by `klviewer.overlay_rules`: outlined are the patches above the nats
-    threshold, or with KL z-scores the windows above the z threshold."""
+    """Render a scored slice, coloured by `klviewer.overlay_rules` and outlined where the flag rule flags."""
     kl_map = scored.kl_map
     raw = kl_map.to_pixels().astype(np.float32)
     peak = float(kl_map.values.max()) if kl_map.values.size else 0.0
@@ -243,11 +299,10 @@ def frame_of(scored: SliceScore, settings: MapSettings) -> OverlayFrame:
     pixels[(raw < cut) | (raw <= 0)] = np.nan
     threshold = scored.nats_threshold
     frame = OverlayFrame(scored=scored, pixels=pixels, raw_pixels=raw, levels=overlay_levels(peak, threshold),
-                         display_threshold=cut, boxes=flagged_patches(kl_map, threshold))
-    if scored.z_map is not None:
-        frame.boxes = flagged_patches(scored.z_map, scored.z_threshold)
-        if settings.show_z:
-            _show_z(frame, settings.threshold_fraction)
+                         display_threshold=cut, boxes=rule_boxes(scored), peak=peak,
+                         threshold_mark=threshold if scored.rule == "nats" else None)
+    if scored.z_map is not None and settings.show_z:
+        _show_z(frame, settings.threshold_fraction)
     return frame
 
 
@@ -258,7 +313,7 @@ def with_result_z(frame: OverlayFrame, result: SliceResult) -> OverlayFrame:
     if z is None or result.z_threshold is None or not z_map_fits(z, frame.kl_map):
         return frame
     return replace(frame, scored=replace(frame.scored, z_map=z, z_threshold=result.z_threshold),
-                   boxes=flagged_patches(z, result.z_threshold))
+                   boxes=flagged_patches(z, result.z_threshold), threshold_mark=None)
 
 
 def _show_z(frame: OverlayFrame, fraction: float) -> None:
@@ -272,6 +327,8 @@ def _show_z(frame: OverlayFrame, fraction: float) -> None:
         pixels[~(raw >= cut) | ~(raw > 0)] = np.nan
     frame.raw_pixels, frame.pixels, frame.display_threshold = raw, pixels, cut
     frame.levels = overlay_levels(peak, frame.z_threshold)
+    frame.peak = peak
+    frame.threshold_mark = frame.z_threshold if frame.scored.rule == "z" else None
     frame.shows_z = True
 
 
@@ -296,19 +353,17 @@ class LogScale:
 def summary_html(result: SliceResult) -> str:
     """The Analysis panel's line about the last analysed slice: its score and verdict at the run's settings."""
     notes = "".join(f"<br>• {n}" for n in result.notes)
-    if result.flag_rule == "z":
-        verdict = (f"KL z-score {result.z_score:.3g}, {'flagged' if result.flagged else 'not flagged'} "
-                   f"(healthy-reference threshold {result.z_threshold:.3g})")
-    else:
-        threshold = f"{format_nats(result.flag_threshold)} nats" if result.flag_threshold is not None else "not calibrated"
-        verdict = f"{'flagged' if result.flagged else 'not flagged'} (threshold {threshold})"
-    return (f"Last slice: score {format_nats(result.score)} nats at the run's settings, {verdict}, "
+    verdict = result_verdict(result)
+    return (f"Last slice: {verdict.status}, {verdict.value} at the run's settings ({verdict.rule_text}), "
             f"{result.seconds:.1f} s.{notes}")
 
 
-def format_nats(value: float) -> str:
-    """KL values for people: whole numbers from 100 on, three significant digits below."""
-    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+def result_verdict(result: SliceResult) -> VerdictText:
+    """The verdict a result was stored with, at the run's own map settings, prior fit first."""
+    decided = result.verdict()
+    return describe(result.flagged, result.flag_rule, result.score, result.z_score, result.flag_threshold,
+                    result.z_threshold, result.settings.flag_threshold is not None,
+                    decided.rule if decided.status == MISMATCH else None)
 
 
 def round_sig(value: float, digits: int = 3) -> float:
@@ -316,3 +371,9 @@ def round_sig(value: float, digits: int = 3) -> float:
     if value == 0 or not math.isfinite(value):
         return value
     return float(f"{value:.{digits}g}")
+
+
+
+def colorbar_ticks(frame: OverlayFrame) -> list[tuple[float, str]]:
+    """The colour bar's ticks for `frame` (see klviewer.overlay_rules.colorbar_ticks)."""
+    return overlay_ticks(frame.levels, frame.peak, frame.threshold_mark)

@@ -87,11 +87,12 @@ def staging_parent(out: Path) -> Path:
 def run_export(request: ExportRequest, report: Report, cancel: threading.Event) -> ExportSummary:
     from klviewer.export import export_results
 
-    def export(results_dir: Path, out: Path, notes: dict[str, str] | None) -> Any:
+    def export(results_dir: Path, out: Path, notes: dict[str, str] | None,
+               measurements: dict[str, list[str]] | None = None) -> Any:
         return export_results(results_dir, out, flagged_only=request.flagged_only, formats=request.formats,
                               flag_threshold=request.flag_threshold, deidentify=request.deidentify,
                               overwrite=request.overwrite, progress=lambda done, total: report(done, total, f"Exporting {out.name}"),
-                              notes=notes, cancel=cancel)
+                              notes=notes, measurements=measurements, cancel=cancel)
 
     summary = ExportSummary(request.out)
     if request.results_dir is not None:
@@ -107,7 +108,7 @@ def run_export(request: ExportRequest, report: Report, cancel: threading.Event) 
             if cancel.is_set():
                 break
             out = request.out if len(folders) == 1 else request.out / folder.path.name
-            summary.outcomes.append(ExportOutcome(folder.prior, export(folder.path, out, folder.notes)))
+            summary.outcomes.append(ExportOutcome(folder.prior, export(folder.path, out, folder.notes, folder.measurements)))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return summary

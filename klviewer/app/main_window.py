@@ -6,12 +6,11 @@ The state (open series, shown slice, results, case list, verdicts) lives in the 
 
 from __future__ import annotations
 
-import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QTimer, Signal
-from PySide6.QtGui import QCloseEvent, QDragEnterEvent, QDropEvent, QKeyEvent
+from PySide6.QtGui import QCloseEvent, QKeyEvent
 from PySide6.QtWidgets import QMainWindow, QWidget
 
 from klviewer.app.adapt_dialog import AdaptDialog
@@ -24,20 +23,31 @@ from klviewer.app.cases import CaseList
 from klviewer.app.compare_dialog import CompareDialog
 from klviewer.app.comparison_view import ComparisonView
 from klviewer.app.dialogs import about_html, shortcuts_html, show_html
-from klviewer.app.display import frame_of, frame_on_source, patient_label, source_shape, study_label, summary_html
+from klviewer.app.display import (
+    frame_of,
+    frame_on_source,
+    nearest_calibrated,
+    patient_label,
+    source_shape,
+    study_label,
+    summary_html,
+)
 from klviewer.app.export_dialog import ExportDialog
 from klviewer.app.export_job import SessionSnapshot
 from klviewer.app.map_controls import MapControls
 from klviewer.app.menus import build_menus, fill_recent
 from klviewer.app.messages import Notifier
 from klviewer.app.model import OpenSeries, SessionModel
+from klviewer.app.opening import OpeningMixin
 from klviewer.app.prior_fit_panel import PriorFitPanel
 from klviewer.app.prior_tools import PriorTools
 from klviewer.app.scope import Scope, measurement_scope
 from klviewer.app.session import CachedResult, ResultCache
+from klviewer.app.session_file import confirm_close
 from klviewer.app.settings import Preferences
 from klviewer.app.study_banner import StudyBanner
 from klviewer.app.viewer import SliceContext, SliceViewer
+from klviewer.app.viewer_tools import ViewerTools
 from klviewer.app.window_layout import build_central, build_docks, build_status
 from klviewer.app.window_state import restore_window, save_window
 from klviewer.app.worker import AnalysisThread, PriorCache, RunRequest
@@ -46,7 +56,6 @@ from klviewer.errors import KlviewerError
 from klviewer.inference.result import SliceResult
 from klviewer.inference.scoring import verdict_of
 from klviewer.inference.settings import AnalysisSettings
-from klviewer.io.loader import open_paths
 from klviewer.io.study import Series
 
 if TYPE_CHECKING:
@@ -56,7 +65,7 @@ RESCORE_DELAY_MS = 150
 """Case-list scores follow the map sliders once they rest this long (every row is re-cut)."""
 
 
-class MainWindow(QMainWindow):
+class MainWindow(OpeningMixin, QMainWindow):
     analysis_finished = Signal(bool)
     """A run ended: True when every requested slice was analysed."""
 
@@ -83,6 +92,7 @@ class MainWindow(QMainWindow):
         self.runs.finished.connect(self.analysis_finished)
         self.tools = PriorTools(self, prefs, self.notifier, self.panel, self.scope_for, self.analysis_settings,
                                 self.map_controls.settings, self.model.patient_series)
+        self.tools_view = ViewerTools(self)
         build_docks(self)
         self.recent_menu = build_menus(self)
         fill_recent(self)
@@ -104,6 +114,7 @@ class MainWindow(QMainWindow):
         self.map_controls.changed.connect(self._map_changed)
         self.map_controls.changed.connect(lambda: self.tools.refresh())
         self.map_controls.opacity_changed.connect(self.viewer.overlay.set_opacity)
+        self.map_controls.reset_requested.connect(self.reset_map)
         restore_window(self)
 
     # ----- the model's state, as the views and tests read it --------------------------------------
@@ -139,60 +150,6 @@ class MainWindow(QMainWindow):
     def current_result(self) -> CachedResult | None:
         return self.model.current_result()
 
-    # ----- opening data ---------------------------------------------------------------------
-
-    def open_demo(self) -> bool:
-        from klviewer.demo import ensure_demo_study
-
-        self.statusBar().showMessage("Preparing the demo study…")
-        try:
-            folder = ensure_demo_study()
-        except (OSError, KlviewerError) as exc:
-            self.notifier.error("Cannot create the demo study", str(exc))
-            return False
-        return self.open_paths([folder], remember=False)
-
-    def open_paths(self, paths: list[Path], remember: bool = True) -> bool:
-        """Open files/folders; every problem becomes a message, never an exception."""
-        try:
-            catalog = open_paths(paths)
-        except KlviewerError as exc:
-            self.notifier.error("Cannot open", str(exc))
-            return False
-        except Exception as exc:  # a reader bug must not close the app with the user's other studies
-            self.notifier.error("Cannot open", f"{type(exc).__name__}: {exc}", traceback.format_exc())
-            return False
-        names = ", ".join(p.name or str(p) for p in paths)
-        skipped = "\n".join(f"{s.path}: {s.reason}" for s in catalog.skipped)
-        if not catalog.all_series():
-            first = catalog.skipped[0].reason if catalog.skipped else "no files"
-            self.notifier.error("No images found", f"Nothing in {names} could be loaded ({first}).", skipped)
-            return False
-        if remember:
-            for path in paths:
-                self.prefs.add_recent(path)
-            fill_recent(self)
-        added = self.model.register(catalog)
-        self.browser.add_patients(catalog.patients)
-        if catalog.skipped:
-            self.notifier.warning("Some files were skipped",
-                                  f"{len(catalog.skipped)} file(s) in {names} could not be read; see details.", skipped)
-        first_uid = added[0] if added else catalog.all_series()[0].uid
-        self.browser.select_series(first_uid)
-        self.show_series(first_uid)
-        self.viewer.setFocus()
-        return True
-
-    def dragEnterEvent(self, event: QDragEnterEvent) -> None:  # noqa: N802
-        if event.mimeData().hasUrls():
-            event.acceptProposedAction()
-
-    def dropEvent(self, event: QDropEvent) -> None:  # noqa: N802
-        paths = [Path(url.toLocalFile()) for url in event.mimeData().urls() if url.isLocalFile()]
-        if paths:
-            event.acceptProposedAction()
-            self.open_paths(paths)
-
     # ----- navigation -----------------------------------------------------------------------
 
     def show_series(self, uid: str, index: int | None = None) -> None:
@@ -201,6 +158,8 @@ class MainWindow(QMainWindow):
             return
         new = self.model.show(uid, index)
         self.browser.select_series(uid)
+        if new:  # the last run's line is about another series now
+            self.panel.summary.clear()
         self._show_current(reset=new)
         refusal = entry.series.analysis_refusal()
         self.setWindowTitle(f"klviewer — {entry.series.description or uid}")
@@ -253,6 +212,7 @@ class MainWindow(QMainWindow):
         if cached is None:
             self.viewer.set_overlay(None)
             self.map_controls.set_display_threshold(None)
+            self.map_controls.show_calibration(None, [])
             return
         settings = self.map_controls.settings()
         scored = self.model.score(cached, settings)
@@ -261,8 +221,17 @@ class MainWindow(QMainWindow):
         frame.verdict = verdict_of(scored, cached.result.prior_fit)
         self.viewer.set_overlay(frame)
         self.map_controls.set_z_available(scored.z_map is not None)
+        self.map_controls.show_calibration(scored.rule is not None, self.model.calibrated_maps(cached))
         self.map_controls.set_display_threshold(frame.display_threshold, "z" if frame.shows_z else "nats")
         self.model.update_case(self.current_uid, self.index, scored)
+
+    def reset_map(self) -> None:
+        """The calibrated patch and sigma window nearest the sliders, for the shown slice's run."""
+        cached = self.current_result()
+        chosen = nearest_calibrated(self.map_controls.settings(), self.model.calibrated_maps(cached)) if cached else None
+        if chosen is not None:
+            self.map_controls.set_settings(chosen)
+            self._map_changed()
 
     def rescore_cases(self) -> None:
         """Scores and automatic flags of every listed slice, under the current map settings."""
@@ -413,6 +382,9 @@ class MainWindow(QMainWindow):
         return True
 
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802
+        if not confirm_close(self):  # flags, notes and measurements are not lost without a word
+            event.ignore()
+            return
         self.stop_run()
         self.prior_fit.slot.stop()
         if self.export_dialog is not None:

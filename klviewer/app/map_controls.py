@@ -7,21 +7,24 @@ None of them starts a sampling run: the map is re-cut from the cached EnergyFiel
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import QCheckBox, QFormLayout, QHBoxLayout, QLabel, QSlider, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QCheckBox, QFormLayout, QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout, QWidget
 
 from klviewer.app.display import LogScale, MapSettings, round_sig
 
 DEFAULT_SIGMA_RANGE = (0.002, 10.0)
 """The sampler's default noise-level range, used until a result says otherwise."""
 MAX_PATCH = 64
+SNAP = 0.06
+"""A dragged sigma within 6 % of a calibrated window end takes that end exactly (about 7 slider steps)."""
+UNCALIBRATED_STYLE = "color: #e0b050;"
 
 
 class LogSlider(QSlider):
     """A horizontal slider over a log-scaled value.
 
     A value set in code is kept exactly until the user moves the slider; a moved slider
-    snaps to an anchor (e.g. a calibrated window end) within half a step, so calibrated
-    settings can be found again by hand.
+    snaps to an anchor (a calibrated window end) within SNAP of it, so a drag that lands on
+    0.491 gives the calibrated 0.5 and its thresholds.
     """
 
     def __init__(self, scale: LogScale) -> None:
@@ -44,9 +47,8 @@ class LogSlider(QSlider):
         if self._exact is not None:
             return self._exact
         value = self.scale.value(self.value())
-        half_step = (self.scale.value(1) / self.scale.value(0)) ** 0.5
         for anchor in self.anchors:
-            if anchor / half_step <= value <= anchor * half_step:
+            if anchor / (1 + SNAP) <= value <= anchor * (1 + SNAP):
                 return anchor
         return round_sig(value)
 
@@ -61,6 +63,8 @@ class MapControls(QWidget):
     changed = Signal()
     """Patch, sigma window or threshold moved: the overlay must be re-cut."""
     opacity_changed = Signal(float)
+    reset_requested = Signal()
+    """The user asked for the calibrated patch and sigma window back."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -87,6 +91,16 @@ class MapControls(QWidget):
         self.show_z.setEnabled(False)
         self._mm_per_px: float | None = None
         self._display_threshold: tuple[float, str] | None = None
+        self.calibration_label = QLabel()
+        self.calibration_label.setWordWrap(True)
+        # Room for three lines always, so the dock keeps its height whatever the label says.
+        self.calibration_label.setMinimumHeight(3 * self.calibration_label.fontMetrics().lineSpacing() + 4)
+        self.calibration_label.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
+        self.reset_button = QPushButton("Reset to calibrated")
+        self.reset_button.setToolTip("Patch size and noise levels of the prior's calibration, where thresholds "
+                                     "and the healthy reference hold")
+        self.reset_button.clicked.connect(self.reset_requested)
+        self.reset_button.setEnabled(False)
 
         outer = QVBoxLayout(self)
         outer.setContentsMargins(6, 6, 6, 6)
@@ -99,6 +113,8 @@ class MapControls(QWidget):
         form.addRow("Hide below", _row(self.threshold, self.threshold_label))
         form.addRow("Opacity", _row(self.opacity, self.opacity_label))
         form.addRow("Show", self.show_z)
+        form.addRow(self.calibration_label)
+        form.addRow(self.reset_button)
         self.sigma_low.setToolTip("Lowest noise level σ (prior units) whose KL energy enters the map")
         self.sigma_high.setToolTip("Highest noise level σ (prior units) whose KL energy enters the map")
         self.patch.setToolTip("Patch size in pixels of the analysis grid; a patch's KL is the sum over its pixels")
@@ -147,6 +163,22 @@ class MapControls(QWidget):
         """What "hide below" amounts to for the shown slice, in the shown quantity's unit."""
         self._display_threshold = None if value is None else (value, unit)
         self._relabel()
+
+    def show_calibration(self, calibrated: bool | None, calibrated_maps: list[tuple[int, tuple[float, float]]]) -> None:
+        """Say whether the shown slice's map settings are calibrated (None: nothing analysed is shown);
+        off them nothing can be flagged, and the reset button offers the calibrated settings back."""
+        self.reset_button.setEnabled(bool(calibrated_maps) and calibrated is False)
+        if calibrated is None:
+            self.calibration_label.clear()
+        elif calibrated:
+            self.calibration_label.setStyleSheet("")
+            self.calibration_label.setText("Calibrated settings: flags and z-scores hold.")
+        else:
+            known = "; ".join(f"patch {patch} px, σ {lo:g}–{hi:g}" for patch, (lo, hi) in calibrated_maps[:2])
+            self.calibration_label.setStyleSheet(UNCALIBRATED_STYLE)
+            self.calibration_label.setText(
+                f"Uncalibrated here: nothing can be flagged. Calibrated: {known}." if known else
+                "Uncalibrated: the prior has no calibration for this run's sampler settings; nothing can be flagged.")
 
     def set_z_available(self, available: bool) -> None:
         """Whether the shown slice has KL z-scores at these map settings; the choice is kept either way."""

@@ -10,6 +10,7 @@ from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QFileDialog, QMenu, QWidget
 
 from klviewer.app.display import PRESETS
+from klviewer.app.session_file import open_session_dialog, save_session_dialog
 
 if TYPE_CHECKING:
     from klviewer.app.main_window import MainWindow
@@ -32,6 +33,9 @@ def build_menus(w: MainWindow) -> QMenu:
     recent = file_menu.addMenu("Open &recent")
     file_menu.addAction(action(w, "Open &demo study", w.open_demo))
     file_menu.addSeparator()
+    file_menu.addAction(action(w, "Save sessio&n…", lambda: save_session_dialog(w), QKeySequence.StandardKey.Save))
+    file_menu.addAction(action(w, "Open sess&ion…", lambda: open_session_dialog(w)))
+    file_menu.addSeparator()
     file_menu.addAction(action(w, "Save &screenshot…", lambda: screenshot_dialog(w)))
     file_menu.addAction(action(w, "&Export flagged…", w.open_export_dialog, "Ctrl+E"))
     file_menu.addSeparator()
@@ -45,6 +49,8 @@ def build_menus(w: MainWindow) -> QMenu:
                                lambda: w.viewer.set_overlay_visible(not w.viewer.overlay.visible)))
     view_menu.addAction(action(w, "Invert\ti", w.viewer.toggle_invert))
     view_menu.addAction(action(w, "Reset view\tr", w.viewer.reset_view))
+    view_menu.addSeparator()
+    w.tools_view.add_menu_actions(view_menu)
     view_menu.addSeparator()
     for dock in (w.browser_dock, w.cases_dock, w.analysis_dock, w.map_dock, w.prior_fit_dock):
         view_menu.addAction(dock.toggleViewAction())
@@ -83,9 +89,17 @@ def fill_recent(w: MainWindow) -> None:
     menu.setEnabled(bool(recent))
 
 
+OPEN_FILTERS = ";;".join((
+    "CT images, any file name: DICOM (with or without .dcm), .npy, .npz, sinogram .json, NIfTI, .inv3 (*)",
+    "DICOM files named .dcm, and DICOMDIR (*.dcm *.DCM DICOMDIR)",
+    "Arrays, sinograms, NIfTI and InVesalius (*.npy *.npz *.json *.nii *.nii.gz *.inv3)",
+))
+"""The first filter shows every file: DICOM files often have no extension (IM0001, or a UID); the reader
+tells what a file is from its content."""
+
+
 def open_file_dialog(w: MainWindow) -> None:
-    files, _ = QFileDialog.getOpenFileNames(
-        w, "Open files", w.prefs.get("open/last_dir", ""), "Images (*.dcm *.DCM DICOMDIR *.npy *.npz *.json *.inv3 *.nii *.nii.gz);;All files (*)")
+    files, _ = QFileDialog.getOpenFileNames(w, "Open files", w.prefs.get("open/last_dir", ""), OPEN_FILTERS)
     if files:
         w.prefs.set("open/last_dir", str(Path(files[0]).parent))
         w.open_paths([Path(f) for f in files])

@@ -11,15 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from klviewer.app.cases import CaseEntry, CaseList
-from klviewer.app.display import MapSettings, patient_label
+from klviewer.app.measurements import Measurement
+from klviewer.app.display import MapSettings, patient_label, series_label
 from klviewer.app.session import CachedResult, FlagThresholds, ResultCache, ResultKey
 from klviewer.app.session_results import SessionSlice
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError
 from klviewer.evaluation.adapt import patient_key
 from klviewer.inference.result import SliceResult
-from klviewer.inference.scoring import FLAGGED, SliceScore, score_slice, verdict_of
+from klviewer.inference.scoring import FLAGGED, SliceScore, score_slice
 from klviewer.inference.settings import AnalysisSettings
+from klviewer.inference.verdict_text import score_verdict
 from klviewer.io.study import Catalog, Patient, Series, Study
 
 
@@ -40,6 +42,10 @@ class SessionModel:
         self.results = ResultCache()
         self.cases = CaseList()
         self.calibrations = FlagThresholds()
+        self.measurements: list[Measurement] = []
+        """Distances and ROIs drawn on slices (see klviewer.app.measurements)."""
+        self.saved_handwork: str | None = None
+        """Flags, notes and measurements as last saved or opened (see klviewer.app.session_file)."""
 
     # ----- open series and the shown slice -------------------------------------------------------
 
@@ -128,19 +134,24 @@ class SessionModel:
             forced_nats=s.flag_threshold,
         )
 
+    def calibrated_maps(self, cached: CachedResult) -> list[tuple[int, tuple[float, float]]]:
+        """The (patch, sigma window) pairs the result's prior was calibrated with for its sampling settings."""
+        return self.calibrations.calibrated_maps(cached.prior_path, cached.result.settings)
+
     def add_result(self, series_uid: str, index: int, prior_path: Path, settings: AnalysisSettings,
                    result: SliceResult, map_settings: MapSettings) -> None:
         """Keep a finished slice and list it with its verdict under the map sliders."""
         self.results.put(ResultKey.of(series_uid, index, prior_path, settings), result, prior_path)
         scored = self.score(CachedResult(result, prior_path), map_settings)
-        verdict = verdict_of(scored, result.prior_fit)
+        verdict = score_verdict(scored, result.prior_fit)
         entry = self.series.get(series_uid)
         series = entry.series if entry else None
         self.cases.upsert(CaseEntry(
-            series_uid=series_uid, slice_index=index, patient=patient_label(entry.patient) if entry else "",
-            series=(series.description if series else "") or series_uid, score=scored.score,
+            series_uid=series_uid, slice_index=index,
+            patient=(entry.patient.patient_id or patient_label(entry.patient)) if entry else "",
+            series=series_label(series) if series else series_uid, score=scored.score,
             auto_flagged=verdict.status == FLAGGED, prior=result.prior_name, z_score=scored.z_score,
-            verdict=verdict.status, rule=verdict.rule,
+            verdict=verdict.status, rule=verdict.rule_text,
         ))
 
     def update_case(self, uid: str, index: int, scored: SliceScore) -> None:
@@ -148,8 +159,9 @@ class SessionModel:
         row = self.cases.find(uid, index)
         cached = self.results.latest(uid, index)
         if row is not None and cached is not None:
-            verdict = verdict_of(scored, cached.result.prior_fit)
-            self.cases.set_score(row, scored.score, verdict.status == FLAGGED, scored.z_score, verdict.status, verdict.rule)
+            verdict = score_verdict(scored, cached.result.prior_fit)
+            self.cases.set_score(row, scored.score, verdict.status == FLAGGED, scored.z_score, verdict.status,
+                                 verdict.rule_text)
 
     def rescore(self, map_settings: MapSettings) -> None:
         """Scores and automatic flags of every listed slice, under the map sliders."""
@@ -167,6 +179,7 @@ class SessionModel:
             if cached is None or opened is None:
                 continue
             threshold = self.score(cached, map_settings).nats_threshold
+            drawn = [m.text for m in self.measurements if (m.series_uid, m.slice_index) == entry.key and m.text]
             slices.append(SessionSlice(opened.series, entry.slice_index, cached.result, cached.prior_path,
-                                       entry.flagged, threshold, entry.note))
+                                       entry.flagged, threshold, entry.note, drawn))
         return slices

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QRectF
+from PySide6.QtCore import QRectF, Qt
 from PySide6.QtGui import QColor, QPainterPath, QPen
 from PySide6.QtWidgets import QGraphicsPathItem
 
-from klviewer.app.display import OverlayFrame
+from klviewer.app.display import OverlayFrame, colorbar_ticks
 from klviewer.overlay_rules import COLORMAP, OUTLINE_RGB
 
 OUTLINE_COLOR = QColor.fromRgbF(*OUTLINE_RGB)
-COLORBAR_WIDTH = 110
+COLORBAR_WIDTH = 150
+BAR_STEPS = 256
+"""The colour bar's own coordinates run over its 256 colours."""
 
 
 class OverlayLayer:
@@ -38,9 +40,17 @@ class OverlayLayer:
         self.colorbar = pg.ColorBarItem(values=(0.0, 1.0), colorMap=pg.colormap.get(COLORMAP), interactive=False,
                                         width=14, colorMapMenu=False)
         self.colorbar.axis.setLabel("KL per patch (nats)")  # beside the ticks; the default place overlaps the bar
+        self.colorbar.axis.setWidth(82)  # room for "max 6076" beside the bar, the title beyond it
         self.colorbar.setImageItem(self.image)
         self.colorbar.setFixedWidth(COLORBAR_WIDTH)  # else the layout squeezes its tick labels off screen
         layout.addItem(self.colorbar, row=0, col=col)
+        # The flag rule's threshold (cyan, as the outlines) and the slice's maximum (white, dashed) on the bar.
+        self.threshold_line = pg.InfiniteLine(angle=0, movable=False, pen=pg.mkPen(OUTLINE_COLOR, width=2))
+        self.max_line = pg.InfiniteLine(angle=0, movable=False,
+                                        pen=pg.mkPen("w", width=2, style=Qt.PenStyle.DashLine))
+        for line in (self.threshold_line, self.max_line):
+            line.setZValue(100)
+            self.colorbar.addItem(line)
 
         self.frame: OverlayFrame | None = None
         self._visible = True
@@ -53,12 +63,25 @@ class OverlayLayer:
         self.frame = frame
         self._extent = extent
         if frame is not None:
-            self.colorbar.axis.setLabel("KL z-score vs healthy" if frame.shows_z else "KL per patch (nats)")
+            self.colorbar.axis.setLabel(frame.scale_label())
             self.colorbar.setLevels(frame.levels)
+            self._mark(frame)
             self.image.setImage(frame.pixels, autoLevels=False, levels=frame.levels)
             self.image.setRect(extent)
             self._draw_outlines(frame)
         self._apply_visibility()
+
+    def _mark(self, frame: OverlayFrame) -> None:
+        lo, hi = frame.levels
+
+        def bar_y(value: float) -> float:
+            return BAR_STEPS * (min(max(value, lo), hi) - lo) / (hi - lo)
+
+        self.max_line.setPos(bar_y(frame.peak))
+        self.threshold_line.setVisible(frame.threshold_mark is not None)
+        if frame.threshold_mark is not None:
+            self.threshold_line.setPos(bar_y(frame.threshold_mark))
+        self.colorbar.axis.setTicks([colorbar_ticks(frame)])
 
     def _draw_outlines(self, frame: OverlayFrame) -> None:
         h, w = frame.pixels.shape
@@ -85,7 +108,7 @@ class OverlayLayer:
         self.image.setVisible(shown)
         self.image.setOpacity(self._opacity)
         self.outlines.setVisible(shown)
-        self.colorbar.setVisible(self.frame is not None)
+        self.colorbar.setVisible(shown)
 
     def value_at(self, row: int, col: int) -> float | None:
         """KL (nats, or z-score when the frame shows z) of the patch covering data pixel (row, col),

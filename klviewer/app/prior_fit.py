@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from klviewer.app.display import format_nats
+from klviewer.inference.verdict_text import format_nats
 from klviewer.app.scope import Scope
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError

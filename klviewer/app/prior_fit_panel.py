@@ -28,7 +28,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from klviewer.app.display import format_nats
+from klviewer.inference.verdict_text import format_nats
 from klviewer.app.messages import Notifier
 from klviewer.app.prior_choices import chosen_path, fill_combo, known_priors
 from klviewer.app.prior_fit import FitRequest, FitResult, legend_label, run_prior_fit
@@ -75,8 +75,8 @@ class PriorFitPanel(QWidget):
         self.plot = pg.PlotWidget()
         self.plot.setLogMode(x=True, y=False)
         self.plot.setLabel("bottom", "σ (prior units)")
-        self.plot.setLabel("left", "cumulative KL (nats)")
-        self.plot.setMinimumHeight(140)
+        self.plot.setLabel("left", "KL (nats)")  # short: a long label is clipped at the axis' height
+        self.plot.setMinimumHeight(160)
         self.legend = self.plot.addLegend(offset=(10, 10))
         self.note = QLabel("Pick a reference and candidate priors, then Compute.")
         self.note.setWordWrap(True)
@@ -193,8 +193,8 @@ class PriorFitPanel(QWidget):
             self.plot.plot(np.asarray(row.curve.sigmas, dtype=float), np.asarray(row.curve.cumulative, dtype=float),
                            pen=pg.mkPen(pg.intColor(n, hues=max(len(result.rows), 3)), width=2),
                            name=legend_label(row, relative))
-        self.plot.setLabel("left", "cumulative KL (nats)" if not relative else "cumulative denoising fit (nats)")
-        self.plot.setTitle(f"KL({result.reference} ‖ prior)" if not relative else "Denoising fit (no reference)")
+        self.plot.setLabel("left", "KL (nats)" if not relative else "fit (nats)")  # cumulative over σ: see the title
+        self.plot.setTitle(f"cumulative KL({result.reference} ‖ prior)" if not relative else "cumulative denoising fit")
         if relative:
             self.note.setText(f"No reference prior: {len(result.rows)} prior(s) ranked by their denoising fit on "
                               f"{result.n_measurements} measurement(s) of {result.scope_label}. The fit is the KL "

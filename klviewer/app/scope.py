@@ -48,6 +48,6 @@ def measurement_scope(kind: str, open_series: Sequence[Series], current: Series 
     name = current.description or current.uid
     if kind == "slice":
         return Scope(plan_open_series([(current, [index])]), tuple(current.files), str(index), 1,
-                     f"slice {index + 1} of '{name}'")
+                     f"slice {index} of '{name}'")
     return Scope(plan_open_series([(current, range(current.n_slices))]), tuple(current.files), "all",
                  current.n_slices, f"'{name}' ({current.n_slices} slices)")

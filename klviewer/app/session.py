@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from klviewer.errors import KlviewerInputError
-from klviewer.inference.calibration import PriorCalibration
+from klviewer.inference.calibration import PriorCalibration, calibration_key
 from klviewer.inference.healthy_reference import ZCalibration
 from klviewer.inference.result import SliceResult
 from klviewer.inference.settings import AnalysisSettings, sampling_key
@@ -93,6 +93,18 @@ class FlagThresholds:
             return self.calibration(prior_path).z_calibration(replace(settings, patch=patch, sigma_window=tuple(sigma_window)))
         except KlviewerInputError:
             return None  # a damaged reference means: no reference, as for the thresholds
+
+    def calibrated_maps(self, prior_path: Path, settings: AnalysisSettings) -> list[tuple[int, tuple[float, float]]]:
+        """(patch, sigma window) pairs the prior was calibrated with for this run's sampling settings."""
+        run = calibration_key(settings)
+        maps = []
+        for entry in self.calibration(prior_path).entries:
+            key = entry.get("settings", {})
+            window = key.get("sigma_window")
+            if all(key.get(k) == v for k, v in run.items() if k not in ("patch", "sigma_window")) \
+                    and isinstance(window, list) and len(window) == 2:
+                maps.append((int(key["patch"]), (float(window[0]), float(window[1]))))
+        return maps
 
     def calibrated_windows(self, prior_path: Path) -> list[tuple[float, float]]:
         """Sigma windows the prior was calibrated with, so the sliders can land on them exactly."""

@@ -19,6 +19,7 @@ from klviewer.errors import KlviewerError
 from klviewer.inference.plan import PlannedSeries, case_name
 from klviewer.inference.result import SliceResult, recut
 from klviewer.inference.settings import sampling_key
+from klviewer.inference.verdict_text import slice_label
 from klviewer.io.study import Series
 from klviewer.priors.checkpoint import prior_fingerprint
 from klviewer.results.slice_file import write_slice_npz
@@ -34,6 +35,8 @@ class SessionSlice:
     flagged: bool
     flag_threshold: float | None
     note: str = ""
+    measurements: list[str] = field(default_factory=list)
+    """What the distances and ROIs drawn on the slice read."""
 
 
 @dataclass
@@ -44,6 +47,8 @@ class SessionFolder:
     prior: str
     notes: dict[str, str] = field(default_factory=dict)
     """Case name -> the case list's notes of its slices, for the PDF report."""
+    measurements: dict[str, list[str]] = field(default_factory=dict)
+    """Case name -> the measurements drawn on its slices, one line each, for the PDF report."""
 
 
 def as_shown(result: SliceResult, settings: MapSettings, flagged: bool, threshold: float | None) -> SliceResult:
@@ -95,7 +100,9 @@ def _write_group(members: list[SessionSlice], out: Path, settings: MapSettings) 
         row.update(plan.slice_source(item.index))
         run.rows.append(row)
         if item.note.strip():
-            case_notes.setdefault(plan.case, []).append(f"slice {item.index + 1}: {item.note.strip()}")
+            case_notes.setdefault(plan.case, []).append(f"{slice_label(item.index)}: {item.note.strip()}")
+        for line in item.measurements:
+            folder.measurements.setdefault(plan.case, []).append(f"{slice_label(item.index)}: {line}")
     z_thresholds.discard(None)
     fit_threshold = next((m.result.prior_fit.threshold for m in members if m.result.prior_fit is not None), None)
     write_summary(run, summary_settings, prior_path, prior_fingerprint(prior_path), members[0].flag_threshold, False,

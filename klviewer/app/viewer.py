@@ -16,15 +16,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QPointF, QRectF, Qt, Signal
 from PySide6.QtGui import QKeyEvent
-from PySide6.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QHBoxLayout,
-    QLabel,
-    QToolButton,
-    QVBoxLayout,
-    QWidget,
-)
+from PySide6.QtWidgets import QCheckBox, QComboBox, QLabel, QToolBar, QVBoxLayout, QWidget
 
 from klviewer.app.display import (
     BASE_IMAGES,
@@ -33,9 +25,11 @@ from klviewer.app.display import (
     WindowLevel,
     available_bases,
     base_image,
-    format_nats,
+    matching_preset,
+    unavailable_reason,
     initial_window,
 )
+from klviewer.inference.verdict_text import format_nats, slice_label
 from klviewer.app.overlay import OverlayLayer
 from klviewer.inference.result import SliceResult
 from klviewer.io.study import Series
@@ -89,6 +83,8 @@ class SliceViewer(QWidget):
     slice_step = Signal(int)
     """The user asked for the previous (-1) or next (+1) slice."""
     overlay_toggled = Signal(bool)
+    overlay_set = Signal()
+    """A slice and its overlay (or none) were drawn: tools that read them may update."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -130,13 +126,15 @@ class SliceViewer(QWidget):
     # ----- construction -------------------------------------------------------------------
 
     def _build_toolbar(self) -> None:
-        self.toolbar = QWidget()
+        # A QToolBar: on a narrow screen what does not fit goes behind its » button instead of
+        # widening the window past the screen.
+        self.toolbar = QToolBar()
         self.toolbar.setObjectName("viewerToolbar")
-        row = QHBoxLayout(self.toolbar)
-        row.setContentsMargins(6, 3, 6, 3)
+        self.toolbar.setMovable(False)
         self.base_combo = QComboBox()
         for key, label in BASE_IMAGES.items():
             self.base_combo.addItem(label, key)
+        self.base_combo.setToolTip("The image shown under the overlay")
         self.base_combo.currentIndexChanged.connect(self._base_picked)
         self.preset_combo = preset_combo(self._preset_picked)
         self.overlay_check = QCheckBox("KL overlay (o)")
@@ -151,16 +149,11 @@ class SliceViewer(QWidget):
         self.compare_combo.setCurrentIndex(self.compare_combo.findData(self.compare_kind))
         self.compare_combo.currentIndexChanged.connect(
             lambda row: self.set_compare_kind(self.compare_combo.itemData(row)))
-        invert = QToolButton(text="Invert (i)")
-        invert.clicked.connect(self.toggle_invert)
-        reset = QToolButton(text="Reset view (r)")
-        reset.clicked.connect(self.reset_view)
-        for widget in (QLabel("Image:"), self.base_combo, self.preset_combo, self.overlay_check,
-                       self.compare_check, self.compare_combo):
-            row.addWidget(widget)
-        row.addStretch(1)
-        row.addWidget(invert)
-        row.addWidget(reset)
+        for widget in (self.base_combo, self.preset_combo, self.overlay_check, self.compare_check, self.compare_combo):
+            self.toolbar.addWidget(widget)
+        self.toolbar.addSeparator()
+        self.toolbar.addAction("Invert (i)", self.toggle_invert)
+        self.toolbar.addAction("Reset view (r)", self.reset_view)
 
     def _build_annotations(self) -> None:
         self.corners: dict[str, QLabel] = {}
@@ -233,6 +226,8 @@ class SliceViewer(QWidget):
             self._std_window = None
         if previous is None or previous.series is not context.series:
             self.window = initial_window(context.series)
+            self._show_preset()
+            self.probe_text = ""  # the cursor readout was about the other series' pixels
         h, w = context.series.image_shape
         extent = QRectF(0, 0, w, h)
         changed = extent != self._extent
@@ -248,6 +243,7 @@ class SliceViewer(QWidget):
         self.overlay.set_frame(frame, self._extent)
         self._annotate()
         self._place_annotations()
+        self.overlay_set.emit()
 
     def _sync_base_combo(self) -> None:
         ctx = self.context
@@ -257,7 +253,9 @@ class SliceViewer(QWidget):
         model = self.base_combo.model()
         self.base_combo.blockSignals(True)
         for row in range(self.base_combo.count()):
-            model.item(row).setEnabled(self.base_combo.itemData(row) in available)
+            kind = self.base_combo.itemData(row)
+            model.item(row).setEnabled(kind in available)
+            model.item(row).setToolTip("" if kind in available or ctx is None else unavailable_reason(kind, ctx.result))
         self.base_combo.setCurrentIndex(self.base_combo.findData(self.base_kind))
         self.base_combo.blockSignals(False)
         self.base_combo.setEnabled(bool(available))
@@ -284,7 +282,7 @@ class SliceViewer(QWidget):
         label = BASE_IMAGES[self.compare_kind]
         if image is None:
             self.compare_image.clear()
-            self.compare_label.setText(f"{label}: run the analysis to see it" if ctx else "")
+            self.compare_label.setText(f"{label}: {unavailable_reason(self.compare_kind, ctx.result)}" if ctx else "")
         else:
             window = spread_window(image) if self.compare_kind == "std" else self.window
             self.compare_image.setImage(image, autoLevels=False, levels=window.levels)
@@ -304,9 +302,16 @@ class SliceViewer(QWidget):
             return
         self.comparing = on
         if on:
+            ctx = self.context
+            others = [k for k in available_bases(ctx.series, ctx.index, ctx.result) if k != self.base_kind] if ctx else []
+            if self.compare_kind == self.base_kind or (others and self.compare_kind not in others):
+                self.set_compare_kind(others[0] if others else "mean")  # never the same image twice
             self.graphics.ci.addItem(self.compare_view, row=0, col=COMPARE_COL)
+            for col in (0, COMPARE_COL):  # two equal panes, not one pane and a sliver
+                self.graphics.ci.layout.setColumnStretchFactor(col, 1)
         else:
             self.graphics.ci.removeItem(self.compare_view)
+            self.graphics.ci.layout.setColumnStretchFactor(COMPARE_COL, 0)  # no empty half where the pane was
         self.compare_label.setVisible(on)
         self.compare_check.blockSignals(True)
         self.compare_check.setChecked(on)
@@ -344,18 +349,12 @@ class SliceViewer(QWidget):
         if result is not None:
             ah, aw = result.recon_hu.shape
             shown += f" · analysis grid {aw}×{ah}"
-        tr = [f"<b>Slice {ctx.index + 1} / {series.n_slices}</b>", size, _esc(shown)]
+        tr = [f"<b>{slice_label(ctx.index, series.n_slices).capitalize()}</b>", size, _esc(shown)]
         br = [f"Prior: {_esc(ctx.prior_name or '—')}"]
         if result is None:
             br.append("not analysed" if series.analysis_refusal() is None else _esc(f"not analysable: {series.modality}"))
         elif frame is not None:
-            status = frame.verdict.status if frame.verdict is not None else ("flagged" if frame.flagged else "not flagged")
-            state = (f"<span style='color:#ff6a4d'><b>{status.upper()}</b></span>" if status in ("flagged", "prior mismatch")
-                     else status)
-            z = "" if frame.z_score is None else f" · z {frame.z_score:.3g}"
-            br.append(f"KL score {format_nats(frame.score)} nats{z} · {state}")
-            lo, hi = frame.kl_map.sigma_window
-            br.append(f"patch {frame.kl_map.patch} px · σ {lo:.3g}–{hi:.3g}")
+            br += verdict_lines(frame)
         for name, lines in (("tl", tl), ("tr", tr), ("br", br)):
             self.corners[name].setText("<br>".join(lines))
         self._annotate_window_and_probe()
@@ -376,7 +375,13 @@ class SliceViewer(QWidget):
         self.base.setLevels(window.levels)
         if self.comparing and self.compare_kind != "std" and self.compare_image.image is not None:
             self.compare_image.setLevels(self.window.levels)
+        self._show_preset()
         self._annotate()
+
+    def _show_preset(self) -> None:
+        """The preset box names the window in use, also one chosen with keys 1-5 or the series' own."""
+        preset = matching_preset(self.window)
+        self.preset_combo.setCurrentIndex(0 if preset is None else preset + 1)
 
     def apply_preset(self, number: int) -> None:
         """Preset `number` (0-based) of PRESETS; shown on the tissue image even from the std view."""
@@ -421,7 +426,6 @@ class SliceViewer(QWidget):
     def _preset_picked(self, row: int) -> None:
         if row > 0:
             self.apply_preset(row - 1)
-        self.preset_combo.setCurrentIndex(0)
 
     def handle_key(self, event: QKeyEvent) -> bool:
         """Viewer keys, wherever focus is (unless the focused widget used the key itself)."""
@@ -484,10 +488,23 @@ class SliceViewer(QWidget):
         return text
 
 
+STATUS_COLORS = {"flagged": "#ff6a4d", "prior mismatch": "#ff6a4d", "cannot flag": "#e0b050"}
+
+
+def verdict_lines(frame: OverlayFrame) -> list[str]:
+    """The caption's verdict: status and number, the rule that decided, and the map settings."""
+    verdict = frame.verdict_text
+    color = STATUS_COLORS.get(verdict.status)
+    status = f"<span style='color:{color}'><b>{verdict.status.upper()}</b></span>" if color else verdict.status
+    lo, hi = frame.kl_map.sigma_window
+    return [f"{_esc(verdict.value)} · {status}", _esc(verdict.rule_text),
+            f"score {format_nats(frame.score)} nats · patch {frame.kl_map.patch} px · σ {lo:.3g}–{hi:.3g}"]
+
+
 def preset_combo(picked: Callable[[int], None]) -> QComboBox:
     """The W/L preset picker: a title row, then the presets numbered as their keys 1-5."""
     combo = QComboBox()
-    combo.addItem("Window preset…")
+    combo.addItem("Custom W/L")
     for n, preset in enumerate(PRESETS, start=1):
         combo.addItem(f"{n}  {preset.name} ({preset.window.width:.0f}/{preset.window.level:.0f})")
     combo.activated.connect(picked)

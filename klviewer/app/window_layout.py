@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QDockWidget, QLabel, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QDockWidget, QFrame, QLabel, QLayout, QScrollArea, QVBoxLayout, QWidget
 
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError
@@ -36,19 +36,48 @@ def make_dock(w: MainWindow, title: str, name: str, widget: QWidget, area: Qt.Do
     return dock
 
 
+def scrolled(widget: QWidget) -> QScrollArea:
+    """`widget` in a vertical scroll area: a short dock scrolls instead of squeezing its rows (or letting
+    the dock below draw over them)."""
+    # The scroll area shrinks its widget down to the widget's minimum size only, and that must follow
+    # the layout (a longer summary line raises it), or the rows are squeezed instead of scrolled.
+    widget.layout().setSizeConstraint(QLayout.SizeConstraint.SetMinimumSize)
+    area = QScrollArea()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    area.setWidget(widget)
+    area.setMinimumWidth(widget.minimumSizeHint().width() + area.verticalScrollBar().sizeHint().width())
+    return area
+
+
 def build_docks(w: MainWindow) -> None:
-    """Studies and the case list on the left; analysis, KL map and prior fit (tabbed with the map) on the right."""
+    """Studies and the case list on the left; on the right the analysis and the prior fit (tabbed: both
+    want height), and under them the KL-map sliders, no taller than they need."""
     left, right = Qt.DockWidgetArea.LeftDockWidgetArea, Qt.DockWidgetArea.RightDockWidgetArea
     w.browser_dock = make_dock(w, "Studies", "studiesDock", w.browser, left)
     w.cases_dock = make_dock(w, "Case list", "casesDock", w.case_view, left)
-    w.analysis_dock = make_dock(w, "Analysis", "analysisDock", w.panel, right)
-    w.map_dock = make_dock(w, "KL map", "mapDock", w.map_controls, right)
-    w.prior_fit_dock = make_dock(w, "Prior fit", "priorFitDock", w.prior_fit, right)
-    w.tabifyDockWidget(w.map_dock, w.prior_fit_dock)
-    w.map_dock.raise_()
-    w.resizeDocks([w.browser_dock, w.analysis_dock], [340, 340], Qt.Orientation.Horizontal)
-    w.resizeDocks([w.browser_dock, w.cases_dock], [300, 480], Qt.Orientation.Vertical)
-    w.resizeDocks([w.analysis_dock, w.map_dock], [w.panel.sizeHint().height(), 400], Qt.Orientation.Vertical)
+    w.analysis_dock = make_dock(w, "Analysis", "analysisDock", scrolled(w.panel), right)
+    w.prior_fit_dock = make_dock(w, "Prior fit", "priorFitDock", scrolled(w.prior_fit), right)
+    w.tabifyDockWidget(w.analysis_dock, w.prior_fit_dock)
+    map_area = scrolled(w.map_controls)
+    map_area.setFixedHeight(w.map_controls.sizeHint().height() + 4)
+    w.map_dock = make_dock(w, "KL map", "mapDock", map_area, right)
+    w.analysis_dock.raise_()
+
+
+SIDE_SHARE = 0.22
+"""Each side's docks take this share of the window's width (within SIDE_LIMITS)."""
+SIDE_LIMITS = (250, 380)
+
+
+def size_docks(w: MainWindow) -> None:
+    """First-run dock widths for the window's size, both sides in proportion; the studies get a third of
+    the left side's height, the case list the rest."""
+    side = int(min(max(w.width() * SIDE_SHARE, SIDE_LIMITS[0]), SIDE_LIMITS[1]))
+    w.resizeDocks([w.browser_dock, w.analysis_dock], [side, side], Qt.Orientation.Horizontal)
+    height = w.height()
+    w.resizeDocks([w.browser_dock, w.cases_dock], [int(height * 0.35), int(height * 0.65)], Qt.Orientation.Vertical)
 
 
 def build_status(w: MainWindow) -> None:

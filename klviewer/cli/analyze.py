@@ -23,8 +23,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         print(f"prior mismatch: {args.prior} does not describe {counts[MISMATCH]} slice(s), so their KL maps and flags "
               "are not meaningful; adapt a prior to your site's healthy studies (klviewer adapt)")
     if counts[CANNOT_FLAG]:
-        print(f"cannot flag: {args.prior} has no calibrated threshold for these settings (klviewer calibrate, or "
-              "--flag-threshold NATS)")
+        s = settings_from_args(args)
+        print(f"cannot flag: nothing can be flagged, because {args.prior} has no calibrated threshold for these settings "
+              f"(views {s.views}, steps {s.steps}, samples {s.samples}, guidance {s.guidance}, patch {s.patch}, "
+              f"sigma window {s.sigma_window}); klviewer calibrate with them, or --flag-threshold NATS")
+    elif run.rule_text:
+        print(f"rule: {run.rule_text}")
     for s in run.skipped:
         print(f"skipped {s['path']}: {s['reason']}")
     return 0

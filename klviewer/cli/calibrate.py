@@ -21,7 +21,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if args.slices != "all" and not args.healthy:
         raise KlviewerError("--slices picks slices of the --healthy studies; phantoms are counted with -n")
     n = DEFAULT_CALIBRATION_SLICES if args.n is None else args.n
-    with progress_bar("calibrate", "slice", total=n) as progress:
+    with progress_bar("calibrate", "slice") as progress:
         cal = calibrate_prior(
             args.prior, settings_from_args(args), n=n, fpr=args.fpr, seed=args.seed,
             cache=Path(args.cache) if args.cache else None, write=not args.dry_run, overwrite=args.overwrite,

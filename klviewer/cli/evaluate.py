@@ -14,7 +14,7 @@ def _cmd_evaluate_detect(args: argparse.Namespace) -> int:
     from klviewer.evaluation.report import run_detection_benchmark
 
     total = args.n_id + args.n_ood + args.reference
-    with progress_bar("evaluate", "slice", total=total) as progress:
+    with progress_bar("evaluate", "slice") as progress:
         report = run_detection_benchmark(
             Path(args.out), settings_from_args(args), prior=args.prior, n_id=args.n_id, n_ood=args.n_ood,
             ood_kind=args.ood_kind, seed=args.seed, cache=Path(args.cache) if args.cache else None,

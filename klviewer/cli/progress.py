@@ -12,15 +12,26 @@ Progress = Callable[[int, int], None]
 
 
 @contextmanager
-def progress_bar(desc: str, unit: str, *, quiet: bool = False, total: int | None = None) -> Iterator[Progress]:
-    """A labelled bar; the yielded callback moves it to `done` of `total` (the total may change as work is planned)."""
-    # delay: a command refused in its first moments leaves no empty bar behind.
-    with tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=quiet, dynamic_ncols=True, delay=0.5) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+def progress_bar(desc: str, unit: str, *, quiet: bool = False) -> Iterator[Progress]:
+    """A labelled bar; the yielded callback moves it to `done` of `total` (the total may change as work is planned).
 
+    The bar is made at the first report, when its total is known: a command refused before any work
+    (a missing prior, a bad input) leaves no empty "0step [00:00, ?step/s]" bar on stderr.
+    """
+    bar: tqdm | None = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=quiet, dynamic_ncols=True, delay=0.5)
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
         yield progress
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 class StageBars:

@@ -162,6 +162,17 @@ def secondary_capture(source: Dataset, rgb: np.ndarray, *, series_uid: str, inst
     return sc
 
 
+def unambiguous_names(ds: Dataset) -> Dataset:
+    """`ds` (an in-memory copy of a source, never written back) with its one-component person names
+    ending in a caret: the same name in DICOM (trailing separators may be left out, PS3.5 6.2.1.2), and
+    highdicom no longer warns on stderr, for every object it makes, that "ANONYMOUS" may be malformed."""
+    for keyword in ("PatientName", "ReferringPhysicianName"):
+        value = str(ds.get(keyword, "") or "")
+        if value and "^" not in value:
+            setattr(ds, keyword, value + "^")
+    return ds
+
+
 def _reference(source: Dataset) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID

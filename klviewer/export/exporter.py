@@ -38,6 +38,7 @@ from klviewer.export.dicom_objects import (
     segmentation,
     source_hu,
     source_window,
+    unambiguous_names,
 )
 from klviewer.export.geometry import to_source_grid
 from klviewer.export.images import (
@@ -51,7 +52,12 @@ from klviewer.export.images import (
 from klviewer.export.pdf_report import ReportContext, write_report_pdf
 from klviewer.export.tables import CASES_CSV, CASES_JSON, write_case_tables
 from klviewer.inference.result import SliceResult
+from klviewer.inference.scoring import flag_rule, mismatch_rule
+from klviewer.inference.prior_fit import MISMATCH as FIT_MISMATCH
+from klviewer.inference.prior_fit import PriorFit
+from klviewer.inference.verdict_text import VerdictText, format_nats, slice_label, table_verdict
 from klviewer.io.safe_write import OutputExistsError, atomic_write
+from klviewer.overlay_rules import overlay_levels
 from klviewer.physics.grid import AIR_HU
 from klviewer.results.reader import CaseEntry, ResultsFolder, SliceEntry, read_results
 from klviewer.results.slice_file import load_slice_result
@@ -104,6 +110,7 @@ class _Job:
     overwrite: bool
     notes: dict[str, str]
     date: str
+    measurements: dict[str, list[str]] = field(default_factory=dict)
 
 
 def export_results(
@@ -117,6 +124,7 @@ def export_results(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
     notes: dict[str, str] | None = None,
+    measurements: dict[str, list[str]] | None = None,
     cases: Sequence[str] | None = None,
     cancel: threading.Event | None = None,
 ) -> ExportReport:
@@ -125,7 +133,7 @@ def export_results(
     A case is flagged when any of its slices is: score above `flag_threshold` (nats) when given,
     else as the analysis flagged it. `cases` names the cases to export explicitly (e.g. those
     flagged by hand in the app) and then overrides `flagged_only`. `notes` maps case names to
-    free text for the PDF and the tables. Refusals raise KlviewerError before anything is
+    free text for the PDF and the tables; `measurements` maps case names to lines for the PDF. Refusals raise KlviewerError before anything is
     written; a case that fails while being written is reported in `ExportReport.failed`.
     Setting `cancel` stops between cases: finished cases stay, and the tables list them.
     """
@@ -156,7 +164,8 @@ def export_results(
         return ExportReport(out, [], [])
     _prepare_folder(out)
     job = _Job(results, out, chosen, threshold, source, flag_threshold, z_threshold, Pseudonymizer() if deidentify else None,
-               overwrite, dict(notes or {}), datetime.now(timezone.utc).isoformat(timespec="seconds"))
+               overwrite, dict(notes or {}), datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               dict(measurements or {}))
     exports: list[CaseExport] = []
     records: list[dict[str, Any]] = []
     if progress is not None:
@@ -294,6 +303,7 @@ def _sources(job: _Job, case: CaseEntry, skipped: list[str]) -> _Sources:
         return _Sources(None, no_patient, SOFT_TISSUE_WINDOW)
     if job.pseudonyms is not None:
         datasets = [job.pseudonyms.apply(ds) for ds in datasets]
+    datasets = [unambiguous_names(ds) for ds in datasets]
     first = datasets[0]
     date = str(first.get("StudyDate", "") or "")
     date = f"{date[:4]}-{date[4:6]}-{date[6:8]}" if len(date) == 8 and date.isdigit() else date
@@ -308,14 +318,34 @@ def _above_z(result: SliceResult, z_threshold: float) -> np.ndarray:
     return result.z_map.to_pixels() > z_threshold
 
 
-def _caption(entry: SliceEntry, flagged: bool, threshold: float | None, z_threshold: float | None = None) -> str:
+def _verdict(job: _Job, entry: SliceEntry, flagged: bool) -> VerdictText:
+    """A slice's verdict as the export decides it, with the rule (the same words as the app's): a prior-fit
+    mismatch first."""
+    z = entry.row.get("z_score")
+    return table_verdict(flagged, entry.score, None if z is None else float(z), job.threshold, job.z_threshold,
+                         job.selection_threshold, _mismatch(job, entry.row))
+
+
+def _mismatch(job: _Job, row: dict[str, Any]) -> str | None:
+    """The prior-fit mismatch words of a summary row whose slice the prior does not describe, else None."""
+    threshold = job.results.summary.get("prior_fit_threshold")
+    if row.get("prior_fit") != FIT_MISMATCH or row.get("prior_fit_score") is None or threshold is None:
+        return None
+    return mismatch_rule(PriorFit(FIT_MISMATCH, float(row["prior_fit_score"]), float(threshold)))
+
+
+def _caption(job: _Job, entry: SliceEntry, flagged: bool) -> str:
     """The line burned into overlays: no patient data, so it is safe under de-identification too."""
-    flag = "FLAGGED" if flagged else "not flagged"
-    if z_threshold is not None:
-        limit = f" (KL z > {z_threshold:.4g})" if flagged else ""
-    else:
-        limit = f" (> {threshold:.4g})" if flagged and threshold is not None else ""
-    return f"slice {entry.slice_index}   score {entry.score:.4g} nats   {flag}{limit}"
+    verdict = _verdict(job, entry, flagged)
+    score = f" · score {format_nats(entry.score)} nats" if verdict.rule != "nats" else ""
+    return f"{slice_label(entry.slice_index)} · {verdict.caption}{score}"
+
+
+def _flag_mask(job: _Job, result: SliceResult, kl: np.ndarray) -> np.ndarray:
+    """Pixels of the patches the flag rule flags: KL z windows under the z rule, else patches above the nats threshold."""
+    if job.z_threshold is not None:
+        return _above_z(result, job.z_threshold)
+    return kl > job.threshold if job.threshold is not None else np.zeros(kl.shape, bool)
 
 
 def _write_case(job: _Job, case: CaseEntry, staging: Path, skipped: list[str]) -> tuple[list[Path], dict[str, Any]]:
@@ -343,22 +373,25 @@ def _write_case(job: _Job, case: CaseEntry, staging: Path, skipped: list[str]) -
             continue
         result = load_slice_result(entry.file)
         kl = result.kl_map.to_pixels().astype(np.float32)
-        style = OverlayStyle.for_map(kl, job.threshold)
-        caption = _caption(entry, entry.slice_index in flagged, job.threshold, job.z_threshold)
+        style = OverlayStyle.for_map(kl, job.threshold, nats_rule=job.z_threshold is None)
+        mask = _flag_mask(job, result, kl)
+        caption = _caption(job, entry, entry.slice_index in flagged)
         stem = f"{entry.slice_index:04d}"
         if "png" in job.formats and entry.slice_index in pictured:
-            _save_pngs(save, stem, result, kl, style, sources.window, caption)
+            _save_pngs(save, stem, result, kl, style, sources.window, caption, mask)
         if sources.datasets is not None:
             ds = sources.datasets[number]
             hu = source_hu(ds)
             grid = result.grid_for(hu.shape)
             kl_source = to_source_grid(kl, grid)
             on_source.append(kl_source)
+            mask_source = to_source_grid(mask.astype(np.float32), grid) > 0
             if job.z_threshold is not None:
-                z_on_source.append(to_source_grid(_above_z(result, job.z_threshold), grid) > 0)
+                z_on_source.append(mask_source)
             if entry.slice_index in pictured:
                 sc_number += 1
-                rgb = add_colorbar(overlay_rgb(hu, kl_source, sources.window, style), style, caption)
+                rgb = add_colorbar(overlay_rgb(hu, kl_source, sources.window, style, flagged=mask_source), style,
+                                   caption)
                 sc = secondary_capture(ds, rgb, series_uid=sc_series, instance_number=sc_number)
                 save(f"dicom/secondary_capture_{stem}.dcm", lambda f, sc=sc: _save_dicom(job, sc, f))
         if entry is top:
@@ -369,27 +402,30 @@ def _write_case(job: _Job, case: CaseEntry, staging: Path, skipped: list[str]) -
     if "pdf" in job.formats and top_result is not None:
         ctx = _report_context(job, case, sources.patient, flagged)
         kl = top_result.kl_map.to_pixels().astype(np.float32)
-        style = OverlayStyle.for_map(kl, job.threshold)
-        save(REPORT_FILE, lambda f: write_report_pdf(f, ctx, _panels(top_result, kl, style, sources.window), style))
+        style = OverlayStyle.for_map(kl, job.threshold, nats_rule=job.z_threshold is None)
+        panels = _panels(top_result, kl, style, sources.window, _flag_mask(job, top_result, kl))
+        save(REPORT_FILE, lambda f: write_report_pdf(f, ctx, panels, style))
     return written, {"patient": sources.patient}
 
 
-def _on_source(result: SliceResult, kl: np.ndarray) -> dict[str, np.ndarray | None]:
-    """The result's images and KL map on its source grid, as pictures show them (where the grid is recorded)."""
+def _on_source(result: SliceResult, kl: np.ndarray, flagged: np.ndarray) -> dict[str, np.ndarray | None]:
+    """The result's images, KL map and flagged pixels on its source grid, as pictures show them (where the grid
+    is recorded)."""
     images = {"recon": result.recon_hu, "fbp": result.fbp_hu, "original": result.original_hu,
               "std": result.posterior_std_hu}
     grid = result.grid_transform
     if grid is None or grid.is_identity():
-        return {**images, "kl": kl}
+        return {**images, "kl": kl, "flagged": flagged}
     back = {k: None if v is None else grid.resample_to_source(v, fill=AIR_HU) for k, v in images.items()}
     back["std"] = grid.resample_to_source(result.posterior_std_hu, fill=0.0)
-    return {**back, "kl": to_source_grid(kl, grid)}
+    return {**back, "kl": to_source_grid(kl, grid), "flagged": to_source_grid(flagged.astype(np.float32), grid) > 0}
 
 
 def _save_pngs(save: Callable[[str, Callable[[Any], None]], None], stem: str, result: SliceResult, kl: np.ndarray,
-               style: OverlayStyle, window: tuple[float, float], caption: str) -> None:
-    shown = _on_source(result, kl)
-    overlay = add_colorbar(overlay_rgb(shown["recon"], shown["kl"], window, style), style, caption)
+               style: OverlayStyle, window: tuple[float, float], caption: str, flagged: np.ndarray) -> None:
+    shown = _on_source(result, kl, flagged)
+    overlay = add_colorbar(overlay_rgb(shown["recon"], shown["kl"], window, style, flagged=shown["flagged"]), style,
+                           caption)
     images = {"overlay": overlay, "reconstruction": grey_uint8(shown["recon"], window),
               "fbp": grey_uint8(shown["fbp"], window)}
     if shown["original"] is not None:
@@ -403,8 +439,7 @@ def _save_maps(job: _Job, case: CaseEntry, datasets: list[Dataset], kl_maps: np.
                z_masks: np.ndarray | None) -> None:
     """The Parametric Map of KL, and the Segmentation of the patches the flag rule marks."""
     threshold = job.threshold
-    upper = 2.0 * threshold if threshold is not None else float(kl_maps.max())
-    pm = parametric_map(datasets, kl_maps, levels=(0.0, upper if upper > 0 else 1.0),
+    pm = parametric_map(datasets, kl_maps, levels=overlay_levels(float(kl_maps.max()), threshold),
                         description=f"KL per {case.slices[0].row.get('patch', '?')} px patch, nats")
     save("dicom/parametric_map.dcm", lambda f: _save_dicom(job, pm, f))
     if job.z_threshold is not None and z_masks is not None:
@@ -428,10 +463,11 @@ def _save_dicom(job: _Job, ds: Dataset, handle: Any) -> None:
     ds.save_as(handle, enforce_file_format=True)
 
 
-def _panels(result: SliceResult, kl: np.ndarray, style: OverlayStyle,
-            window: tuple[float, float]) -> list[tuple[str, np.ndarray]]:
-    shown = _on_source(result, kl)
-    panels = [("Reconstruction (posterior mean) + KL", overlay_rgb(shown["recon"], shown["kl"], window, style))]
+def _panels(result: SliceResult, kl: np.ndarray, style: OverlayStyle, window: tuple[float, float],
+            flagged: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    shown = _on_source(result, kl, flagged)
+    panels = [("Reconstruction (posterior mean) + KL",
+               overlay_rgb(shown["recon"], shown["kl"], window, style, flagged=shown["flagged"]))]
     if shown["original"] is not None:
         panels.append(("Original", grey_uint8(shown["original"], window)))
     panels.append(("FBP of the measurement", grey_uint8(shown["fbp"], window)))
@@ -447,7 +483,8 @@ def _report_context(job: _Job, case: CaseEntry, patient: str, flagged: set[int])
         case=case, patient=patient, flagged_slices=flagged, threshold=job.threshold, threshold_source=job.threshold_source,
         note=job.notes.get(case.name, ""), settings=job.results.settings, prior=job.results.prior,
         analysis_version=str(summary.get("klviewer_version", "unknown")), analysis_date=str(summary.get("created", "unknown")),
-        export_date=job.date, z_threshold=job.z_threshold,
+        export_date=job.date, z_threshold=job.z_threshold, rule_forced=job.selection_threshold is not None,
+        measurements=job.measurements.get(case.name, []),
     )
 
 
@@ -465,16 +502,20 @@ def _record(job: _Job, case: CaseEntry, export: CaseExport, info: dict[str, Any]
 
     slices = []
     for s in case.slices:
-        item: dict[str, Any] = {"slice_index": s.slice_index, "score": s.score, "total_kl": s.total_kl,
+        verdict = _verdict(job, s, s.slice_index in flagged)
+        item: dict[str, Any] = {"slice_index": s.slice_index, "score_nats": s.score, "total_kl_nats": s.total_kl,
+                                "z_score": s.row.get("z_score"), "verdict": verdict.status,
                                 "flagged": s.slice_index in flagged, "result_file": str(s.row["file"]),
                                 "sop_instance_uid": uid(s.sop_instance_uid)}
         if job.pseudonyms is None:
             item["source_file"] = s.source_file
         slices.append(item)
+    verdict = _case_verdict(job, case, flagged)
     return {
-        "case": case.name, "status": "failed" if export.error else "exported", "flagged": bool(flagged),
-        "score": top.score, "top_slice": top.slice_index, "total_kl": top.total_kl, "slices": slices,
-        "flagged_slices": len(flagged), "flag_threshold": _flag_threshold(job), "source_kind": case.source_kind or "",
+        "case": case.name, "status": "failed" if export.error else "exported", "verdict": verdict.status,
+        "flagged": bool(flagged), "score_nats": top.score, "top_slice": top.slice_index, "total_kl_nats": top.total_kl,
+        "z_score": _largest_z(case), "slices": slices, "flagged_slices": len(flagged), **_rule_columns(job),
+        "source_kind": case.source_kind or "",
         "patient": info.get("patient", ""), "series_uid": uid(top.series_uid),
         "folder": case.name if export.folder is not None else "",
         "files": [str(p.relative_to(job.out)) for p in export.files], "skipped": export.skipped,
@@ -482,9 +523,29 @@ def _record(job: _Job, case: CaseEntry, export: CaseExport, info: dict[str, Any]
     }
 
 
-def _flag_threshold(job: _Job) -> float | None:
-    """The threshold the flags in the tables were decided by (a z-score under the z rule)."""
-    return job.z_threshold if job.z_threshold is not None else job.threshold
+def _largest_z(case: CaseEntry) -> float | None:
+    """The case's KL z-score: its largest slice z-score (None without z-scores)."""
+    return max((float(s.row["z_score"]) for s in case.slices if s.row.get("z_score") is not None), default=None)
+
+
+def _case_verdict(job: _Job, case: CaseEntry, flagged: set[int]) -> VerdictText:
+    """The case's verdict: the study's prior fit first, then flagged when any slice is; its numbers are the
+    largest slice's."""
+    top = case.top
+    fit = (job.results.summary.get("cases") or {}).get(case.name)
+    mismatch = None
+    if isinstance(fit, dict) and fit.get("verdict") == FIT_MISMATCH:
+        mismatch = mismatch_rule(PriorFit.from_dict(fit, job.results.path))
+    return table_verdict(bool(flagged), top.score, _largest_z(case), job.threshold, job.z_threshold,
+                         job.selection_threshold, mismatch)
+
+
+def _rule_columns(job: _Job) -> dict[str, Any]:
+    """The flag rule and its thresholds, each in a column named by its unit."""
+    rule = flag_rule(job.threshold, job.z_threshold, job.selection_threshold)
+    return {"flag_rule": {"z": "kl_z_score", "nats": "largest_patch_kl_nats"}.get(rule, "none"),
+            "z_threshold": job.z_threshold if rule == "z" else None,
+            "nats_threshold": job.threshold if rule == "nats" else None}
 
 
 def _table_header(job: _Job, selection: str) -> dict[str, Any]:
@@ -494,6 +555,6 @@ def _table_header(job: _Job, selection: str) -> dict[str, Any]:
         "analysis": {"klviewer_version": summary.get("klviewer_version"), "created": summary.get("created"),
                      "settings": job.results.settings},
         "prior": {k: job.results.prior.get(k) for k in ("name", "sha256")},
-        "flag_threshold": _flag_threshold(job), "flag_threshold_source": job.threshold_source,
+        **_rule_columns(job), "flag_threshold_source": job.threshold_source, "slice_numbering": "from 0",
         "selection": selection, "formats": sorted(job.formats), "deidentified": job.pseudonyms is not None,
     }

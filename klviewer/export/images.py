@@ -1,7 +1,7 @@
 """Pictures of a result: windowed CT, the KL heat map blended over it, and a version with a colour bar.
 
 The overlay follows `klviewer.overlay_rules`, as the app does, so an exported picture looks
-like the screen; flagged patches are outlined in cyan.
+like the screen; the patches the flag rule flags, and only those, are outlined in cyan.
 Figures are drawn with matplotlib's Agg canvas directly (no pyplot), so exporting from a
 background thread of the app is safe.
 """
@@ -16,12 +16,12 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
+from matplotlib.colorbar import Colorbar
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from PIL import Image  # matplotlib's own image dependency
 
-from klviewer.overlay_rules import COLORMAP, OUTLINE_RGB, OVERLAY_OPACITY, display_cut, overlay_levels
+from klviewer.overlay_rules import COLORMAP, OUTLINE_RGB, OVERLAY_OPACITY, colorbar_ticks, display_cut, overlay_levels
 
 SOFT_TISSUE_WINDOW = (40.0, 400.0)
 """(center, width) in HU when the source has no window of its own."""
@@ -37,12 +37,18 @@ class OverlayStyle:
     cut: float
     """KL below this is left transparent."""
     threshold: float | None
-    """Patches above this are outlined."""
+    """The nats rule's threshold: patches above it are outlined and it is marked on the colour bar.
+    None under the KL z rule (whose windows the caller outlines) and where no rule applies."""
+    peak: float = 0.0
+    """The slice's largest patch KL, marked on the colour bar."""
 
     @classmethod
-    def for_map(cls, kl_pixels: np.ndarray, threshold: float | None) -> OverlayStyle:
+    def for_map(cls, kl_pixels: np.ndarray, threshold: float | None, nats_rule: bool = True) -> OverlayStyle:
+        """The style of a slice's map: colours over the calibrated range of `threshold` (nats) when there is one;
+        the threshold is the flag rule's only under the nats rule (`nats_rule`)."""
         peak = float(np.max(kl_pixels)) if kl_pixels.size else 0.0
-        return cls(levels=overlay_levels(peak, threshold), cut=display_cut(peak), threshold=threshold)
+        return cls(levels=overlay_levels(peak, threshold), cut=display_cut(peak),
+                   threshold=threshold if nats_rule else None, peak=peak)
 
     def flagged_mask(self, kl_pixels: np.ndarray) -> np.ndarray:
         if self.threshold is None:
@@ -68,8 +74,11 @@ def _outline(mask: np.ndarray) -> np.ndarray:
 
 
 def overlay_rgb(base_hu: np.ndarray, kl_pixels: np.ndarray, window: tuple[float, float], style: OverlayStyle,
-                opacity: float = OVERLAY_OPACITY) -> np.ndarray:
-    """(H, W, 3) uint8: the windowed base image, the KL heat map blended in, flagged patches outlined."""
+                opacity: float = OVERLAY_OPACITY, flagged: np.ndarray | None = None) -> np.ndarray:
+    """(H, W, 3) uint8: the windowed base image, the KL heat map blended in, flagged patches outlined.
+
+    `flagged` marks the pixels the flag rule flags (the KL z rule's windows); by default those
+    above the style's nats threshold."""
     if base_hu.shape != kl_pixels.shape:
         raise ValueError(f"base image {base_hu.shape} and KL map {kl_pixels.shape} differ in shape")
     grey = windowed(base_hu, window)[..., None].repeat(3, axis=2)
@@ -78,7 +87,7 @@ def overlay_rgb(base_hu: np.ndarray, kl_pixels: np.ndarray, window: tuple[float,
     shown = (kl_pixels > 0) & (kl_pixels >= style.cut)
     alpha = np.where(shown, opacity, 0.0)[..., None]
     rgb = grey * (1.0 - alpha) + colours * alpha
-    rgb[_outline(style.flagged_mask(kl_pixels))] = OUTLINE_RGB
+    rgb[_outline(style.flagged_mask(kl_pixels) if flagged is None else flagged)] = OUTLINE_RGB
     return np.round(rgb * 255).astype(np.uint8)
 
 
@@ -101,13 +110,22 @@ def add_colorbar(rgb: np.ndarray, style: OverlayStyle, caption: str) -> np.ndarr
     cax = fig.add_axes(((w * scale + 14) / fig_w, 0.08, 18 / fig_w, 0.8 * h * scale / fig_h))
     bar = fig.colorbar(ScalarMappable(Normalize(*style.levels), COLORMAP), cax=cax)
     bar.set_label("KL (nats)", color="white")
-    bar.ax.yaxis.set_major_locator(MaxNLocator(6))
+    mark_colorbar(bar, style)
     bar.ax.tick_params(colors="white", labelsize=8)
-    if style.threshold is not None and style.levels[0] <= style.threshold <= style.levels[1]:
-        bar.ax.axhline(style.threshold, color=OUTLINE_RGB, linewidth=1.5)
     fig.text(0.01, 1 - 0.5 * caption_px / fig_h, caption, color="white", fontsize=9, va="center")
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def mark_colorbar(bar: Colorbar, style: OverlayStyle) -> None:
+    """Ticks as in the app (round numbers, "thr", "max"), the threshold line in the outline colour and the
+    slice's maximum as a dashed white line."""
+    ticks = colorbar_ticks(style.levels, style.peak, style.threshold)
+    bar.set_ticks([v for v, _ in ticks], labels=[label for _, label in ticks])
+    line = bar.ax.axvline if bar.orientation == "horizontal" else bar.ax.axhline
+    if style.threshold is not None and style.levels[0] <= style.threshold <= style.levels[1]:
+        line(style.threshold, color=OUTLINE_RGB, linewidth=1.5)
+    line(min(style.peak, style.levels[1]), color="white", linewidth=1.2, linestyle="--")
 
 
 def write_png(handle: BinaryIO, image: np.ndarray) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -16,15 +16,16 @@ from matplotlib.backends.backend_pdf import FigureCanvasPdf
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from klviewer import __version__
-from klviewer.export.images import COLORMAP, OverlayStyle
+from klviewer.export.images import COLORMAP, OverlayStyle, mark_colorbar
+from klviewer.inference.verdict_text import VerdictText, table_verdict
 from klviewer.results.reader import CaseEntry
 
 A4_INCHES = (8.27, 11.69)
 MAX_SLICE_ROWS = 10
 MAX_NOTE_LINES = 6
+TITLE_CHARS = 62
 DISCLAIMER = "Research software: not for diagnostic use. KL = KL divergence between the diffusion prior and the posterior."
 
 
@@ -45,6 +46,10 @@ class ReportContext:
     export_date: str
     z_threshold: float | None = None
     """Set when the flags came from KL z-scores against the prior's healthy reference."""
+    rule_forced: bool = False
+    """The nats threshold was set for the export (`--flag-threshold`), not taken from the prior's calibration."""
+    measurements: list[str] = field(default_factory=list)
+    """Measurements drawn in the app (distance, ROI statistics), one line each."""
 
     @property
     def flagged(self) -> bool:
@@ -80,27 +85,21 @@ def report_sections(ctx: ReportContext) -> list[tuple[str, list[str]]]:
         note = note[:MAX_NOTE_LINES - 1] + ["... (the full note is in cases.json)"]
     views = ("as measured (sinogram input)" if ctx.case.source_kind == "sinogram"
              else f"{s.get('views')} simulated parallel-beam views over 180 deg")
-    flag = f"Flag: {'FLAGGED' if ctx.flagged else 'not flagged'}   "
-    if ctx.z_threshold is not None:
-        flag += f"KL z-score threshold {ctx.z_threshold:.4g} (prior's healthy reference)"
-        z_scores = [x.row.get("z_score") for x in ctx.case.slices]
-        largest = max((float(z) for z in z_scores if z is not None), default=None)
-        if largest is not None:
-            flag += f", largest slice z-score {largest:.4g}"
-    else:
-        flag += f"threshold {_nats(ctx.threshold)} ({ctx.threshold_source})"
+    z_scores = [float(x.row["z_score"]) for x in ctx.case.slices if x.row.get("z_score") is not None]
+    verdict = _verdict(ctx, ctx.flagged, top.score, max(z_scores, default=None))
+    status = verdict.status.upper() if verdict.flagged else verdict.status
     mismatch = _prior_mismatch(ctx.case)
-    verdict = [flag] if mismatch is None else textwrap.wrap(mismatch, 100)
+    first = [f"Flag: {status} · {verdict.value} · {verdict.rule_text}"] if mismatch is None else textwrap.wrap(mismatch, 100)
     geometry = sorted({w for x in ctx.case.slices for w in str(x.row.get("geometry_warnings") or "").split("; ") if w})
-    return [
+    sections = [
         ("Result", [
-            *verdict,
-            f"Score (largest patch KL): {_nats(top.score)}   on slice {top.slice_index}",
+            *first,
+            f"Score (largest patch KL): {_nats(top.score)}   on slice {top.slice_index} (slices numbered from 0)",
             f"Total KL of that slice: {_nats(top.total_kl)}",
             f"Slices analysed: {len(ctx.case.slices)}, flagged: {len(flagged_indices)}",
         ]),
-        ("Slices", [f"slice {x.slice_index:>4}   score {x.score:>12.4g}   total {x.total_kl:>12.4g}"
-                    f"   {'flagged' if x.slice_index in flagged_indices else ''}"
+        ("Slices", [f"slice {x.slice_index:>4}   score {x.score:>10.4g} nats   total {x.total_kl:>10.4g} nats   "
+                    f"{_z(x.row.get('z_score'))}   {_verdict(ctx, x.slice_index in flagged_indices, x.score, x.row.get('z_score')).status}"
                     for x in ctx.case.slices[:MAX_SLICE_ROWS]]
          + ([f"... and {len(ctx.case.slices) - MAX_SLICE_ROWS} more (see cases.json)"]
             if len(ctx.case.slices) > MAX_SLICE_ROWS else [])),
@@ -116,6 +115,19 @@ def report_sections(ctx: ReportContext) -> list[tuple[str, list[str]]]:
                         f"analysed with klviewer {ctx.analysis_version} on {ctx.analysis_date}",
                         f"report by klviewer {__version__} on {ctx.export_date}"]),
     ]
+    if ctx.measurements:
+        after_note = [heading for heading, _ in sections].index("Note") + 1
+        sections.insert(after_note, ("Measurements", ctx.measurements[:MAX_NOTE_LINES]))
+    return sections
+
+
+def _verdict(ctx: ReportContext, flagged: bool, score: float, z_score: float | None) -> VerdictText:
+    return table_verdict(flagged, score, None if z_score is None else float(z_score), ctx.threshold, ctx.z_threshold,
+                         ctx.threshold if ctx.rule_forced else None)
+
+
+def _z(value: float | None) -> str:
+    return "KL z      -" if value is None else f"KL z {float(value):>6.3g}"
 
 
 def write_report_pdf(handle: BinaryIO, ctx: ReportContext, panels: Sequence[tuple[str, np.ndarray]],
@@ -133,8 +145,10 @@ def write_report_pdf(handle: BinaryIO, ctx: ReportContext, panels: Sequence[tupl
 def report_figure(ctx: ReportContext, panels: Sequence[tuple[str, np.ndarray]], style: OverlayStyle) -> Figure:
     """One A4 page: title, up to three image panels (the first with the KL colour bar), the sections."""
     fig = Figure(figsize=A4_INCHES)
-    fig.text(0.06, 0.965, f"klviewer case report: {ctx.case.name}", fontsize=13, weight="bold")
-    fig.text(0.06, 0.945, f"Patient: {ctx.patient}", fontsize=9)
+    # Long case names (series UIDs) wrap instead of running off the page's right edge.
+    title = textwrap.wrap(f"klviewer case report: {ctx.case.name}", TITLE_CHARS, break_on_hyphens=False)
+    fig.text(0.06, 0.975, "\n".join(title[:2]), fontsize=13 if len(title) == 1 else 10, weight="bold", va="top")
+    fig.text(0.06, 0.935, textwrap.shorten(f"Patient: {ctx.patient}", 110), fontsize=9)
     width = 0.27
     for k, (title, image) in enumerate(panels[:3]):
         ax = fig.add_axes((0.06 + k * (width + 0.035), 0.70, width, 0.22))
@@ -143,8 +157,9 @@ def report_figure(ctx: ReportContext, panels: Sequence[tuple[str, np.ndarray]], 
         ax.set_axis_off()
     cax = fig.add_axes((0.06, 0.685, width, 0.008))
     bar = fig.colorbar(ScalarMappable(Normalize(*style.levels), COLORMAP), cax=cax, orientation="horizontal")
-    bar.set_label("KL (nats) of the patch; cyan = above threshold", fontsize=7)
-    bar.ax.xaxis.set_major_locator(MaxNLocator(5))
+    fig.text(0.06, 0.655, "KL (nats) of the patch; cyan outline = flagged by the rule; dashed line = the slice's maximum",
+             fontsize=7)
+    mark_colorbar(bar, style)
     bar.ax.tick_params(labelsize=6)
 
     y = 0.64

@@ -14,11 +14,15 @@ from klviewer.io.safe_write import atomic_write_text
 CASES_CSV = "cases.csv"
 CASES_JSON = "cases.json"
 CASE_COLUMNS = [
-    "case", "status", "flagged", "score", "top_slice", "total_kl", "slices", "flagged_slices", "flag_threshold",
-    "source_kind", "patient", "series_uid", "folder", "files", "skipped", "error", "note",
+    "case", "status", "verdict", "flagged", "score_nats", "z_score", "top_slice", "total_kl_nats", "slices",
+    "flagged_slices", "flag_rule", "z_threshold", "nats_threshold", "source_kind", "patient", "series_uid", "folder",
+    "files", "skipped", "error", "note",
 ]
-"""`score` is the case's largest slice score, `total_kl` that slice's total (nats); `files` and
-`skipped` are joined with ' | '."""
+"""Every number names its unit. `verdict` is flagged / not flagged / cannot flag (no calibrated rule);
+`score_nats` is the case's largest slice score (largest patch KL) and `total_kl_nats` that slice's
+total; `z_score` the largest slice KL z-score. `flag_rule` is kl_z_score (then `z_threshold` holds
+the threshold, a z-score), largest_patch_kl_nats (then `nats_threshold`, in nats) or none. Slices
+are numbered from 0 (`top_slice`). `files` and `skipped` are joined with ' | '."""
 
 
 def write_case_tables(out: Path, header: dict[str, Any], cases: Sequence[dict[str, Any]], *,

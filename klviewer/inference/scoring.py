@@ -99,11 +99,16 @@ class Verdict:
         return self.status in (FLAGGED, MISMATCH)
 
 
+def mismatch_rule(prior_fit: PriorFit) -> str:
+    """The words of a prior-fit mismatch, wherever one is shown."""
+    return (f"prior fit {prior_fit.score:.3g} > {prior_fit.threshold:.3g} nats per body pixel: "
+            "this prior does not describe the study, so its local KL maps are not meaningful")
+
+
 def verdict_of(scored: SliceScore, prior_fit: PriorFit | None) -> Verdict:
     """The prior-fit verdict first (a mismatch is never "not flagged"), then the flag rule of `scored`."""
     if prior_fit is not None and not prior_fit.fits:
-        return Verdict(MISMATCH, f"prior fit {prior_fit.score:.3g} > {prior_fit.threshold:.3g} nats per body pixel: "
-                                 "this prior does not describe the study, so its local KL maps are not meaningful")
+        return Verdict(MISMATCH, mismatch_rule(prior_fit))
     rule = scored.rule
     if rule == "z":
         above = scored.z_score is not None and scored.z_score > scored.z_threshold

@@ -21,6 +21,7 @@ from klviewer.inference.prior_fit import judge, study_prior_fit
 from klviewer.inference.result import SliceResult
 from klviewer.inference.scoring import flag_rule
 from klviewer.inference.settings import AnalysisSettings
+from klviewer.inference.verdict_text import rule_text
 from klviewer.io.safe_write import atomic_write_text
 
 CSV_COLUMNS = [
@@ -36,6 +37,10 @@ class AnalysisRun:
     out: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    flag_rule: str | None = None
+    """The rule the rows were flagged by ("z", "nats" or None: nothing could be flagged), once the summary is written."""
+    rule_text: str = ""
+    """That rule in words, with its threshold (klviewer.inference.verdict_text.rule_text)."""
 
 
 def summary_row(source: str, case: str, index: int, result: SliceResult, file: Path) -> dict[str, Any]:
@@ -70,6 +75,8 @@ def case_prior_fits(rows: list[dict[str, Any]], threshold: float | None) -> dict
 def write_summary(run: AnalysisRun, settings: AnalysisSettings, prior_path: Path, fingerprint: str,
                   threshold: float | None, overwrite: bool, z_threshold: float | None = None,
                   prior_fit_threshold: float | None = None) -> None:
+    run.flag_rule = flag_rule(threshold, z_threshold, settings.flag_threshold)
+    run.rule_text = rule_text(run.flag_rule, threshold, z_threshold, settings.flag_threshold is not None)
     summary = {
         "klviewer_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -77,7 +84,7 @@ def write_summary(run: AnalysisRun, settings: AnalysisSettings, prior_path: Path
         "settings": settings.to_dict(),
         "flag_threshold": threshold,
         "z_threshold": z_threshold,
-        "flag_rule": flag_rule(threshold, z_threshold, settings.flag_threshold),
+        "flag_rule": run.flag_rule,
         "prior_fit_threshold": prior_fit_threshold,
         "cases": case_prior_fits(run.rows, prior_fit_threshold),
         "rows": run.rows,

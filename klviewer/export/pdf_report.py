@@ -45,6 +45,12 @@ class ReportContext:
     export_date: str
     z_threshold: float | None = None
     """Set when the flags came from KL z-scores against the prior's healthy reference."""
+    name: str = ""
+    """The case's name in the export (case-0001 under de-identification); the results' name by default."""
+
+    @property
+    def title(self) -> str:
+        return self.name or self.case.name
 
     @property
     def flagged(self) -> bool:
@@ -103,21 +109,23 @@ def report_sections(ctx: ReportContext) -> list[tuple[str, list[str]]]:
 
 
 def write_report_pdf(handle: BinaryIO, ctx: ReportContext, panels: Sequence[tuple[str, np.ndarray]],
-                     style: OverlayStyle) -> None:
-    """Write the report as a one-page PDF."""
+                     style: OverlayStyle, dated: bool = True) -> None:
+    """Write the report as a one-page PDF; without `dated`, the PDF records no creation date."""
     metadata = {
-        "Title": f"klviewer case report: {ctx.case.name}",
+        "Title": f"klviewer case report: {ctx.title}",
         "Subject": f"score {ctx.case.score:.6g} nats; {'flagged' if ctx.flagged else 'not flagged'}",
         "Creator": f"klviewer {__version__}",
         "Keywords": f"prior {ctx.prior.get('name')}; sha256 {ctx.prior.get('sha256')}",
     }
+    if not dated:
+        metadata["CreationDate"] = None
     FigureCanvasPdf(report_figure(ctx, panels, style)).print_pdf(handle, metadata=metadata)
 
 
 def report_figure(ctx: ReportContext, panels: Sequence[tuple[str, np.ndarray]], style: OverlayStyle) -> Figure:
     """One A4 page: title, up to three image panels (the first with the KL colour bar), the sections."""
     fig = Figure(figsize=A4_INCHES)
-    fig.text(0.06, 0.965, f"klviewer case report: {ctx.case.name}", fontsize=13, weight="bold")
+    fig.text(0.06, 0.965, f"klviewer case report: {ctx.title}", fontsize=13, weight="bold")
     fig.text(0.06, 0.945, f"Patient: {ctx.patient}", fontsize=9)
     width = 0.27
     for k, (title, image) in enumerate(panels[:3]):

@@ -15,10 +15,10 @@ CASES_CSV = "cases.csv"
 CASES_JSON = "cases.json"
 CASE_COLUMNS = [
     "case", "status", "flagged", "score", "top_slice", "total_kl", "slices", "flagged_slices", "flag_threshold",
-    "source_kind", "patient", "series_uid", "folder", "files", "skipped", "error", "note",
+    "source_kind", "patient", "series_uid", "folder", "files", "skipped", "notes", "error", "note",
 ]
 """`score` is the case's largest slice score, `total_kl` that slice's total (nats); `files` and
-`skipped` are joined with ' | '."""
+`skipped` and `notes` are joined with ' | '."""
 
 
 def write_case_tables(out: Path, header: dict[str, Any], cases: Sequence[dict[str, Any]], *,
@@ -31,6 +31,7 @@ def write_case_tables(out: Path, header: dict[str, Any], cases: Sequence[dict[st
         row = dict(case)
         row["files"] = " | ".join(case["files"])
         row["skipped"] = " | ".join(case["skipped"])
+        row["notes"] = " | ".join(case.get("notes", []))
         row["slices"] = len(case["slices"])
         writer.writerow(row)
     csv_path = atomic_write_text(out / CASES_CSV, buffer.getvalue(), overwrite=overwrite)

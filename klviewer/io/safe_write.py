@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from klviewer.errors import KlviewerError, KlviewerInputError
+from klviewer.errors import OVERWRITE_HINT, KlviewerError, KlviewerInputError
 
 
 def _current_umask() -> int:
@@ -25,7 +25,7 @@ _FILE_MODE = 0o666 & ~_current_umask()
 class OutputExistsError(KlviewerError, FileExistsError):
     def __init__(self, path: Path) -> None:
         self.path = path
-        super().__init__(f"{path}: already exists; refusing to overwrite (pass overwrite to replace it)")
+        super().__init__(f"{path}: already exists; refusing to overwrite ({OVERWRITE_HINT})")
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, overwrite: bool = False) -> Path:

@@ -188,8 +188,13 @@ def read_bounded_dataset(path: Path) -> Dataset:
     if reason is not None:
         raise KlviewerInputError(path, reason)
     data = read_input_bytes(path, MAX_DICOM_BYTES, "DICOM file")
-    if _transfer_syntax(data, force) == DeflatedExplicitVRLittleEndian:
+    syntax, first_group = _peek(data, force)
+    if syntax == DeflatedExplicitVRLittleEndian:
         raise KlviewerInputError(path, "Deflated Explicit VR Little Endian is not read (its size is known only after inflating it)")
+    if first_group == 0:
+        # pydicom reads group 0000 as a network command set, element by element and without the guard.
+        raise KlviewerInputError(path, "a command group (0000,xxxx) after the file meta: damaged or not a DICOM file "
+                                       "(a run of zero bytes?)")
     try:
         return read_partial(io.BytesIO(data), stop_when=_ElementGuard(), force=force)
     except _Skip as exc:
@@ -198,14 +203,17 @@ def read_bounded_dataset(path: Path) -> Dataset:
         raise KlviewerInputError(path, f"unreadable DICOM file ({type(exc).__name__}: {brief(str(exc))})") from exc
 
 
-def _transfer_syntax(data: bytes, force: bool) -> str | None:
-    """The file meta's TransferSyntaxUID, or None when there is no readable file meta."""
+def _peek(data: bytes, force: bool) -> tuple[str | None, int | None]:
+    """(the file meta's TransferSyntaxUID, the group of the first element after the meta); None for
+    what cannot be read (the full parse that follows reports why)."""
     handle = io.BytesIO(data)
     try:
         read_preamble(handle, force)
-        return str(_read_file_meta_info(handle).get("TransferSyntaxUID", "") or "") or None
+        syntax = str(_read_file_meta_info(handle).get("TransferSyntaxUID", "") or "") or None
     except Exception:  # noqa: BLE001 - a damaged meta is reported by the full parse that follows
-        return None
+        return None, None
+    head = handle.read(2)
+    return syntax, int.from_bytes(head, "little") if len(head) == 2 else None
 
 
 class _ElementGuard:

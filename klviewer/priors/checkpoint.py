@@ -18,7 +18,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 import klviewer
-from klviewer.errors import KlviewerInputError, brief
+from klviewer.errors import KlviewerInputError, brief, shorten
 from klviewer.io.input_files import check_path, link_problem, not_regular_reason, open_input, read_input_bytes
 from klviewer.io.json_input import checked_integer, parse_json
 from klviewer.io.safe_write import OutputExistsError, atomic_write, atomic_write_text
@@ -217,7 +217,7 @@ def load_prior(name_or_path: str | Path, device: str | torch.device = "cpu") -> 
         raise
     except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as exc:
         raise KlviewerInputError(folder / CONFIG_FILE, f"cannot build a {config.architecture} prior from its "
-                                                       f"'arch' settings ({type(exc).__name__}: {brief(str(exc))})") from exc
+                                                       f"'arch' settings ({type(exc).__name__}: {shorten(str(exc), 300)})") from exc
     check_state_dict(prior, tensors, weights_path)
     try:
         prior.load_state_dict(tensors, strict=True)

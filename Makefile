@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.klviewer-installed
 
-.PHONY: run test venv bench clean data data-pycerr data-invesalius
+.PHONY: run test venv bench fuzz clean data data-pycerr data-invesalius
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_radon.py
+
+# 10,000 hostile inputs of every kind, each in a child process with time and memory limits
+# (about an hour on 2 cores); the table goes to benchmarks/results/fuzz.md. make test runs 300.
+FUZZ_INPUTS ?= 10000
+fuzz: $(STAMP)
+	$(BIN)/python benchmarks/fuzz.py -n $(FUZZ_INPUTS) --seed 17 --jobs 2 --out benchmarks/results/fuzz.md
 
 # Real CT for tests and benchmarks (docs/real_ct_data.md). It goes to a git-ignored folder and is
 # never committed: the pycerr data is CC BY-NC 3.0 (tests and benchmarks only), InVesalius' GPL-2.

@@ -85,7 +85,7 @@ def test_corrupt_slice_file_fails_only_its_case(results_copy: Path, fx: ResultsF
     (results_copy / row["file"]).write_bytes(b"not a zip file")
     report = export_results(results_copy, tmp_path / "out", flagged_only=False, formats=("png", "csv"))
     assert [c.case for c in report.failed] == ["S004-chest"]
-    assert "not a readable npz archive" in report.failed[0].error and row["file"] in report.failed[0].error
+    assert "not a readable numpy array" in report.failed[0].error and row["file"] in report.failed[0].error
     assert not (tmp_path / "out" / "S004-chest").exists()
     assert len(report.cases) == 4 and all((report.out / c.case).is_dir() for c in report.cases if c.error is None)
 

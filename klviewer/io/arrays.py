@@ -94,7 +94,7 @@ def load_npz_arrays(path: Path, keys: tuple[str, ...] | None, required: bool = T
     except MemoryError as exc:
         raise KlviewerInputError(path, "array does not fit in memory") from exc
     except (OSError, EOFError, ValueError, zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError) as exc:
-        raise KlviewerInputError(path, f"not a readable npz archive, truncated or corrupt ({type(exc).__name__}: "
+        raise KlviewerInputError(path, f"not a readable numpy array: the npz archive is truncated or corrupt ({type(exc).__name__}: "
                                        f"{brief(str(exc))})") from exc
     return arrays
 

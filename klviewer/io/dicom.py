@@ -65,6 +65,8 @@ _POSITION_TOL_MM = 1e-3
 _SPACING_VARIATION = 0.1
 MAX_DICOM_BYTES = 2 << 30
 """The largest file parsed: an enhanced CT series of a thousand 512x512 frames is about 0.5 GiB."""
+HEADER_BYTES = 1 << 20
+"""What a header-only read reads: the attributes before the pixel data, which are rarely past a few KiB."""
 MAX_ELEMENTS = 100_000
 """Top-level data elements parsed per file; a CT image has a few hundred."""
 
@@ -175,8 +177,11 @@ def _read_dataset(path: Path) -> Dataset:
         raise _Skip(exc.problem) from exc
 
 
-def read_bounded_dataset(path: Path) -> Dataset:
+def read_bounded_dataset(path: Path, header_only: bool = False) -> Dataset:
     """Parse one DICOM file, with the work bounded by its size (KlviewerInputError names the file).
+
+    `header_only` reads at most the first HEADER_BYTES and stops before the pixel data: enough for
+    the patient, study and series attributes that discovery needs.
 
     The whole file is read into memory first (at most MAX_DICOM_BYTES) and parsed from there, so no
     declared length can make pydicom read or allocate past the file's end. At the top level, at most MAX_ELEMENTS
@@ -187,7 +192,11 @@ def read_bounded_dataset(path: Path) -> Dataset:
     reason, force = sniff_dicom(path)
     if reason is not None:
         raise KlviewerInputError(path, reason)
-    data = read_input_bytes(path, MAX_DICOM_BYTES, "DICOM file")
+    if header_only:
+        with open_input(path) as handle:
+            data = handle.read(HEADER_BYTES)
+    else:
+        data = read_input_bytes(path, MAX_DICOM_BYTES, "DICOM file")
     syntax, first_group = _peek(data, force)
     if syntax == DeflatedExplicitVRLittleEndian:
         raise KlviewerInputError(path, "Deflated Explicit VR Little Endian is not read (its size is known only after inflating it)")
@@ -196,7 +205,7 @@ def read_bounded_dataset(path: Path) -> Dataset:
         raise KlviewerInputError(path, "a command group (0000,xxxx) after the file meta: damaged or not a DICOM file "
                                        "(a run of zero bytes?)")
     try:
-        return read_partial(io.BytesIO(data), stop_when=_ElementGuard(), force=force)
+        return read_partial(io.BytesIO(data), stop_when=_ElementGuard(header_only), force=force)
     except _Skip as exc:
         raise KlviewerInputError(path, str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
@@ -219,11 +228,14 @@ def _peek(data: bytes, force: bool) -> tuple[str | None, int | None]:
 class _ElementGuard:
     """pydicom's `stop_when` hook, called before each top-level element's value is read."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop_at_pixels: bool = False) -> None:
+        self.stop_at_pixels = stop_at_pixels
         self.count = 0
         self.previous: int | None = None
 
     def __call__(self, tag: int, vr: str | None, length: int) -> bool:
+        if self.stop_at_pixels and tag >= 0x7FE00000:
+            return True
         self.count += 1
         name = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
         if self.count > MAX_ELEMENTS:

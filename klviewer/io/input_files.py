@@ -87,6 +87,18 @@ def read_input_bytes(path: str | Path, max_bytes: int, what: str = "file") -> by
     return data
 
 
+def read_up_to(handle: BinaryIO, nbytes: int, block: int = 1 << 24) -> bytes:
+    """At most `nbytes` from `handle`, read in blocks: memory follows the data that is really there,
+    never a size a header declared (read(n) on a file or a decompressing stream allocates n at once)."""
+    data = bytearray()
+    while len(data) < nbytes:
+        chunk = handle.read(min(block, nbytes - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
 def real(path: str | Path) -> str:
     """The path with every link resolved; unlike Path.resolve on Python 3.11 it never raises on link loops."""
     return os.path.realpath(path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,7 @@ def _reject_constant(name: str) -> float:
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     doc = dict(pairs)
     if len(doc) != len(pairs):
-        seen: set[str] = set()
-        twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        twice = next(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
         raise _Refused(f"key {brief(twice)} appears twice in one object")
     return doc
 
@@ -223,7 +223,8 @@ def checked_number(value: Any, source: str | Path | None, name: str, *, lo: floa
     if positive and not number > 0:
         raise KlviewerInputError(source, f"{name} must be positive, found {brief(value)}")
     if not lo <= number <= hi:
-        raise KlviewerInputError(source, f"{name} must lie in [{lo:g}, {hi:g}], found {brief(value)}")
+        low = "(0" if positive and lo <= 0 else f"[{lo:g}"
+        raise KlviewerInputError(source, f"{name} must lie in {low}, {hi:g}], found {brief(value)}")
     return number
 
 

@@ -40,7 +40,9 @@ def _walk(folder: Path, skipped: list[SkippedFile]) -> list[Path]:
     return found
 
 
-def _expand(paths: Sequence[str | Path], skipped: list[SkippedFile]) -> list[Path]:
+def expand_inputs(paths: Sequence[str | Path], skipped: list[SkippedFile]) -> list[Path]:
+    """The files named or found under `paths`, each once; what must not be read goes to `skipped`
+    with the reason. Raises only when a path itself is unusable."""
     files: list[Path] = []
     for raw in paths:
         path = check_path(raw)
@@ -97,7 +99,7 @@ def _read_volume(path: Path) -> Catalog:
 def open_paths(paths: Sequence[str | Path]) -> Catalog:
     """Load everything under `paths` into one catalog. Raises only when a path itself is unusable."""
     catalog = Catalog()
-    files = _expand(paths, catalog.skipped)
+    files = expand_inputs(paths, catalog.skipped)
     sidecars, claimed = _sinogram_sidecars(files, catalog)
     array_files = [f for f in files if f.suffix.lower() in ARRAY_SUFFIXES and real(f) not in claimed]
     array_sidecars = {real(f.with_suffix(".json")) for f in array_files}

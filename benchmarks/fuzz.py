@@ -510,8 +510,11 @@ def run_child(case: Case, report: int, memory_bytes: int, cpu_seconds: int) -> N
     """In the forked child: limits, then the klviewer command; the outcome goes to the `report` pipe."""
     import warnings
 
+    import torch
+
     from klviewer.cli import main
 
+    torch.set_num_threads(1)
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 5))
     warnings.simplefilter("ignore")

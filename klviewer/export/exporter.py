@@ -63,6 +63,7 @@ from klviewer.export.images import (
 from klviewer.export.pdf_report import ReportContext, write_report_pdf
 from klviewer.export.tables import CASES_CSV, CASES_JSON, write_case_tables
 from klviewer.inference.result import SliceResult
+from klviewer.io.input_files import inside
 from klviewer.io.safe_write import OutputExistsError, atomic_write
 from klviewer.results.reader import CaseEntry, ResultsFolder, SliceEntry, read_results
 from klviewer.results.slice_file import load_slice_result
@@ -212,7 +213,7 @@ def _check_target(out: Path, results: ResultsFolder, selected: Sequence[str], fo
     for folder in sorted(folders):
         # Both directions: a source folder inside the export could be taken for a case folder
         # and replaced under overwrite.
-        if _within(out, folder) or _within(folder, out):
+        if inside(out, folder) or inside(folder, out):
             raise KlviewerInputError(out, f"export folder overlaps the input {folder}; choose a folder outside "
                                           "the results and source folders")
     if out.exists() and not out.is_dir():
@@ -224,10 +225,6 @@ def _check_target(out: Path, results: ResultsFolder, selected: Sequence[str], fo
     existing = next((t for t in targets if t.exists() or t.is_symlink()), None)
     if existing is not None:
         raise OutputExistsError(existing)
-
-
-def _within(child: Path, parent: Path) -> bool:
-    return child.resolve().is_relative_to(parent.resolve())
 
 
 def _umask() -> int:

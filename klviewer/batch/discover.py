@@ -21,7 +21,7 @@ import numpy as np
 import pydicom
 from pydicom.uid import MediaStorageDirectoryStorage
 
-from klviewer.errors import KlviewerInputError, brief
+from klviewer.errors import KlviewerInputError, shorten
 from klviewer.io.arrays import ARRAY_SUFFIXES, NPZ_IMAGE_KEYS
 from klviewer.io.dicom import read_bounded_dataset
 from klviewer.io.loader import expand_inputs
@@ -143,7 +143,7 @@ def discover_studies(inputs: Sequence[str | Path]) -> Discovery:
             skip(f, exc.problem)
             continue
         except Exception as exc:  # noqa: BLE001 - pydicom converts values lazily and raises many types for damaged ones
-            skip(f, f"unreadable DICOM header ({type(exc).__name__}: {brief(str(exc))})")
+            skip(f, f"unreadable DICOM header ({type(exc).__name__}: {shorten(str(exc), 300)})")
             continue
         meta = getattr(ds, "file_meta", None)
         if f.name.upper() == "DICOMDIR" or (meta is not None and meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage):

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from klviewer.errors import KlviewerInputError, SidecarMismatchError, brief
+from klviewer.errors import KlviewerInputError, SidecarMismatchError, brief, shorten
 from klviewer.io.input_files import link_problem, open_input
 from klviewer.io.json_input import Fields, parse_json
 from klviewer.io.sidecar import MAX_TEXT, read_json_sidecar, sidecar_fields, spacing_pair
@@ -95,7 +95,7 @@ def load_npz_arrays(path: Path, keys: tuple[str, ...] | None, required: bool = T
         raise KlviewerInputError(path, "array does not fit in memory") from exc
     except (OSError, EOFError, ValueError, zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError) as exc:
         raise KlviewerInputError(path, f"not a readable numpy array: the npz archive is truncated or corrupt ({type(exc).__name__}: "
-                                       f"{brief(str(exc))})") from exc
+                                       f"{shorten(str(exc), 300)})") from exc
     return arrays
 
 
@@ -112,7 +112,7 @@ def _load_npy(path: Path) -> np.ndarray:
         raise KlviewerInputError(path, "array does not fit in memory") from exc
     except (OSError, EOFError, ValueError) as exc:
         raise KlviewerInputError(path, f"not a readable numpy array, truncated or corrupt ({type(exc).__name__}: "
-                                       f"{brief(str(exc))})") from exc
+                                       f"{shorten(str(exc), 300)})") from exc
 
 
 def load_numeric_array(path: Path, preferred_keys: tuple[str, ...]) -> np.ndarray:

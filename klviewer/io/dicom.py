@@ -45,7 +45,7 @@ from pydicom.uid import (
     UID,
 )
 
-from klviewer.errors import KlviewerInputError, brief
+from klviewer.errors import KlviewerInputError, shorten
 from klviewer.io.arrays import MAX_ARRAY_BYTES, require_plausible_hu
 from klviewer.io.input_files import inside, open_input, path_problem, read_input_bytes
 from klviewer.io.study import Catalog, Patient, Series, SkippedFile, Slice, Study
@@ -81,7 +81,7 @@ def _get(ds: Dataset, keyword: str, default: Any = None) -> Any:
     try:
         return ds.get(keyword, default)
     except Exception as exc:  # noqa: BLE001 - value converters raise many types for damaged values
-        raise _Skip(f"attribute {keyword} cannot be read ({type(exc).__name__}: {brief(str(exc))})") from exc
+        raise _Skip(f"attribute {keyword} cannot be read ({type(exc).__name__}: {shorten(str(exc), 300)})") from exc
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def read_dicom_files(files: Sequence[Path]) -> Catalog:
             skipped.append(SkippedFile(path, str(exc)))
         except Exception as exc:  # noqa: BLE001 - any parser or decoder failure skips only this file
             skipped.append(SkippedFile(path, f"unexpected error reading DICOM ({_where(exc)}): {type(exc).__name__}: "
-                                             f"{brief(str(exc))}"))
+                                             f"{shorten(str(exc), 300)}"))
     return _build_catalog(images, skipped)
 
 
@@ -209,7 +209,7 @@ def read_bounded_dataset(path: Path, header_only: bool = False) -> Dataset:
     except _Skip as exc:
         raise KlviewerInputError(path, str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
-        raise KlviewerInputError(path, f"unreadable DICOM file ({type(exc).__name__}: {brief(str(exc))})") from exc
+        raise KlviewerInputError(path, f"unreadable DICOM file ({type(exc).__name__}: {shorten(str(exc), 300)})") from exc
 
 
 def _peek(data: bytes, force: bool) -> tuple[str | None, int | None]:

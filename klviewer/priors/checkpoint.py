@@ -168,7 +168,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     except MemoryError as exc:
         raise KlviewerInputError(path, "weights do not fit in memory") from exc
     except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
-        raise KlviewerInputError(path, f"not a readable safetensors file (truncated or corrupt?): {brief(str(exc))}") from exc
+        raise KlviewerInputError(path, f"not a readable safetensors file (truncated or corrupt?): {shorten(str(exc), 300)}") from exc
 
 
 def check_state_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], path: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from klviewer import __version__
-from klviewer.errors import KlviewerError, KlviewerInputError, brief
+from klviewer.errors import KlviewerError, KlviewerInputError, brief, shorten
 from klviewer.inference.energy import EnergyField, KLMap, patch_starts
 from klviewer.inference.result import SliceResult
 from klviewer.io.arrays import load_npz_arrays
@@ -135,7 +135,7 @@ def load_slice_result(path: Path) -> SliceResult:
     except KlviewerInputError:
         raise
     except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise KlviewerInputError(path, f"not a readable klviewer slice result ({type(exc).__name__}: {brief(str(exc))})") from exc
+        raise KlviewerInputError(path, f"not a readable klviewer slice result ({type(exc).__name__}: {shorten(str(exc), 300)})") from exc
 
 
 def _array(path: Path, arrays: dict[str, np.ndarray], key: str, ndim: int,

@@ -575,9 +575,10 @@ def _classify(status: int, message: dict[str, Any] | None) -> tuple[str, str]:
 
 
 def run_cases(cases: Iterable[Case], *, jobs: int, timeout: float, memory_budget: int,
-              progress: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+              progress: Callable[[Outcome], None] | None = None, deadline: float | None = None) -> list[Outcome]:
     """Run every case in a forked child, at most `jobs` at a time, and classify what happened.
-    Cases are made as they are needed, so only the running ones take disk space."""
+    Cases are made as they are needed, so only the running ones take disk space. After `deadline`
+    (time.monotonic()), no new case starts."""
     from klviewer import cli  # noqa: F401 - imported before forking, so each child starts warm
 
     memory = _address_space() + memory_budget
@@ -587,7 +588,7 @@ def run_cases(cases: Iterable[Case], *, jobs: int, timeout: float, memory_budget
     exhausted = False
     while not exhausted or running:
         while not exhausted and len(running) < jobs:
-            case = next(pending, None)
+            case = None if deadline is not None and time.monotonic() > deadline else next(pending, None)
             if case is None:
                 exhausted = True
                 break
@@ -687,8 +688,9 @@ def warm_imports() -> None:
 
 
 def fuzz(n: int, seed: int, work: Path, *, jobs: int = 1, timeout: float = 20.0, memory_budget: int = 4 << 30,
-         progress: Callable[[Outcome], None] | None = None) -> list[Outcome]:
-    """Build the corpus under `work`, then run `n` mutated inputs drawn with `seed`."""
+         progress: Callable[[Outcome], None] | None = None, deadline: float | None = None) -> list[Outcome]:
+    """Build the corpus under `work`, then run `n` mutated inputs drawn with `seed` (the first ones
+    of them, when `deadline` comes first)."""
     corpus = work / "corpus"
     if not corpus.is_dir():
         prepare(corpus)
@@ -697,7 +699,7 @@ def fuzz(n: int, seed: int, work: Path, *, jobs: int = 1, timeout: float = 20.0,
     kinds = rng.choices(KINDS, weights=KIND_WEIGHTS, k=n)
     seeds = [rng.getrandbits(64) for _ in kinds]
     cases = (make_case(i, kind, corpus, work / "cases", random.Random(seed)) for i, (kind, seed) in enumerate(zip(kinds, seeds)))
-    return run_cases(cases, jobs=jobs, timeout=timeout, memory_budget=memory_budget, progress=progress)
+    return run_cases(cases, jobs=jobs, timeout=timeout, memory_budget=memory_budget, progress=progress, deadline=deadline)
 
 
 def table(outcomes: list[Outcome]) -> str:
@@ -734,6 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-gib", type=float, default=4.0, help="memory per input, above the warm parent's")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed at the end)")
     parser.add_argument("--out", type=Path, help="write the results table (markdown) here")
+    parser.add_argument("--max-minutes", type=float, help="start no new input after this long; the table says how many ran")
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="klviewer-fuzz-"))
     started, load = time.time(), os.getloadavg()
@@ -748,18 +751,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{done}/{args.n} {dict(counts)} {time.time() - started:.0f} s", flush=True)
 
     try:
+        deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
         outcomes = fuzz(args.n, args.seed, work, jobs=args.jobs, timeout=args.timeout,
-                        memory_budget=int(args.memory_gib * (1 << 30)), progress=progress)
+                        memory_budget=int(args.memory_gib * (1 << 30)), progress=progress, deadline=deadline)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     seconds = time.time() - started
+    cut = (f" **Stopped by --max-minutes {args.max_minutes:g}: {len(outcomes)} of the {args.n} inputs drawn ran**"
+           " (the first ones, in order)." if len(outcomes) < args.n else "")
     report = "\n".join([
         "# Fuzzing klviewer's entry points with hostile input", "",
         f"Command: `python benchmarks/fuzz.py -n {args.n} --seed {args.seed} --jobs {args.jobs} --timeout {args.timeout:g} "
-        f"--memory-gib {args.memory_gib:g}` (`make fuzz`), {len(outcomes)} inputs in {seconds / 60:.1f} min; "
+        f"--memory-gib {args.memory_gib:g}" + (f" --max-minutes {args.max_minutes:g}" if args.max_minutes else "")
+        + f"` (`make fuzz`), {len(outcomes)} inputs in {seconds / 60:.1f} min; "
         f"load average at the start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, at the end "
-        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (2 cores).", "",
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (2 cores).{cut}", "",
         "Each input ran in its own forked child under RLIMIT_AS (the warm parent's address space plus the memory "
         "budget) and a wall-clock limit; see the docstring of `benchmarks/fuzz.py` for the mutations and outcomes.", "",
         table(outcomes), "", "Failures (outcome x count (kinds): signature):", "",

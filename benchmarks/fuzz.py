@@ -688,9 +688,9 @@ def warm_imports() -> None:
 
 
 def fuzz(n: int, seed: int, work: Path, *, jobs: int = 1, timeout: float = 20.0, memory_budget: int = 4 << 30,
-         progress: Callable[[Outcome], None] | None = None, deadline: float | None = None) -> list[Outcome]:
+         progress: Callable[[Outcome], None] | None = None, max_minutes: float | None = None) -> list[Outcome]:
     """Build the corpus under `work`, then run `n` mutated inputs drawn with `seed` (the first ones
-    of them, when `deadline` comes first)."""
+    of them, when `max_minutes` pass first)."""
     corpus = work / "corpus"
     if not corpus.is_dir():
         prepare(corpus)
@@ -699,6 +699,7 @@ def fuzz(n: int, seed: int, work: Path, *, jobs: int = 1, timeout: float = 20.0,
     kinds = rng.choices(KINDS, weights=KIND_WEIGHTS, k=n)
     seeds = [rng.getrandbits(64) for _ in kinds]
     cases = (make_case(i, kind, corpus, work / "cases", random.Random(seed)) for i, (kind, seed) in enumerate(zip(kinds, seeds)))
+    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     return run_cases(cases, jobs=jobs, timeout=timeout, memory_budget=memory_budget, progress=progress, deadline=deadline)
 
 
@@ -751,9 +752,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{done}/{args.n} {dict(counts)} {time.time() - started:.0f} s", flush=True)
 
     try:
-        deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
         outcomes = fuzz(args.n, args.seed, work, jobs=args.jobs, timeout=args.timeout,
-                        memory_budget=int(args.memory_gib * (1 << 30)), progress=progress, deadline=deadline)
+                        memory_budget=int(args.memory_gib * (1 << 30)), progress=progress, max_minutes=args.max_minutes)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -104,6 +104,15 @@ def test_an_npz_member_that_lies_about_its_shape(tmp_path: Path) -> None:
     assert "over the" in _refusal(load_numeric_array, path, ("hu",)).problem
 
 
+def test_an_npy_header_that_does_not_parse(tmp_path: Path) -> None:
+    """numpy reads the header's dict with Python's tokenizer, which raises TokenError on an open bracket."""
+    path = tmp_path / "open.npy"
+    np.save(path, np.zeros((4, 4), np.float32))
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"(4, 4), }", b"(4, 4,  }", 1).replace(b"}", b" ", 1))
+    assert "the npy header cannot be parsed" in _refusal(load_numeric_array, path, ("hu",)).problem
+
+
 @pytest.fixture()
 def unet_prior(tmp_path: Path) -> Path:
     from klviewer.priors import EDMUNetPrior, PriorConfig

@@ -7,6 +7,7 @@ the pixel spacing and, when present, is checked against the data.
 from __future__ import annotations
 
 import math
+import tokenize
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -65,9 +66,14 @@ def _declared(path: Path, name: str, header: tuple[tuple[int, ...], bool, np.dty
 
 
 def _npy_header(handle: Any) -> tuple[tuple[tuple[int, ...], bool, np.dtype], int]:
-    version = np.lib.format.read_magic(handle)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    header = read(handle)
+    """(shape, fortran order, dtype) and where the data starts. numpy parses the header's Python-literal
+    dict with the tokenizer and ast, which raise more than ValueError for damaged text."""
+    try:
+        version = np.lib.format.read_magic(handle)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        header = read(handle)
+    except (ValueError, SyntaxError, TypeError, tokenize.TokenError, RecursionError, MemoryError) as exc:
+        raise ValueError(f"the npy header cannot be parsed ({type(exc).__name__}: {shorten(str(exc), 200)})") from exc
     return header, handle.tell()
 
 

@@ -195,7 +195,7 @@ def mutate_json(text: bytes, rng: random.Random) -> bytes:
     choice = rng.random()
     try:
         doc = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # an earlier mutation may have left it unparsable or deep
         doc = None
     if doc is None or choice < 0.15:
         cut = rng.randrange(len(text) + 1)
@@ -464,7 +464,10 @@ def make_case(number: int, kind: str, corpus: Path, work: Path, rng: random.Rand
             if rng.random() < 0.08:
                 mutate_filesystem(inputs, target, rng, outside)
                 break
-            target.write_bytes(mutate_json(target.read_bytes(), rng))
+            try:
+                target.write_bytes(mutate_json(target.read_bytes(), rng))
+            except Exception:  # noqa: BLE001 - a structured mutation that does not apply falls back to bytes
+                _mutate_file_bytes(target, rng)
         command = ["analyze", str(corpus / "arrays" / "npy" / "stack.npy"), "--out", str(out), "--prior",
                    str(inputs), *ANALYZE]
     else:

@@ -379,7 +379,7 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def mutate_case(kind: str, case: Path, rng: random.Random, outside: Path) -> None:
+def mutate_case(case: Path, rng: random.Random, outside: Path) -> None:
     """Apply one to three mutations to the copy of a seed input in `case`."""
     for _ in range(rng.choice((1, 1, 1, 2, 3))):
         files = _files(case)
@@ -440,19 +440,19 @@ def make_case(number: int, kind: str, corpus: Path, work: Path, rng: random.Rand
     if kind == "dicom":
         seed = rng.choice(sorted((corpus / "dicom").iterdir()))
         shutil.copytree(seed, inputs)
-        mutate_case(kind, inputs, rng, outside)
+        mutate_case(inputs, rng, outside)
         command = ["info", str(inputs)] if rng.random() < 0.3 else ["analyze", str(inputs), "--out", str(out),
                                                                     "--prior", prior, *ANALYZE]
     elif kind in ("arrays", "sinograms"):
         seed = rng.choice(sorted((corpus / kind).iterdir()))
         shutil.copytree(seed, inputs)
-        mutate_case(kind, inputs, rng, outside)
+        mutate_case(inputs, rng, outside)
         command = ["info", str(inputs)] if rng.random() < 0.2 else ["analyze", str(inputs), "--out", str(out),
                                                                     "--prior", prior, *ANALYZE]
     elif kind == "priors":
         seed = rng.choice(sorted((corpus / "priors").iterdir()))
         shutil.copytree(seed, inputs)
-        mutate_case(kind, inputs, rng, outside)
+        mutate_case(inputs, rng, outside)
         image = corpus / "arrays" / "npy" / "stack.npy"
         if seed.name == "gmm":
             image = corpus / "fuzz-gmm-image.npy"
@@ -472,7 +472,7 @@ def make_case(number: int, kind: str, corpus: Path, work: Path, rng: random.Rand
                    str(inputs), *ANALYZE]
     else:
         shutil.copytree(corpus / "results" / "run", inputs, symlinks=True)
-        mutate_case(kind, inputs, rng, outside)
+        mutate_case(inputs, rng, outside)
         formats = rng.choice(("csv", "dicom,csv", "png,csv", "pdf", "dicom", "dicom,png,pdf,csv"))
         command = ["export", str(inputs), "--out", str(out), "--all", "--formats", formats, "--quiet"]
         if rng.random() < 0.4:

@@ -505,8 +505,17 @@ def _nonfinite_output(out: Path) -> str | None:
     path = out / "summary.json"
     if not path.is_file():
         return None
-    text = path.read_text(encoding="utf-8", errors="replace")
-    return "non-finite score written" if re.search(r"\b(NaN|-?Infinity)\b", text) else None
+    found: list[str] = []
+
+    def constant(name: str) -> float:
+        found.append(name)
+        return 0.0
+
+    try:
+        json.loads(path.read_text(encoding="utf-8", errors="replace"), parse_constant=constant)
+    except ValueError:
+        return "unreadable summary written"
+    return f"non-finite number written ({found[0]})" if found else None
 
 
 def run_child(case: Case, report: int, memory_bytes: int, cpu_seconds: int) -> None:

@@ -171,6 +171,15 @@ def test_the_gaussian_prior_decomposes_only_checked_weights(tmp_path: Path, monk
     assert "'cov' holds NaN or infinite" in _refusal(load_prior, folder).problem and calls == []
 
 
+def test_a_gaussian_prior_recorded_as_h_by_w_takes_the_analysis_images(tmp_path: Path) -> None:
+    """The analysis passes (B, C, H, W); a config whose image_shape says (H, W) used to raise ValueError."""
+    from klviewer.priors.gaussian import GaussianPrior
+
+    folder = save_prior(GaussianPrior(torch.zeros(64), torch.eye(64), (8, 8)), tmp_path / "gauss")
+    x = torch.ones(2, 1, 8, 8)
+    assert load_prior(folder).denoise(x, 1.0).shape == x.shape
+
+
 def test_a_diffusers_prior_never_goes_online(unet_prior: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("diffusers")
 
@@ -225,6 +234,15 @@ def test_a_flood_of_zero_bytes_after_the_dicom_marker_is_refused_at_its_first_el
     (tmp_path / "good.dcm").unlink()
     (skip,) = open_paths([tmp_path]).skipped
     assert "(0000,0000) of the command group inside the dataset" in skip.reason
+
+
+def test_an_image_too_long_to_pad_to_a_square_is_refused(tmp_path: Path) -> None:
+    """65535 x 1 pixels is 128 KiB, but the analysis pads it to a 65535² square (16 GiB)."""
+    save(ct_dataset(np.zeros((1, 65535), np.int16)), tmp_path / "dicom" / "strip.dcm")
+    (skip,) = open_paths([tmp_path / "dicom"]).skipped
+    assert "65535 x 1 pixels: sides must lie in 1..8192" in skip.reason
+    np.save(tmp_path / "strip.npy", np.zeros((1, 9000), np.float32))
+    assert "sides must lie" in _refusal(read_array_image, tmp_path / "strip.npy").problem
 
 
 # --- values that are not CT ------------------------------------------------------------------

@@ -28,6 +28,9 @@ ARRAY_SIDECAR_KEYS = {
 }
 MAX_ARRAY_BYTES = 4 << 30
 MAX_META_CHARS = 1 << 20
+MAX_IMAGE_SIDE = 8192
+"""Longest image side read: CT slices are at most 2048 pixels, and the analysis pads an image to a
+square of its longer side, so a 65535 x 3 image would become 16 GiB."""
 HU_LIMIT = 100_000.0
 """No CT value lies beyond +-100,000 HU (metal on an extended scale reaches about 30,000, padding
 about -34,000); an image past it is not in HU, and its scores would be numbers without meaning."""
@@ -141,6 +144,11 @@ def load_numeric_array(path: Path, preferred_keys: tuple[str, ...]) -> np.ndarra
     return array
 
 
+def require_image_sides(path: Path | None, rows: int, columns: int) -> None:
+    if not (0 < rows <= MAX_IMAGE_SIDE and 0 < columns <= MAX_IMAGE_SIDE):
+        raise KlviewerInputError(path, f"image of {columns} x {rows} pixels: sides must lie in 1..{MAX_IMAGE_SIDE}")
+
+
 def require_finite(path: Path, array: np.ndarray) -> None:
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         bad = int(np.size(array) - np.isfinite(array).sum())
@@ -194,6 +202,7 @@ def read_array_image(path: Path) -> Catalog:
     array = load_numeric_array(path, NPZ_IMAGE_KEYS)
     if array.ndim not in (2, 3) or min(array.shape) == 0:
         raise KlviewerInputError(path, f"image array must be (H, W) or (S, H, W), found shape {brief(array.shape)}")
+    require_image_sides(path, array.shape[-2], array.shape[-1])
     try:
         volume = (array[None] if array.ndim == 2 else array).astype(np.float32)
     except MemoryError as exc:

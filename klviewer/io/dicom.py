@@ -46,7 +46,7 @@ from pydicom.uid import (
 )
 
 from klviewer.errors import KlviewerInputError, shorten
-from klviewer.io.arrays import MAX_ARRAY_BYTES, require_plausible_hu
+from klviewer.io.arrays import MAX_ARRAY_BYTES, require_image_sides, require_plausible_hu
 from klviewer.io.input_files import inside, open_input, path_problem, read_input_bytes
 from klviewer.io.study import Catalog, Patient, Series, SkippedFile, Slice, Study
 
@@ -343,6 +343,10 @@ def _check_declared_size(ds: Dataset) -> None:
     if not (rows and columns and rows > 0 and columns > 0 and frames > 0 and 0 < bits <= 64):
         raise _Skip(f"the header declares an impossible image: Rows {rows}, Columns {columns}, "
                     f"NumberOfFrames {frames}, BitsAllocated {bits}")
+    try:
+        require_image_sides(None, rows, columns)
+    except KlviewerInputError as exc:
+        raise _Skip(exc.problem) from exc
     declared = rows * columns * frames * max(bits, 8) // 8
     if declared > MAX_ARRAY_BYTES:
         raise _Skip(f"the header declares {frames} frame(s) of {columns}x{rows} pixels, {declared} bytes, over the "

@@ -79,7 +79,9 @@ class _AnalyticPrior(Prior):
         raise NotImplementedError
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[1:]) != self.image_shape:
+        # Any layout of the prior's number of values per item: a (1, H, W) image for an (H, W) prior,
+        # as the analysis passes (B, C, H, W) whatever shape the config recorded.
+        if math.prod(x.shape[1:]) != self.dim:
             raise ValueError(f"expected input of shape (B, {', '.join(map(str, self.image_shape))}), "
                              f"got {tuple(x.shape)}")
         return x.reshape(x.shape[0], self.dim).to(torch.float64)

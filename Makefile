@@ -12,7 +12,7 @@ BUNDLE_STAMP := $(VENV)/.klviewer-bundle-installed
 # Extra arguments for `klviewer gui`, e.g. make run ARGS="--analyze --screenshot x.png --quit".
 ARGS ?=
 
-.PHONY: run test venv bench wheel bundle bundle-smoke clean data data-pycerr data-invesalius screenshots
+.PHONY: run test venv bench fuzz wheel bundle bundle-smoke clean data data-pycerr data-invesalius screenshots
 
 $(APP_STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,12 @@ screenshots: $(DEV_STAMP)
 
 bench: $(APP_STAMP)
 	$(BIN)/python benchmarks/bench_radon.py
+
+# 10,000 hostile inputs of every kind, each in a child process with time and memory limits
+# (about an hour on 2 cores); the table goes to benchmarks/results/fuzz.md. make test runs 300.
+FUZZ_INPUTS ?= 10000
+fuzz: $(DEV_STAMP)
+	$(BIN)/python benchmarks/fuzz.py -n $(FUZZ_INPUTS) --seed 17 --jobs 2 --out benchmarks/results/fuzz.md
 
 # Real CT for tests and benchmarks (docs/real_ct_data.md). It goes to a git-ignored folder and is
 # never committed: the pycerr data is CC BY-NC 3.0 (tests and benchmarks only), InVesalius' GPL-2.

@@ -208,3 +208,28 @@ def test_staging_never_goes_inside_the_export_folder(tmp_path, monkeypatch) -> N
         staging_parent(tmp_path)
     with pytest.raises(KlviewerError, match="no analysed slices"):
         write_session_results([], tmp_path / "results", MapSettings())
+
+
+def test_one_refused_prior_does_not_stop_the_others(tiny_prior, tmp_path, monkeypatch) -> None:
+    """Session results of two priors: the first prior's export is refused (its case folder exists),
+    the second one's is written, and the summary says which was refused and why."""
+    import shutil
+    import threading
+
+    from export_fixtures import make_results
+
+    from klviewer.app import export_job
+    from klviewer.app.export_job import ExportRequest, SessionSnapshot, run_export
+    from klviewer.app.session_results import SessionFolder
+
+    fixture = make_results(tmp_path / "fx", tiny_prior, with_arrays=False)
+    folders = [SessionFolder(Path(shutil.copytree(fixture.results, tmp_path / name)), prior)
+               for name, prior in (("01-a", "prior-a"), ("02-b", "prior-b"))]
+    monkeypatch.setattr(export_job, "write_session_results", lambda slices, out, settings: folders)
+    out = tmp_path / "export"
+    (out / "01-a" / "S004-chest").mkdir(parents=True)
+    request = ExportRequest(out=out, session=SessionSnapshot([], MapSettings()), flagged_only=False, formats=("png",))
+    summary = run_export(request, lambda done, total, text: None, threading.Event())
+    assert [o.label for o in summary.outcomes] == ["prior-b"] and len(summary.cases) == 3 and not summary.failed
+    (refused,) = summary.refused
+    assert refused.startswith("prior-a: ") and "S004-chest" in refused and "--overwrite" in refused

@@ -239,6 +239,8 @@ def test_pseudonymizer_rewrites_a_copy_consistently() -> None:
         ds.InstitutionName = "St. Elsewhere"
         ds.AccessionNumber = "ACC9"
         ds.add_new(0x00091001, "LO", "private secret")
+        ds.StudyDescription, ds.SeriesDescription, ds.ProtocolName = "Jane's scan", "Doe follow-up", "P1 protocol"
+        ds.add_new(0x60000022, "LO", "overlay note with a name")
         item = Dataset()
         item.ReferencedSOPInstanceUID = "1.2.3.4.5"
         item.PerformingPhysicianName = "Doc^Dan"
@@ -253,11 +255,18 @@ def test_pseudonymizer_rewrites_a_copy_consistently() -> None:
     assert c.PatientID == "ANON-0002"
     shift = (dt.date(2024, 3, 1) - dt.date.fromisoformat(_iso(a.StudyDate))).days
     assert 1 <= shift <= 3650 and a.StudyDate == b.StudyDate
-    assert (dt.date(1970, 1, 1) - dt.date.fromisoformat(_iso(a.PatientBirthDate))).days == shift, "age is kept"
+    assert a.PatientBirthDate == "", "PS3.15 Annex E empties the birth date (Z) even when other dates are shifted"
     assert a.AcquisitionDateTime == a.StudyDate + "101500.5"
     assert a.StudyInstanceUID == b.StudyInstanceUID != "1.2.3.4"
     assert a.ReferencedImageSequence[0].ReferencedSOPInstanceUID not in ("1.2.3.4.5", a.StudyInstanceUID)
     assert a.SOPClassUID == pydicom.uid.CTImageStorage, "registered UIDs are kept"
-    assert a.OperatorsName == "" and a.ReferencedImageSequence[0].PerformingPhysicianName == ""
+    assert "OperatorsName" not in a and a.ReferencedImageSequence[0].PerformingPhysicianName == ""
     assert "InstitutionName" not in a and a.AccessionNumber == "" and 0x00091001 not in a
+    assert not any(k in a for k in ("StudyDescription", "SeriesDescription", "ProtocolName")) and 0x60000022 not in a
     assert a.PatientIdentityRemoved == "YES" and len(a.DeidentificationMethod) <= 64
+    assert [i.CodeValue for i in a.DeidentificationMethodCodeSequence] == ["113100", "113107"]
+    made = Dataset()
+    made.StudyDate, made.ContentDate, made.PatientID = a.StudyDate, "20240305", a.PatientID
+    pseudonyms.shift_new_dates(made, a)
+    assert made.StudyDate == a.StudyDate, "a date copied from the de-identified source is not shifted twice"
+    assert (dt.date(2024, 3, 5) - dt.date.fromisoformat(_iso(made.ContentDate))).days == shift, "a date it made is"

@@ -270,13 +270,16 @@ class ExportDialog(QDialog):
         self.table.setRowCount(len(cases))
         for row, case in enumerate(cases):
             result = "failed" if case.error else str(case.folder)
-            notes = case.error or "; ".join(case.skipped)
+            notes = case.error or "; ".join([*case.skipped, *case.notes])
             for col, text in enumerate((case.case, result, str(len(case.files)), notes)):
                 item = QTableWidgetItem(text)
                 item.setToolTip(text)
                 if case.error and col == 1:
                     item.setForeground(QBrush(QColor(FAILED_COLOR)))
                 self.table.setItem(row, col, item)
+        if summary.refused:
+            self._notifier.error("Some results were not exported", f"{len(summary.refused)} prior(s) refused.",
+                                 "\n".join(summary.refused))
         if failed:
             names = ", ".join(c.case for c in failed)
             self._notifier.error("Some cases failed", f"{len(failed)} case(s) could not be written: {names}.",

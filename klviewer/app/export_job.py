@@ -60,6 +60,8 @@ class ExportOutcome:
 class ExportSummary:
     out: Path
     outcomes: list[ExportOutcome] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    """Session results of one prior that export refused (e.g. existing folders), with the reason."""
 
     @property
     def cases(self) -> list[Any]:
@@ -108,7 +110,12 @@ def run_export(request: ExportRequest, report: Report, cancel: threading.Event) 
             if cancel.is_set():
                 break
             out = request.out if len(folders) == 1 else request.out / folder.path.name
-            summary.outcomes.append(ExportOutcome(folder.prior, export(folder.path, out, folder.notes, folder.measurements)))
+            try:
+                summary.outcomes.append(ExportOutcome(folder.prior, export(folder.path, out, folder.notes, folder.measurements)))
+            except KlviewerError as exc:
+                if len(folders) == 1:
+                    raise
+                summary.refused.append(f"{folder.prior}: {exc}")  # the other priors' results still go out
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return summary

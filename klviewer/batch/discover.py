@@ -21,13 +21,14 @@ import numpy as np
 import pydicom
 from pydicom.uid import MediaStorageDirectoryStorage
 
-from klviewer.errors import KlviewerInputError
+from klviewer.errors import KlviewerInputError, shorten
 from klviewer.io.arrays import ARRAY_SUFFIXES, NPZ_IMAGE_KEYS
-from klviewer.io.dicom import sniff_dicom
+from klviewer.io.dicom import read_bounded_dataset
+from klviewer.io.loader import expand_inputs
+from klviewer.io.study import SkippedFile
 from klviewer.io.sidecar import read_json_sidecar
 from klviewer.io.sinogram import RAW_SUFFIXES, is_sinogram_sidecar
 
-_HEADER_TAGS = ["PatientID", "PatientName", "StudyInstanceUID", "StudyDate", "StudyDescription"]
 
 
 @dataclass(frozen=True)
@@ -60,25 +61,14 @@ def study_id(readable: str, key: str) -> str:
     return f"{stem}-{hashlib.sha1(key.encode('utf-8')).hexdigest()[:8]}"
 
 
-def _files_under(inputs: Sequence[str | Path]) -> list[Path]:
-    files: dict[str, Path] = {}
-    for raw in inputs:
-        path = Path(raw)
-        if not path.exists():
-            raise KlviewerInputError(path, "does not exist")
-        if path.is_file() and path.name.upper() == "DICOMDIR":
-            path = path.parent  # its records point into this folder, which is walked instead
-        if path.is_file():
-            files.setdefault(os.path.realpath(path), path)
-            continue
-        if not path.is_dir():
-            raise KlviewerInputError(path, "is neither a file nor a folder")
-        for root, dirs, names in os.walk(path, followlinks=False):
-            dirs.sort()
-            for name in sorted(names):
-                f = Path(root) / name
-                files.setdefault(os.path.realpath(f), f)
-    return list(files.values())
+def _files_under(inputs: Sequence[str | Path], found: Discovery) -> list[Path]:
+    """The loader's own walk (regular files only, no links out of the folders), with a DICOMDIR
+    standing for its folder, whose files it lists."""
+    paths = [Path(p).parent if Path(p).is_file() and Path(p).name.upper() == "DICOMDIR" else p for p in inputs]
+    skipped: list[SkippedFile] = []
+    files = expand_inputs(paths, skipped)
+    found.skipped.extend({"path": str(s.path), "reason": s.reason} for s in skipped)
+    return files
 
 
 def _npz_refusal(path: Path) -> str | None:
@@ -101,8 +91,8 @@ def _npz_refusal(path: Path) -> str | None:
 
 def discover_studies(inputs: Sequence[str | Path]) -> Discovery:
     """Every study under `inputs` (folders are walked; files are taken as they are), sorted by id."""
-    files = _files_under(inputs)
     found = Discovery()
+    files = _files_under(inputs, found)
     claimed: set[str] = set()
     array_stems = {f.with_suffix("") for f in files if f.suffix.lower() in ARRAY_SUFFIXES}
 
@@ -145,21 +135,20 @@ def discover_studies(inputs: Sequence[str | Path]) -> Discovery:
         if suffix in RAW_SUFFIXES:
             skip(f, "raw data without a sinogram sidecar (<name>.json)")
             continue
-        reason, force = sniff_dicom(f)
-        if reason:
-            skip(f, reason)
-            continue
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=force)
-        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged headers
-            skip(f, f"unreadable DICOM header ({type(exc).__name__}: {exc})")
+            ds = read_bounded_dataset(f, header_only=True)
+            patient = str(ds.get("PatientID", "") or "") or str(ds.get("PatientName", "") or "") or "UNKNOWN"
+            uid = str(ds.get("StudyInstanceUID", "") or "") or f"no StudyInstanceUID, folder {f.parent}"
+        except KlviewerInputError as exc:
+            skip(f, exc.problem)
+            continue
+        except Exception as exc:  # noqa: BLE001 - pydicom converts values lazily and raises many types for damaged ones
+            skip(f, f"unreadable DICOM header ({type(exc).__name__}: {shorten(str(exc), 300)})")
             continue
         meta = getattr(ds, "file_meta", None)
         if f.name.upper() == "DICOMDIR" or (meta is not None and meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage):
             skip(f, "DICOMDIR: the files it lists are found by walking its folder")
             continue
-        patient = str(ds.get("PatientID", "") or "") or str(ds.get("PatientName", "") or "") or "UNKNOWN"
-        uid = str(ds.get("StudyInstanceUID", "") or "") or f"no StudyInstanceUID, folder {f.parent}"
         dicom[(patient, uid)].append(f)
         headers.setdefault((patient, uid), ds)
 

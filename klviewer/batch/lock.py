@@ -14,7 +14,8 @@ from pathlib import Path
 from types import TracebackType
 
 from klviewer.batch.manifest import now_iso
-from klviewer.errors import KlviewerError
+from klviewer.errors import KlviewerError, KlviewerInputError
+from klviewer.io.json_input import read_json
 
 LOCK_FILE = ".batch.lock"
 
@@ -36,9 +37,8 @@ class BatchLock:
 
     def _holder(self) -> dict[str, object]:
         try:
-            doc = json.loads(self.path.read_text(encoding="utf-8"))
-            return doc if isinstance(doc, dict) else {}
-        except (OSError, ValueError):
+            return read_json(self.path, 1 << 16, "batch lock")
+        except KlviewerInputError:
             return {}
 
     def acquire(self) -> None:

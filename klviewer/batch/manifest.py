@@ -7,6 +7,7 @@ slice choice or prior weights is refused instead of mixing incomparable results 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,12 +17,14 @@ from typing import Any
 
 from klviewer import __version__
 from klviewer.batch.discover import StudyJob
-from klviewer.errors import KlviewerInputError
+from klviewer.errors import KlviewerInputError, brief
 from klviewer.inference.settings import AnalysisSettings
+from klviewer.io.json_input import Fields, read_json
 from klviewer.io.safe_write import atomic_write_text
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
+MAX_MANIFEST_BYTES = 1 << 30
 STUDIES_DIR = "studies"
 
 PENDING, DONE, FAILED = "pending", "done", "failed"
@@ -73,6 +76,26 @@ class StudyRecord:
                    results=f"{STUDIES_DIR}/{job.id}")
 
 
+def _study_record(fields: Fields) -> StudyRecord:
+    """One study of the manifest, each field of the type StudyRecord declares."""
+    values: dict[str, Any] = {}
+    for spec in dataclasses.fields(StudyRecord):
+        if spec.name not in fields:
+            if spec.default is dataclasses.MISSING:
+                raise fields.refuse(spec.name, "is missing")
+            continue
+        kind = str(spec.type)
+        if spec.name == "export":
+            values[spec.name] = None if fields.get("export") is None else fields.section("export").doc
+        elif kind.startswith("int"):
+            values[spec.name] = fields.integer(spec.name, lo=0)
+        elif kind.startswith("float"):
+            values[spec.name] = fields.number(spec.name, lo=0, optional=True)
+        else:
+            values[spec.name] = fields.text(spec.name, max_chars=1 << 16, optional="None" in kind)
+    return StudyRecord(**values)
+
+
 @dataclass
 class Manifest:
     path: Path
@@ -84,14 +107,20 @@ class Manifest:
     @classmethod
     def load(cls, path: Path) -> "Manifest":
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-            if doc.get("klviewer_batch") != MANIFEST_FORMAT:
-                raise ValueError(f"format {doc.get('klviewer_batch')!r}, expected {MANIFEST_FORMAT}")
-            studies = {s["id"]: StudyRecord(**s) for s in doc["studies"]}
-            return cls(path=path, config=doc["config"], inputs=list(doc["inputs"]), studies=studies,
-                       created=str(doc["created"]))
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise KlviewerInputError(path, f"not a readable klviewer batch manifest ({exc}); "
+            doc = Fields(read_json(path, MAX_MANIFEST_BYTES, "batch manifest"), path, what="manifest field")
+            if doc.get("klviewer_batch", None) != MANIFEST_FORMAT:
+                raise doc.refuse("klviewer_batch", f"is {brief(doc.get('klviewer_batch', None))}, expected {MANIFEST_FORMAT}")
+            studies = {}
+            for number, raw in enumerate(doc.items("studies")):
+                record = _study_record(Fields(raw, path, f"studies[{number}].", what="manifest field"))
+                studies[record.id] = record
+            inputs = doc.items("inputs")
+            if not all(isinstance(i, str) for i in inputs):
+                raise doc.refuse("inputs", "must list the input paths as strings")
+            return cls(path=path, config=doc.section("config").doc, inputs=list(inputs), studies=studies,
+                       created=doc.text("created", max_chars=64))
+        except KlviewerInputError as exc:
+            raise KlviewerInputError(path, f"not a readable klviewer batch manifest ({exc.problem}); "
                                            "repair it or use a new --out folder") from exc
 
     def require_config(self, config: dict[str, Any]) -> None:

@@ -14,8 +14,8 @@ from typing import Any
 from klviewer import __version__
 from klviewer.batch.export_step import EXPORT_DIR
 from klviewer.batch.manifest import DONE, FAILED, MANIFEST_FILE, Manifest, StudyRecord, now_iso
-from klviewer.errors import KlviewerInputError
 from klviewer.io.safe_write import atomic_write_text
+from klviewer.results.reader import read_summary
 from klviewer.results.summary import CSV_COLUMNS
 
 SUMMARY_JSON = "batch_summary.json"
@@ -26,11 +26,7 @@ REPORT_LINES = 20
 
 def study_rows(out: Path, record: StudyRecord) -> list[dict[str, Any]]:
     """A finished study's summary rows, with file paths relative to the batch folder."""
-    path = out / record.results / "summary.json"
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise KlviewerInputError(path, f"unreadable study summary ({exc})") from exc
+    rows = read_summary(out / record.results / "summary.json")["rows"]
     return [{"study": record.id, "patient_id": record.patient_id, "study_uid": record.study_uid, **row,
              "file": f"{record.results}/{row['file']}"} for row in rows]
 

@@ -50,6 +50,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
             print(f"{case.case}: FAILED, nothing written: {case.error}", file=sys.stderr)
         for reason in case.skipped:
             print(f"  left out: {reason}")
+        for note in case.notes:
+            print(f"  note: {note}")
     for path in report.table_files:
         print(f"table: {path}")
     exported = len(report.cases) - len(report.failed)

@@ -1,20 +1,28 @@
-"""Pseudonymising the source DICOM headers that exported objects copy their patient data from.
+"""De-identifying the source DICOM headers that exported objects copy their patient data from.
+
+The rules follow DICOM PS3.15 Annex E, the Basic Application Level Confidentiality Profile, with
+the "Retain Longitudinal Temporal Information with Modified Dates" option (dates are shifted, not
+removed, so intervals survive). docs/export.md lists how each action of Table E.1-1 is applied.
 
 De-identification is applied to a copy of each source dataset *before* the export objects are
-built from it, so every exported object (Parametric Map, Segmentation, Secondary Capture)
-inherits the same pseudonym, shifted dates and replaced UIDs, and their references to the
-source images stay consistent with each other.
+built from it, so every exported object (Parametric Map, Segmentation, Secondary Capture, and the
+de-identified copies of the source slices exported beside them) inherits the same pseudonym,
+shifted dates and replaced UIDs, and their references to the source images stay consistent.
 
 Within one export (one `Pseudonymizer`):
 - a patient (by PatientID, or by name when the ID is empty) gets one pseudonym ANON-0001, ...;
-- all of that patient's dates are moved back by the same random number of days, so intervals
-  between studies survive but the real dates do not;
-- every instance-specific UID (study, series, instance, frame of reference) is replaced by a
-  new one, the same original always by the same replacement;
-- other person names are emptied, listed identifying attributes and private tags removed.
+- all of that patient's dates are moved back by the same random number of days (1 to 3650),
+  including the dates the export objects carry of their own making (ContentDate,
+  InstanceCreationDate, ...), so none of them is the real date;
+- every instance UID (study, series, instance, frame of reference, and every reference to them)
+  is replaced by a new random one, the same original always by the same replacement; registered
+  UIDs (SOP classes, transfer syntaxes, coding schemes) are kept;
+- other person names are emptied; the attributes the profile removes (X), empties (Z) or replaces
+  (D) are removed, emptied or replaced; private groups, overlays and curves are removed.
 
-The mapping is kept in memory only and never written, so the export alone cannot be
-re-identified. Burned-in text in source pixels is not inspected.
+The UID map and the date shifts are kept in memory only and never written, so the export alone
+cannot be re-identified. Burned-in text in source pixels is not inspected: the profile's Clean
+Pixel Data option is not claimed, and the BurnedInAnnotation of the sources is kept as it is.
 """
 
 from __future__ import annotations
@@ -30,20 +38,48 @@ from typing import Any
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, generate_uid
 
-METHOD = "klviewer: pseudonym, dates shifted per patient, UIDs replaced"
+METHOD = "klviewer: PS3.15 E basic profile, dates shifted per patient"
 """DeidentificationMethod (at most 64 characters)."""
+PROFILE_CODES = (("113100", "Basic Application Confidentiality Profile"),
+                 ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"))
+"""DeidentificationMethodCodeSequence items (DCM, CID 7050)."""
 
-_REMOVED = (
-    "OtherPatientIDs", "OtherPatientIDsSequence", "IssuerOfPatientID", "PatientAddress", "PatientTelephoneNumbers",
-    "PatientComments", "MedicalRecordLocator", "PatientInsurancePlanCodeSequence", "InstitutionName",
-    "InstitutionAddress", "InstitutionalDepartmentName", "StationName", "DeviceSerialNumber", "ImageComments",
-    "RequestAttributesSequence", "ReferencedPatientSequence", "AdmissionID", "CurrentPatientLocation",
-    "MilitaryRank", "BranchOfService", "PatientBirthTime", "PatientBirthName", "PatientMotherBirthName",
+REMOVED = (
+    # Table E.1-1 action X (or X/Z, X/D where removal is allowed) on attributes a CT header can carry.
+    "AcquisitionComments", "AdditionalPatientHistory", "AdmissionID", "AdmittingDiagnosesCodeSequence",
+    "AdmittingDiagnosesDescription", "Allergies", "Arbitrary", "AuthorObserverSequence", "BranchOfService",
+    "ConsultingPhysicianName", "ContributionDescription", "CountryOfResidence", "CurrentPatientLocation",
+    "CustodialOrganizationSequence", "DerivationDescription", "DeviceSerialNumber", "DigitalSignaturesSequence",
+    "DischargeDiagnosisDescription", "EthnicGroup", "FrameComments", "IconImageSequence", "IdentifyingComments",
+    "ImageComments", "ImagePresentationComments", "InstitutionAddress", "InstitutionCodeSequence",
+    "InstitutionName", "InstitutionalDepartmentName", "InsurancePlanIdentification", "IssuerOfAdmissionID",
+    "IssuerOfPatientID", "LastMenstrualDate", "MedicalAlerts", "MedicalRecordLocator", "MilitaryRank",
+    "ModifiedAttributesSequence", "NameOfPhysiciansReadingStudy", "Occupation", "OperatorsName",
+    "OperatorIdentificationSequence", "OriginalAttributesSequence", "OtherPatientIDs", "OtherPatientIDsSequence",
+    "OtherPatientNames", "PatientAddress", "PatientAge", "PatientBirthName", "PatientBirthTime",
+    "PatientComments", "PatientInsurancePlanCodeSequence", "PatientMotherBirthName", "PatientReligiousPreference",
+    "PatientSexNeutered", "PatientSize", "PatientState", "PatientTelecomInformation", "PatientTelephoneNumbers",
+    "PatientTransportArrangements", "PatientWeight", "PerformedLocation", "PerformedProcedureStepDescription",
+    "PerformedProcedureStepID", "PerformingPhysicianIdentificationSequence", "PerformingPhysicianName",
+    "PhysiciansOfRecord", "PhysiciansOfRecordIdentificationSequence", "PhysiciansReadingStudyIdentificationSequence",
+    "PreMedication", "PregnancyStatus", "ProtocolName", "ReasonForStudy", "ReasonForTheRequestedProcedure",
+    "ReferencedPatientAliasSequence", "ReferencedPatientPhotoSequence", "ReferencedPatientSequence",
+    "ReferencedStudySequence", "ReferringPhysicianAddress", "ReferringPhysicianIdentificationSequence",
+    "ReferringPhysicianTelephoneNumbers", "RegionOfResidence", "RequestAttributesSequence",
+    "RequestedContrastAgent", "RequestedProcedureDescription", "RequestedProcedureID", "RequestingPhysician",
+    "RequestingService", "ResponsibleOrganization", "ResponsiblePerson", "ScheduledPerformingPhysicianName",
+    "ScheduledProcedureStepDescription", "SeriesDescription", "ServiceEpisodeDescription", "ServiceEpisodeID",
+    "SmokingStatus", "SpecialNeeds", "StationName", "StudyComments", "StudyDescription", "TextComments",
+    "TopicAuthor", "TopicKeywords", "TopicSubject", "TopicTitle", "VisitComments",
 )
-_EMPTIED = ("AccessionNumber", "StudyID")
-"""Type 2 attributes: required to be present, so emptied rather than removed."""
+EMPTIED = ("AccessionNumber", "StudyID", "PatientBirthDate", "PatientSex", "ReferringPhysicianName",
+           "ContentCreatorName", "FillerOrderNumberImagingServiceRequest", "PlacerOrderNumberImagingServiceRequest")
+"""Action Z: Type 2 attributes that must stay present, so they are emptied rather than removed."""
+_REMOVED_GROUPS = ((0x5000, 0x50FF), (0x6000, 0x60FF))
+"""Curves and overlays (action X): they can hold annotations with names and dates."""
 _MAX_SHIFT_DAYS = 3650
 
 
@@ -84,10 +120,11 @@ class Pseudonymizer:
         ds = copy.deepcopy(source)
         who = self.pseudonym(str(ds.get("PatientID", "") or ""), str(ds.get("PatientName", "") or ""))
         ds.remove_private_tags()
-        for keyword in _REMOVED:
+        _remove_groups(ds)
+        for keyword in REMOVED:
             if keyword in ds:
                 delattr(ds, keyword)
-        for keyword in _EMPTIED:
+        for keyword in EMPTIED:
             if keyword in ds:
                 setattr(ds, keyword, "")
 
@@ -109,12 +146,41 @@ class Pseudonymizer:
         mark_deidentified(ds)
         return ds
 
+    def shift_new_dates(self, obj: Dataset, source: Dataset) -> None:
+        """Shift the dates an export object made itself (ContentDate, InstanceCreationDate, ...) by
+        its patient's shift; `source` is the de-identified dataset it was built from, whose dates
+        (already shifted) it may carry too and which are left alone."""
+        who = next((p for p in self._patients.values() if p.patient_id == source.get("PatientID")), None)
+        if who is None:
+            raise ValueError("the source was not de-identified by this Pseudonymizer")
+        # Compared as text: highdicom copies dates as DA objects, which do not equal the same date as a str.
+        inherited = {e.keyword: str(e.value) for e in source.iterall() if e.VR in ("DA", "DT")}
+
+        def shift(dataset: Dataset, element: DataElement) -> None:
+            if element.VR not in ("DA", "DT") or inherited.get(element.keyword) == str(element.value):
+                return
+            move = _shift_date if element.VR == "DA" else _shift_datetime
+            element.value = _map_values(element.value, lambda v: move(v, who.day_shift))
+
+        obj.walk(shift)
+
 
 def mark_deidentified(ds: Dataset) -> None:
-    """The attributes that tell a receiving system this object was de-identified."""
+    """The attributes that tell a receiving system this object was de-identified, and how."""
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = METHOD
     ds.LongitudinalTemporalInformationModified = "MODIFIED"
+    items = []
+    for value, meaning in PROFILE_CODES:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
+        items.append(item)
+    ds.DeidentificationMethodCodeSequence = DicomSequence(items)
+
+
+def _remove_groups(ds: Dataset) -> None:
+    for tag in [t for t in ds.keys() if any(lo <= t.group <= hi for lo, hi in _REMOVED_GROUPS)]:
+        del ds[tag]
 
 
 def _map_values(value: Any, fn: Callable[[str], str]) -> Any:

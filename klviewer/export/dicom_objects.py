@@ -14,6 +14,7 @@ Source datasets are read with pydicom and checked against the analysis record be
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,14 +22,15 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from klviewer import __version__
+from klviewer.errors import KlviewerInputError
 from klviewer.export.geometry import patient_orientation
+from klviewer.io.dicom import read_bounded_dataset
 from klviewer.results.reader import SliceEntry
 
 NATS = Code("{nat}", "UCUM", "nat")
@@ -69,19 +71,62 @@ def load_sources(slices: Sequence[SliceEntry], *, pixels: bool) -> list[Dataset]
         if not path.is_file():
             raise DicomSkip(f"source file {path} not found (moved, or a relative path from another working folder)")
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
-        except (OSError, InvalidDicomError, ValueError) as exc:
-            raise DicomSkip(f"cannot read source file {path}: {exc}") from exc
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            ds = read_bounded_dataset(path)
+        except KlviewerInputError as exc:
+            raise DicomSkip(f"cannot read source file: {exc}") from exc
+        if not pixels and "PixelData" in ds:
+            del ds.PixelData
+        if str(ds.get("NumberOfFrames", 1) or 1).strip() not in ("1", "1.0"):
             raise DicomSkip(f"{path} is a multi-frame image; the results do not record which frame was analysed")
         if entry.sop_instance_uid and ds.get("SOPInstanceUID") != entry.sop_instance_uid:
             raise DicomSkip(f"{path} now holds instance {ds.get('SOPInstanceUID')}, not the analysed {entry.sop_instance_uid}")
         datasets.append(ds)
     if len({ds.get("SeriesInstanceUID") for ds in datasets}) > 1:
         raise DicomSkip("the case's slices come from more than one series")
-    if len({(ds.Rows, ds.Columns) for ds in datasets}) > 1:
+    if len({(ds.get("Rows"), ds.get("Columns")) for ds in datasets}) > 1:
         raise DicomSkip("the case's source slices differ in size")
     return datasets
+
+
+def derive_frame_of_reference(datasets: Sequence[Dataset]) -> str | None:
+    """Give sources without a FrameOfReferenceUID one, derived from their SeriesInstanceUID (the same
+    series always gets the same UID), and say so; None when they all have one.
+
+    The Parametric Map and Segmentation IODs require a Frame of Reference. A series without one
+    (old or secondary-capture-like CT) still has its slices' positions and orientation, so the maps
+    can be placed on it; the derived UID ties the derived objects together, not to other series.
+    Only the in-memory copies are changed, never the source files.
+    """
+    missing = [ds for ds in datasets if not ds.get("FrameOfReferenceUID")]
+    if not missing:
+        return None
+    seed = str(datasets[0].get("SeriesInstanceUID", "") or datasets[0].get("SOPInstanceUID", ""))
+    uid = "2.25." + str(uuid.uuid5(uuid.NAMESPACE_OID, f"klviewer frame of reference {seed}").int)
+    for ds in missing:
+        ds.FrameOfReferenceUID = uid
+        if "PositionReferenceIndicator" not in ds:
+            ds.PositionReferenceIndicator = ""
+    return ("the source series has no Frame of Reference UID: the Parametric Map and Segmentation use one "
+            "derived from its SeriesInstanceUID (the same in every export of this series)")
+
+
+def add_laterality(obj: Dataset, source: Dataset) -> None:
+    """General Series' Laterality is Type 2C: present (the source's value, or empty when unknown) on
+    the objects whose IODs ask for it (Parametric Map, Secondary Capture; not Segmentation)."""
+    if "Laterality" not in obj:
+        obj.Laterality = str(source.get("Laterality", "") or "")
+
+
+def carry_deidentification(obj: Dataset, source: Dataset) -> None:
+    """A source marked PatientIdentityRemoved YES passes the mark on; the Patient module then needs
+    the method (Type 1C), which highdicom does not copy: the source's, or a statement that it is unknown."""
+    if str(obj.get("PatientIdentityRemoved", "")).upper() != "YES":
+        return
+    if "DeidentificationMethod" not in obj and "DeidentificationMethodCodeSequence" not in obj:
+        obj.DeidentificationMethod = str(source.get("DeidentificationMethod", "") or
+                                         "by the source's sender; method not recorded")[:64]
+        if "DeidentificationMethodCodeSequence" in source:
+            obj.DeidentificationMethodCodeSequence = source.DeidentificationMethodCodeSequence
 
 
 def source_hu(ds: Dataset) -> np.ndarray:
@@ -108,15 +153,20 @@ def parametric_map(sources: Sequence[Dataset], kl_maps: np.ndarray, *, levels: t
         lut_label="KL_NATS", lut_explanation="KL divergence of the covering patch (nats)", unit=NATS,
         value_range=(float(values.min()), float(values.max())), slope=1.0, intercept=0.0,
     )
-    return hd.pm.ParametricMap(
+    pm = hd.pm.ParametricMap(
         source_images=list(sources), pixel_array=values, series_instance_uid=generate_uid(),
         series_number=SERIES_NUMBERS["pm"], sop_instance_uid=generate_uid(), instance_number=1,
         contains_recognizable_visual_features=False, real_world_value_mappings=[mapping],
+        # LINEAR_EXACT: a KL window may be narrower than 1 nat, which the default LINEAR function forbids.
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=(levels[0] + levels[1]) / 2,
-                                                         window_width=levels[1] - levels[0])],
+                                                         window_width=levels[1] - levels[0],
+                                                         voi_lut_function="LINEAR_EXACT")],
         content_label="KL_MAP", content_description=description[:64], series_description="klviewer KL map (nats)",
         **_EQUIPMENT,
     )
+    add_laterality(pm, sources[0])
+    carry_deidentification(pm, sources[0])
+    return pm
 
 
 def segmentation(sources: Sequence[Dataset], masks: np.ndarray, *, threshold: float, patch: int,
@@ -134,7 +184,7 @@ def segmentation(sources: Sequence[Dataset], masks: np.ndarray, *, threshold: fl
         segmented_property_type=OUT_OF_DISTRIBUTION, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
     )
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=list(sources), pixel_array=np.asarray(masks, bool),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[segment],
         series_instance_uid=generate_uid(), series_number=SERIES_NUMBERS["seg"], sop_instance_uid=generate_uid(),
@@ -145,6 +195,8 @@ def segmentation(sources: Sequence[Dataset], masks: np.ndarray, *, threshold: fl
         coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(LOCAL_SCHEME, name="klviewer local codes")],
         **_EQUIPMENT,
     )
+    carry_deidentification(seg, sources[0])
+    return seg
 
 
 def secondary_capture(source: Dataset, rgb: np.ndarray, *, series_uid: str, instance_number: int) -> hd.sc.SCImage:
@@ -159,6 +211,8 @@ def secondary_capture(source: Dataset, rgb: np.ndarray, *, series_uid: str, inst
     )
     sc.BurnedInAnnotation = "YES"
     sc.SourceImageSequence = [_reference(source)]
+    add_laterality(sc, source)
+    carry_deidentification(sc, source)
     return sc
 
 

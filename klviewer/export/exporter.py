@@ -6,7 +6,16 @@ Safety rules, in the order they are checked:
 3. existing case folders and tables are refused up front unless `overwrite`;
 4. each case is written into a hidden staging folder inside the export folder and renamed into
    place only when complete, so a full disk or a permission error leaves no half-written case;
-   the failure is recorded against that case (`CaseExport.error`) and the other cases go on.
+   the failure is recorded against that case (`CaseExport.error`) and the other cases go on;
+5. within a case, DICOM objects that cannot be built (a source highdicom refuses, pixels that do
+   not decode) are left out with the reason (`CaseExport.skipped`) and the other formats go on.
+
+Under de-identification (`deidentify=True`) nothing exported carries a source identifier: case
+folders are named case-0001, ... in export order (the analysis names cases after file names and
+series descriptions, which may hold a name or an ID), the tables and the PDF leave out source
+paths and real dates, DICOM headers follow klviewer.export.deidentify, and each DICOM case folder
+also holds de-identified copies of its source slices (dicom/source/), which the Parametric Map,
+Segmentation and Secondary Captures reference, so that a viewer can show them together.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,10 +38,12 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from klviewer import __version__
-from klviewer.errors import KlviewerError, KlviewerInputError
+from klviewer.errors import MAX_PROBLEM_CHARS, KlviewerError, KlviewerInputError, shorten
 from klviewer.export.deidentify import Pseudonymizer, mark_deidentified
 from klviewer.export.dicom_objects import (
     DicomSkip,
+    add_laterality,
+    derive_frame_of_reference,
     load_sources,
     parametric_map,
     secondary_capture,
@@ -51,11 +63,12 @@ from klviewer.export.images import (
 )
 from klviewer.export.pdf_report import ReportContext, write_report_pdf
 from klviewer.export.tables import CASES_CSV, CASES_JSON, write_case_tables
-from klviewer.inference.result import SliceResult
-from klviewer.inference.scoring import flag_rule, mismatch_rule
 from klviewer.inference.prior_fit import MISMATCH as FIT_MISMATCH
 from klviewer.inference.prior_fit import PriorFit
+from klviewer.inference.result import SliceResult
+from klviewer.inference.scoring import flag_rule, mismatch_rule
 from klviewer.inference.verdict_text import VerdictText, format_nats, slice_label, table_verdict
+from klviewer.io.input_files import inside
 from klviewer.io.safe_write import OutputExistsError, atomic_write
 from klviewer.overlay_rules import overlay_levels
 from klviewer.physics.grid import AIR_HU
@@ -73,10 +86,15 @@ class CaseExport:
     """What happened to one case: its folder and files, the parts left out and why, or the error."""
 
     case: str
+    """The case's name in the results folder."""
     folder: Path | None
     files: list[Path] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     error: str | None = None
+    notes: list[str] = field(default_factory=list)
+    """What was done that the user should know of (e.g. a Frame of Reference derived for the source)."""
+    name: str = ""
+    """The case's folder name in the export (case-0001, ... under de-identification)."""
 
 
 @dataclass
@@ -110,6 +128,8 @@ class _Job:
     overwrite: bool
     notes: dict[str, str]
     date: str
+    names: dict[str, str]
+    """Case name in the results -> folder name in the export."""
     measurements: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -159,12 +179,13 @@ def export_results(
     else:
         selection = "all cases"
         selected = list(results.cases)
-    _check_target(out, results, selected, chosen, overwrite)
+    names = {c.name: f"case-{k:04d}" if deidentify else c.name for k, c in enumerate(selected, start=1)}
+    _check_target(out, results, [names[c.name] for c in selected], chosen, overwrite)
     if not selected:
         return ExportReport(out, [], [])
     _prepare_folder(out)
     job = _Job(results, out, chosen, threshold, source, flag_threshold, z_threshold, Pseudonymizer() if deidentify else None,
-               overwrite, dict(notes or {}), datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               overwrite, dict(notes or {}), datetime.now(timezone.utc).isoformat(timespec="seconds"), names,
                dict(measurements or {}))
     exports: list[CaseExport] = []
     records: list[dict[str, Any]] = []
@@ -193,7 +214,7 @@ def _check_formats(formats: Sequence[str]) -> frozenset[str]:
     return chosen
 
 
-def _check_target(out: Path, results: ResultsFolder, selected: Sequence[CaseEntry], formats: frozenset[str],
+def _check_target(out: Path, results: ResultsFolder, selected: Sequence[str], formats: frozenset[str],
                   overwrite: bool) -> None:
     # Relative source paths from another working folder would resolve against ours: only
     # paths that are absolute or exist here say anything about where the sources are.
@@ -202,22 +223,18 @@ def _check_target(out: Path, results: ResultsFolder, selected: Sequence[CaseEntr
     for folder in sorted(folders):
         # Both directions: a source folder inside the export could be taken for a case folder
         # and replaced under overwrite.
-        if _within(out, folder) or _within(folder, out):
+        if inside(out, folder) or inside(folder, out):
             raise KlviewerInputError(out, f"export folder overlaps the input {folder}; choose a folder outside "
                                           "the results and source folders")
     if out.exists() and not out.is_dir():
         raise KlviewerInputError(out, "export target exists and is not a folder")
     if overwrite:
         return
-    folders = [out / c.name for c in selected] if formats & set(CASE_FORMATS) else []
+    folders = [out / name for name in selected] if formats & set(CASE_FORMATS) else []
     targets = folders + ([out / CASES_CSV, out / CASES_JSON] if "csv" in formats and selected else [])
     existing = next((t for t in targets if t.exists() or t.is_symlink()), None)
     if existing is not None:
         raise OutputExistsError(existing)
-
-
-def _within(child: Path, parent: Path) -> bool:
-    return child.resolve().is_relative_to(parent.resolve())
 
 
 def _umask() -> int:
@@ -239,28 +256,42 @@ def _prepare_folder(out: Path) -> None:
 
 
 def _export_case(job: _Job, case: CaseEntry) -> tuple[CaseExport, dict[str, Any]]:
-    skipped: list[str] = []
+    name = job.names[case.name]
+    export = CaseExport(case.name, None, name=name)
     if not job.formats & set(CASE_FORMATS):
         # Tables only: no case folder, but the tables still say who the patient is.
-        export = CaseExport(case.name, None)
-        return export, _record(job, case, export, {"patient": _sources(job, case, skipped).patient})
+        try:
+            patient = _sources(job, case, export).patient
+        except Exception as exc:  # noqa: BLE001 - one case's sources must not stop the others
+            export.error = _failure(exc)
+            patient = ""
+        return export, _record(job, case, export, {"patient": patient})
     staging: Path | None = None
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{case.name}.", suffix=".partial", dir=job.out))
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=job.out))
         os.chmod(staging, _DIR_MODE)  # mkdtemp makes it owner-only; a published case gets the usual mode
-        written, info = _write_case(job, case, staging, skipped)
-        folder = _publish(staging, job.out / case.name, job.overwrite)
-    except (OSError, KlviewerError) as exc:
+        written, info = _write_case(job, case, staging, export)
+        export.folder = _publish(staging, job.out / name, job.overwrite)
+    except Exception as exc:  # noqa: BLE001 - a case that cannot be written is reported; the others go on
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        export = CaseExport(case.name, None, [], skipped, f"{type(exc).__name__}: {exc}")
+        export.error = _failure(exc)
         return export, _record(job, case, export, {})
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    export = CaseExport(case.name, folder, [folder / p.relative_to(staging) for p in written], skipped)
+    export.files = [export.folder / p.relative_to(staging) for p in written]
     return export, _record(job, case, export, info)
+
+
+def _failure(exc: BaseException) -> str:
+    """The reason a case failed: the refusal itself, or what an unexpected error was and where it came from."""
+    if isinstance(exc, (KlviewerError, OSError)):
+        return f"{type(exc).__name__}: {shorten(str(exc), MAX_PROBLEM_CHARS)}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (in {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"unexpected {type(exc).__name__}{where}: {shorten(str(exc), MAX_PROBLEM_CHARS)}"
 
 
 def _publish(staging: Path, target: Path, overwrite: bool) -> Path:
@@ -291,16 +322,20 @@ class _Sources:
     window: tuple[float, float]
 
 
-def _sources(job: _Job, case: CaseEntry, skipped: list[str]) -> _Sources:
+def _sources(job: _Job, case: CaseEntry, export: CaseExport) -> _Sources:
     """The case's DICOM sources (pseudonymised when asked), who the patient is, and the display window."""
     want_dicom = "dicom" in job.formats
     try:
         datasets = load_sources(case.slices, pixels=want_dicom)
     except DicomSkip as exc:
         if want_dicom:
-            skipped.append(f"dicom: {exc}")
+            export.skipped.append(f"dicom: {exc}")
         no_patient = "not recorded (array or sinogram input)" if case.source_kind != "dicom" else f"unknown ({exc})"
         return _Sources(None, no_patient, SOFT_TISSUE_WINDOW)
+    if want_dicom:
+        derived = derive_frame_of_reference(datasets)
+        if derived is not None:
+            export.notes.append(derived)
     if job.pseudonyms is not None:
         datasets = [job.pseudonyms.apply(ds) for ds in datasets]
     datasets = [unambiguous_names(ds) for ds in datasets]
@@ -348,7 +383,34 @@ def _flag_mask(job: _Job, result: SliceResult, kl: np.ndarray) -> np.ndarray:
     return kl > job.threshold if job.threshold is not None else np.zeros(kl.shape, bool)
 
 
-def _write_case(job: _Job, case: CaseEntry, staging: Path, skipped: list[str]) -> tuple[list[Path], dict[str, Any]]:
+@dataclass
+class _DicomParts:
+    """What the case's DICOM objects are made of, gathered slice by slice."""
+
+    maps: list[np.ndarray] = field(default_factory=list)
+    """KL on each source slice's grid."""
+    z_masks: list[np.ndarray] = field(default_factory=list)
+    captures: list[tuple[str, Dataset, Dataset]] = field(default_factory=list)
+    """(file stem, Secondary Capture, its source) for the pictured slices."""
+    capture_series: str = field(default_factory=generate_uid)
+
+    def add(self, job: _Job, source: Dataset, result: SliceResult, kl: np.ndarray, mask: np.ndarray,
+            style: OverlayStyle, window: tuple[float, float], caption: str, stem: str, pictured: bool) -> None:
+        """One slice: its KL map and flag mask (what the rule flags) carried back onto the source's own grid."""
+        hu = source_hu(source)
+        grid = result.grid_for(hu.shape)
+        kl_source = to_source_grid(kl, grid)
+        mask_source = to_source_grid(mask.astype(np.float32), grid) > 0
+        self.maps.append(kl_source)
+        if job.z_threshold is not None:
+            self.z_masks.append(mask_source)
+        if pictured:
+            rgb = add_colorbar(overlay_rgb(hu, kl_source, window, style, flagged=mask_source), style, caption)
+            sc = secondary_capture(source, rgb, series_uid=self.capture_series, instance_number=len(self.captures) + 1)
+            self.captures.append((stem, sc, source))
+
+
+def _write_case(job: _Job, case: CaseEntry, staging: Path, export: CaseExport) -> tuple[list[Path], dict[str, Any]]:
     """Everything of one case into `staging`.
 
     The Parametric Map and Segmentation cover every analysed slice; pictures (PNG, Secondary
@@ -360,16 +422,14 @@ def _write_case(job: _Job, case: CaseEntry, staging: Path, skipped: list[str]) -
     def save(relative: str, write: Callable[[Any], None]) -> None:
         written.append(atomic_write(staging / relative, write))
 
-    sources = _sources(job, case, skipped)
+    sources = _sources(job, case, export)
     flagged = {s.slice_index for s in case.flagged_slices(job.selection_threshold)}
     top = case.top
     pictured = flagged or {top.slice_index}
-    on_source: list[np.ndarray] = []
-    z_on_source: list[np.ndarray] = []
+    parts = _DicomParts() if sources.datasets is not None else None
     top_result: SliceResult | None = None
-    sc_series, sc_number = generate_uid(), 0
     for number, entry in enumerate(case.slices):
-        if sources.datasets is None and entry.slice_index not in pictured and entry is not top:
+        if parts is None and entry.slice_index not in pictured and entry is not top:
             continue
         result = load_slice_result(entry.file)
         kl = result.kl_map.to_pixels().astype(np.float32)
@@ -379,32 +439,23 @@ def _write_case(job: _Job, case: CaseEntry, staging: Path, skipped: list[str]) -
         stem = f"{entry.slice_index:04d}"
         if "png" in job.formats and entry.slice_index in pictured:
             _save_pngs(save, stem, result, kl, style, sources.window, caption, mask)
-        if sources.datasets is not None:
-            ds = sources.datasets[number]
-            hu = source_hu(ds)
-            grid = result.grid_for(hu.shape)
-            kl_source = to_source_grid(kl, grid)
-            on_source.append(kl_source)
-            mask_source = to_source_grid(mask.astype(np.float32), grid) > 0
-            if job.z_threshold is not None:
-                z_on_source.append(mask_source)
-            if entry.slice_index in pictured:
-                sc_number += 1
-                rgb = add_colorbar(overlay_rgb(hu, kl_source, sources.window, style, flagged=mask_source), style,
-                                   caption)
-                sc = secondary_capture(ds, rgb, series_uid=sc_series, instance_number=sc_number)
-                save(f"dicom/secondary_capture_{stem}.dcm", lambda f, sc=sc: _save_dicom(job, sc, f))
+        if parts is not None and sources.datasets is not None:
+            try:
+                parts.add(job, sources.datasets[number], result, kl, mask, style, sources.window, caption, stem,
+                          entry.slice_index in pictured)
+            except Exception as exc:  # noqa: BLE001 - a source the DICOM objects cannot be built on costs only them
+                export.skipped.append(f"dicom: cannot be built on the source slices ({_failure(exc)})")
+                parts = None
         if entry is top:
             top_result = result
-    if sources.datasets is not None:
-        _save_maps(job, case, sources.datasets, np.stack(on_source), save, skipped,
-                   np.stack(z_on_source) if z_on_source else None)
+    if parts is not None and sources.datasets is not None:
+        _save_dicom_objects(job, case, sources.datasets, parts, staging, written, export)
     if "pdf" in job.formats and top_result is not None:
         ctx = _report_context(job, case, sources.patient, flagged)
         kl = top_result.kl_map.to_pixels().astype(np.float32)
         style = OverlayStyle.for_map(kl, job.threshold, nats_rule=job.z_threshold is None)
         panels = _panels(top_result, kl, style, sources.window, _flag_mask(job, top_result, kl))
-        save(REPORT_FILE, lambda f: write_report_pdf(f, ctx, panels, style))
+        save(REPORT_FILE, lambda f: write_report_pdf(f, ctx, panels, style, dated=job.pseudonyms is None))
     return written, {"patient": sources.patient}
 
 
@@ -434,31 +485,56 @@ def _save_pngs(save: Callable[[str, Callable[[Any], None]], None], stem: str, re
         save(f"png/{stem}_{name}.png", lambda f, image=image: write_png(f, image))
 
 
-def _save_maps(job: _Job, case: CaseEntry, datasets: list[Dataset], kl_maps: np.ndarray,
-               save: Callable[[str, Callable[[Any], None]], None], skipped: list[str],
-               z_masks: np.ndarray | None) -> None:
+def _save_dicom_objects(job: _Job, case: CaseEntry, datasets: list[Dataset], parts: _DicomParts, staging: Path,
+                        written: list[Path], export: CaseExport) -> None:
+    """Build and write the case's DICOM objects; if any cannot be, none is kept and the case goes on without them."""
+    before = len(written)
+    try:
+        objects = [(f"dicom/secondary_capture_{stem}.dcm", sc, source) for stem, sc, source in parts.captures]
+        objects += _map_objects(job, case, datasets, np.stack(parts.maps),
+                                np.stack(parts.z_masks) if parts.z_masks else None, export.skipped)
+        if job.pseudonyms is not None:
+            # The maps reference de-identified UIDs; the slices they name are exported with them.
+            objects += [(f"dicom/source/IM{k:04d}.dcm", ds, None) for k, ds in enumerate(datasets, start=1)]
+            for ds in datasets:
+                add_laterality(ds, ds)
+        for relative, obj, source in objects:
+            written.append(atomic_write(staging / relative, lambda f, obj=obj, source=source: _save_dicom(job, obj, source, f)))
+    except Exception as exc:  # noqa: BLE001 - DICOM objects that cannot be built or written cost only themselves
+        for path in written[before:]:
+            path.unlink(missing_ok=True)
+        del written[before:]
+        export.skipped.append(f"dicom: cannot be written ({_failure(exc)})")
+
+
+def _map_objects(job: _Job, case: CaseEntry, datasets: list[Dataset], kl_maps: np.ndarray, z_masks: np.ndarray | None,
+                 skipped: list[str]) -> list[tuple[str, Dataset, Dataset]]:
     """The Parametric Map of KL, and the Segmentation of the patches the flag rule marks."""
     threshold = job.threshold
+    patch = case.slices[0].row.get("patch")
     pm = parametric_map(datasets, kl_maps, levels=overlay_levels(float(kl_maps.max()), threshold),
-                        description=f"KL per {case.slices[0].row.get('patch', '?')} px patch, nats")
-    save("dicom/parametric_map.dcm", lambda f: _save_dicom(job, pm, f))
+                        description=f"KL per {patch or '?'} px patch, nats")
+    objects = [("dicom/parametric_map.dcm", pm, datasets[0])]
     if job.z_threshold is not None and z_masks is not None:
         masks, rule, limit, unit = z_masks, "z", job.z_threshold, "KL z-score"
     elif threshold is not None:
         masks, rule, limit, unit = kl_maps > threshold, "nats", threshold, "nats"
     else:
         skipped.append("dicom segmentation: no flag threshold (none calibrated for these settings; pass a flag threshold)")
-        return
+        return objects
     if not masks.any():
         skipped.append(f"dicom segmentation: no patch above the flag threshold {limit:.4g} ({unit})")
-        return
-    seg = segmentation(datasets, masks, rule=rule, threshold=limit, patch=int(case.slices[0].row.get("patch") or 0),
+        return objects
+    seg = segmentation(datasets, masks, rule=rule, threshold=limit, patch=int(patch or 0),
                        prior_sha256=str(job.results.prior.get("sha256", "")))
-    save("dicom/segmentation.dcm", lambda f: _save_dicom(job, seg, f))
+    return [*objects, ("dicom/segmentation.dcm", seg, datasets[0])]
 
 
-def _save_dicom(job: _Job, ds: Dataset, handle: Any) -> None:
+def _save_dicom(job: _Job, ds: Dataset, source: Dataset | None, handle: Any) -> None:
+    """Write one object; under de-identification, the dates it made itself are shifted like its patient's."""
     if job.pseudonyms is not None:
+        if source is not None:
+            job.pseudonyms.shift_new_dates(ds, source)
         mark_deidentified(ds)
     ds.save_as(handle, enforce_file_format=True)
 
@@ -477,21 +553,44 @@ def _panels(result: SliceResult, kl: np.ndarray, style: OverlayStyle, window: tu
     return panels
 
 
+WITHHELD = "withheld (de-identified export)"
+
+
 def _report_context(job: _Job, case: CaseEntry, patient: str, flagged: set[int]) -> ReportContext:
     summary = job.results.summary
+    deidentified = job.pseudonyms is not None
     return ReportContext(
         case=case, patient=patient, flagged_slices=flagged, threshold=job.threshold, threshold_source=job.threshold_source,
         note=job.notes.get(case.name, ""), settings=job.results.settings, prior=job.results.prior,
-        analysis_version=str(summary.get("klviewer_version", "unknown")), analysis_date=str(summary.get("created", "unknown")),
-        export_date=job.date, z_threshold=job.z_threshold, rule_forced=job.selection_threshold is not None,
-        measurements=job.measurements.get(case.name, []),
+        analysis_version=str(summary.get("klviewer_version", "unknown")),
+        analysis_date=WITHHELD if deidentified else str(summary.get("created", "unknown")),
+        export_date=WITHHELD if deidentified else job.date, z_threshold=job.z_threshold, name=job.names[case.name],
+        rule_forced=job.selection_threshold is not None, measurements=job.measurements.get(case.name, []),
     )
 
 
+def _scrub(job: _Job, case: CaseEntry, text: str) -> str:
+    """Under de-identification, a reason without the source paths and the case's own name in it."""
+    if job.pseudonyms is None:
+        return text
+    secrets_ = {str(job.results.path), str(job.results.path.resolve()), case.name}
+    for entry in case.slices:
+        if entry.source_file:
+            secrets_ |= {entry.source_file, str(Path(entry.source_file).parent), Path(entry.source_file).name}
+        if entry.series_uid:
+            secrets_.add(entry.series_uid)
+        if entry.sop_instance_uid:
+            secrets_.add(entry.sop_instance_uid)
+    for secret in sorted((x for x in secrets_ if len(x) > 2), key=len, reverse=True):
+        text = text.replace(secret, "<source>")
+    return text
+
+
 def _record(job: _Job, case: CaseEntry, export: CaseExport, info: dict[str, Any]) -> dict[str, Any]:
-    """The case's row in cases.csv / cases.json; identifiers are pseudonymised under de-identification."""
+    """The case's row in cases.csv / cases.json; identifiers are pseudonymised or left out under de-identification."""
     flagged = {s.slice_index for s in case.flagged_slices(job.selection_threshold)}
     top = case.top
+    deidentified = job.pseudonyms is not None
 
     def uid(value: str | None) -> str:
         if not value:
@@ -505,21 +604,22 @@ def _record(job: _Job, case: CaseEntry, export: CaseExport, info: dict[str, Any]
         verdict = _verdict(job, s, s.slice_index in flagged)
         item: dict[str, Any] = {"slice_index": s.slice_index, "score_nats": s.score, "total_kl_nats": s.total_kl,
                                 "z_score": s.row.get("z_score"), "verdict": verdict.status,
-                                "flagged": s.slice_index in flagged, "result_file": str(s.row["file"]),
-                                "sop_instance_uid": uid(s.sop_instance_uid)}
-        if job.pseudonyms is None:
+                                "flagged": s.slice_index in flagged, "sop_instance_uid": uid(s.sop_instance_uid)}
+        if not deidentified:
+            item["result_file"] = str(s.row["file"])
             item["source_file"] = s.source_file
         slices.append(item)
     verdict = _case_verdict(job, case, flagged)
     return {
-        "case": case.name, "status": "failed" if export.error else "exported", "verdict": verdict.status,
+        "case": export.name, "status": "failed" if export.error else "exported", "verdict": verdict.status,
         "flagged": bool(flagged), "score_nats": top.score, "top_slice": top.slice_index, "total_kl_nats": top.total_kl,
         "z_score": _largest_z(case), "slices": slices, "flagged_slices": len(flagged), **_rule_columns(job),
         "source_kind": case.source_kind or "",
         "patient": info.get("patient", ""), "series_uid": uid(top.series_uid),
-        "folder": case.name if export.folder is not None else "",
-        "files": [str(p.relative_to(job.out)) for p in export.files], "skipped": export.skipped,
-        "error": export.error or "", "note": job.notes.get(case.name, ""),
+        "folder": export.name if export.folder is not None else "",
+        "files": [str(p.relative_to(job.out)) for p in export.files],
+        "skipped": [_scrub(job, case, x) for x in export.skipped], "notes": list(export.notes),
+        "error": _scrub(job, case, export.error or ""), "note": job.notes.get(case.name, ""),
     }
 
 
@@ -550,11 +650,13 @@ def _rule_columns(job: _Job) -> dict[str, Any]:
 
 def _table_header(job: _Job, selection: str) -> dict[str, Any]:
     summary = job.results.summary
+    deidentified = job.pseudonyms is not None
     return {
-        "klviewer_version": __version__, "exported": job.date, "results": str(job.results.path),
-        "analysis": {"klviewer_version": summary.get("klviewer_version"), "created": summary.get("created"),
-                     "settings": job.results.settings},
+        "klviewer_version": __version__, "exported": WITHHELD if deidentified else job.date,
+        "results": WITHHELD if deidentified else str(job.results.path),
+        "analysis": {"klviewer_version": summary.get("klviewer_version"),
+                     "created": WITHHELD if deidentified else summary.get("created"), "settings": job.results.settings},
         "prior": {k: job.results.prior.get(k) for k in ("name", "sha256")},
         **_rule_columns(job), "flag_threshold_source": job.threshold_source, "slice_numbering": "from 0",
-        "selection": selection, "formats": sorted(job.formats), "deidentified": job.pseudonyms is not None,
+        "selection": selection, "formats": sorted(job.formats), "deidentified": deidentified,
     }

@@ -50,6 +50,12 @@ class ReportContext:
     """The nats threshold was set for the export (`--flag-threshold`), not taken from the prior's calibration."""
     measurements: list[str] = field(default_factory=list)
     """Measurements drawn in the app (distance, ROI statistics), one line each."""
+    name: str = ""
+    """The case's name in the export (case-0001 under de-identification); the results' name by default."""
+
+    @property
+    def title(self) -> str:
+        return self.name or self.case.name
 
     @property
     def flagged(self) -> bool:
@@ -131,14 +137,16 @@ def _z(value: float | None) -> str:
 
 
 def write_report_pdf(handle: BinaryIO, ctx: ReportContext, panels: Sequence[tuple[str, np.ndarray]],
-                     style: OverlayStyle) -> None:
-    """Write the report as a one-page PDF."""
+                     style: OverlayStyle, dated: bool = True) -> None:
+    """Write the report as a one-page PDF; without `dated`, the PDF records no creation date."""
     metadata = {
-        "Title": f"klviewer case report: {ctx.case.name}",
+        "Title": f"klviewer case report: {ctx.title}",
         "Subject": f"score {ctx.case.score:.6g} nats; {'flagged' if ctx.flagged else 'not flagged'}",
         "Creator": f"klviewer {__version__}",
         "Keywords": f"prior {ctx.prior.get('name')}; sha256 {ctx.prior.get('sha256')}",
     }
+    if not dated:
+        metadata["CreationDate"] = None
     FigureCanvasPdf(report_figure(ctx, panels, style)).print_pdf(handle, metadata=metadata)
 
 
@@ -146,7 +154,7 @@ def report_figure(ctx: ReportContext, panels: Sequence[tuple[str, np.ndarray]], 
     """One A4 page: title, up to three image panels (the first with the KL colour bar), the sections."""
     fig = Figure(figsize=A4_INCHES)
     # Long case names (series UIDs) wrap instead of running off the page's right edge.
-    title = textwrap.wrap(f"klviewer case report: {ctx.case.name}", TITLE_CHARS, break_on_hyphens=False)
+    title = textwrap.wrap(f"klviewer case report: {ctx.title}", TITLE_CHARS, break_on_hyphens=False)
     fig.text(0.06, 0.975, "\n".join(title[:2]), fontsize=13 if len(title) == 1 else 10, weight="bold", va="top")
     fig.text(0.06, 0.935, textwrap.shorten(f"Patient: {ctx.patient}", 110), fontsize=9)
     width = 0.27

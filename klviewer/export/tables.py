@@ -16,13 +16,13 @@ CASES_JSON = "cases.json"
 CASE_COLUMNS = [
     "case", "status", "verdict", "flagged", "score_nats", "z_score", "top_slice", "total_kl_nats", "slices",
     "flagged_slices", "flag_rule", "z_threshold", "nats_threshold", "source_kind", "patient", "series_uid", "folder",
-    "files", "skipped", "error", "note",
+    "files", "skipped", "notes", "error", "note",
 ]
 """Every number names its unit. `verdict` is flagged / not flagged / cannot flag (no calibrated rule);
 `score_nats` is the case's largest slice score (largest patch KL) and `total_kl_nats` that slice's
 total; `z_score` the largest slice KL z-score. `flag_rule` is kl_z_score (then `z_threshold` holds
 the threshold, a z-score), largest_patch_kl_nats (then `nats_threshold`, in nats) or none. Slices
-are numbered from 0 (`top_slice`). `files` and `skipped` are joined with ' | '."""
+are numbered from 0 (`top_slice`). `files`, `skipped` and `notes` are joined with ' | '."""
 
 
 def write_case_tables(out: Path, header: dict[str, Any], cases: Sequence[dict[str, Any]], *,
@@ -35,6 +35,7 @@ def write_case_tables(out: Path, header: dict[str, Any], cases: Sequence[dict[st
         row = dict(case)
         row["files"] = " | ".join(case["files"])
         row["skipped"] = " | ".join(case["skipped"])
+        row["notes"] = " | ".join(case.get("notes", []))
         row["slices"] = len(case["slices"])
         writer.writerow(row)
     csv_path = atomic_write_text(out / CASES_CSV, buffer.getvalue(), overwrite=overwrite)

@@ -45,6 +45,7 @@ from klviewer.inference.measurements import PreparedSlice, ct_measurement_model,
 from klviewer.inference.plan import SeriesPlan, as_plan
 from klviewer.inference.sampler import AnalysisCancelled, posterior_sample
 from klviewer.inference.settings import AnalysisSettings
+from klviewer.io.json_input import Fields, read_json
 from klviewer.io.safe_write import OutputExistsError, atomic_write, atomic_write_text, check_output_folder
 from klviewer.priors.adapters import ADAPTER_MODES, count_parameters
 from klviewer.priors.base import Prior
@@ -65,7 +66,7 @@ from klviewer.priors.finetune import (
     draw_sigmas,
     edm_weight,
 )
-from klviewer.priors.train import write_loss_csv
+from klviewer.priors.train import MAX_STATE_BYTES, write_loss_csv
 from klviewer.priors.unet import EDMUNetPrior
 
 RESUME_DIR = "resume"
@@ -353,11 +354,8 @@ def _read_resume_state(cfg: AlignConfig, fixed: dict[str, Any]) -> dict[str, Any
         if not (folder / RESUME_INPUTS_STATE).is_file():
             raise KlviewerInputError(state_path, "missing: nothing to resume (run without resume first)")
         return None  # stopped before the first checkpoint: start over, reusing the saved input images
-    try:
-        doc = json.loads(state_path.read_text(encoding="utf-8"))
-        step, settings = int(doc["step"]), doc["settings"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise KlviewerInputError(state_path, f"unreadable resume state ({exc})") from exc
+    state = Fields(read_json(state_path, MAX_STATE_BYTES, "resume state"), state_path, what="resume state field")
+    doc, step, settings = state.doc, state.integer("step", lo=0), state.section("settings").doc
     _require_same(state_path, settings, fixed)
     if step > cfg.steps:
         raise AlignError(f"{state_path}: the run is already at step {step}, beyond steps {cfg.steps}")
@@ -375,10 +373,8 @@ def _saved_images(cfg: AlignConfig, fixed: dict[str, Any]) -> torch.Tensor | Non
     state_path = cfg.out / RESUME_DIR / RESUME_INPUTS_STATE
     if not (cfg.resume and state_path.is_file()):
         return None
-    try:
-        saved = json.loads(state_path.read_text(encoding="utf-8"))["settings"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise KlviewerInputError(state_path, f"unreadable resume state ({exc})") from exc
+    state = Fields(read_json(state_path, MAX_STATE_BYTES, "resume state"), state_path, what="resume state field")
+    saved = state.section("settings").doc
     _require_same(state_path, saved, fixed)
     path = cfg.out / RESUME_DIR / RESUME_INPUTS
     images = read_weights(path).get("images")

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from klviewer.errors import KlviewerError, KlviewerInputError
+from klviewer.errors import OVERWRITE_HINT, KlviewerError, KlviewerInputError
 from klviewer.inference.healthy_reference import HealthyReference, ZCalibration
 from klviewer.inference.settings import AnalysisSettings
+from klviewer.io.json_input import Fields, read_json
 from klviewer.io.safe_write import atomic_write_text
 from klviewer.priors.checkpoint import prior_fingerprint
 
@@ -26,17 +27,27 @@ def calibration_key(settings: AnalysisSettings) -> dict[str, Any]:
     return {k: d[k] for k in SCALE_KEYS}
 
 
+MAX_CALIBRATION_BYTES = 16 << 20
+
+
 def read_calibrations(prior_path: Path) -> list[dict[str, Any]]:
+    """The entries of the prior's calibration.json, each checked where the code relies on it:
+    settings an object (its sigma window null or two numbers), a finite threshold, a string
+    weights hash, a healthy reference an object (checked in full when it is used)."""
     path = prior_path / CALIBRATION_FILE
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         return []
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        entries = doc["calibrations"]
-        if not isinstance(entries, list):
-            raise TypeError("'calibrations' must be a list")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise KlviewerInputError(path, f"unreadable calibration file ({exc})") from exc
+    doc = Fields(read_json(path, MAX_CALIBRATION_BYTES, "calibration file"), path, what="calibration field")
+    entries = doc.items("calibrations", max_items=10_000)
+    for number, raw in enumerate(entries):
+        entry = Fields(raw, path, f"calibrations[{number}].", what="calibration field")
+        settings = entry.section("settings")
+        if settings.get("sigma_window", None) is not None:
+            settings.numbers("sigma_window", length=2)
+        entry.number("threshold")
+        entry.text("prior_sha256", "", max_chars=128)
+        if "healthy_reference" in entry:
+            entry.section("healthy_reference")
     return entries
 
 
@@ -122,11 +133,9 @@ def z_calibration_of(entry: dict[str, Any], source: Path) -> ZCalibration | None
     if "healthy_reference" not in entry:
         return None
     doc = entry["healthy_reference"]
-    try:
-        threshold = float(doc["z_threshold"])
-        patch, window = entry["settings"]["patch"], entry["settings"]["sigma_window"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise KlviewerInputError(source, f"healthy reference without a usable z_threshold or settings ({exc})") from exc
+    fields = Fields(doc, source, "healthy_reference.", what="calibration field")
+    threshold = fields.number("z_threshold")
+    patch, window = entry["settings"].get("patch"), entry["settings"].get("sigma_window")
     reference = HealthyReference.from_dict(doc, source)
     stored = None if window is None else tuple(float(v) for v in window)
     if reference.patch != patch or reference.sigma_window != stored:
@@ -145,7 +154,7 @@ def write_calibration(prior_path: Path, entry: dict[str, Any], overwrite: bool =
     same = [e for e in entries if e.get("settings") == entry["settings"]]
     if same and not overwrite:
         raise KlviewerError(f"{prior_path / CALIBRATION_FILE}: already holds a threshold ({same[0].get('threshold')}) "
-                            "for these settings; pass overwrite to replace it")
+                            f"for these settings; {OVERWRITE_HINT}")
     kept = [e for e in entries if e.get("settings") != entry["settings"]]
     doc = {"calibrations": [*kept, entry]}
     return atomic_write_text(prior_path / CALIBRATION_FILE, json.dumps(doc, indent=2) + "\n", overwrite=True)

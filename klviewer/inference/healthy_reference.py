@@ -31,12 +31,14 @@ from scipy import ndimage
 
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.energy import EnergyField, KLMap, patch_sums
+from klviewer.io.json_input import Fields
 
 BODY_HU = -500.0
 """Reconstructed pixels above this, with the holes (bowel gas) filled, are the body."""
 KL_FLOOR = 1e-3
 """Nats added before the log, so that a patch without KL has a finite z-score."""
 MIN_PATCHES_PER_BIN = 20
+MAX_BINS = 10_000
 POOL_PX = 8
 """Side (pixels) of the windows small patches are pooled over: 12.5 mm at the shipped prior's
 1.56 mm pixels, about the smallest lesion. Chosen on the detection benchmark's tuning split."""
@@ -106,14 +108,15 @@ class HealthyReference:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: Any = None) -> HealthyReference:
         """Checked, because it is read from a calibration file anyone may have edited."""
-        try:
-            edges, mean, std = (np.asarray(d[k], dtype=np.float64) for k in ("bin_edges", "mean", "std"))
-            window = d["sigma_window"]
-            # References written before pooling have no "pool"; their thresholds are for single patches.
-            ref = cls(patch=int(d["patch"]), sigma_window=None if window is None else (float(window[0]), float(window[1])),
-                      bin_edges=edges, mean=mean, std=std, n_slices=int(d["n_slices"]), pool=int(d.get("pool", 1)))
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise KlviewerInputError(source, f"unreadable healthy reference ({exc})") from exc
+        fields = Fields(d, source, "healthy_reference.", what="calibration field")
+        edges, mean, std = (np.asarray(fields.numbers(k, max_items=MAX_BINS), dtype=np.float64)
+                            for k in ("bin_edges", "mean", "std"))
+        window = fields.get("sigma_window")
+        # References written before pooling have no "pool"; their thresholds are for single patches.
+        ref = cls(patch=fields.integer("patch", lo=1, hi=4096),
+                  sigma_window=None if window is None else tuple(fields.numbers("sigma_window", length=2, positive=True)),
+                  bin_edges=edges, mean=mean, std=std, n_slices=fields.integer("n_slices", lo=1),
+                  pool=fields.integer("pool", 1, lo=1, hi=1024))
         if (mean.ndim != 1 or mean.size < 1 or std.shape != mean.shape or edges.shape != (mean.size - 1,)
                 or not np.isfinite(np.concatenate([edges, mean, std])).all() or (std <= 0).any()
                 or (np.diff(edges) < 0).any() or ref.patch < 1 or ref.pool < 1):

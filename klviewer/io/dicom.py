@@ -21,7 +21,9 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import io
 import os
+import traceback
 from collections import Counter, defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,10 +31,11 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
+from pydicom.filereader import _read_file_meta_info, read_partial, read_preamble
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     MediaStorageDirectoryStorage,
     ParametricMapStorage,
     RTDoseStorage,
@@ -41,6 +44,9 @@ from pydicom.uid import (
     UID,
 )
 
+from klviewer.errors import KlviewerInputError, shorten
+from klviewer.io.arrays import MAX_ARRAY_BYTES, require_image_sides, require_plausible_hu
+from klviewer.io.input_files import inside, open_input, path_problem, read_input_bytes
 from klviewer.io.study import Catalog, Patient, Series, SkippedFile, Slice, Study
 
 _NOT_IMAGES = {
@@ -56,10 +62,25 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _ORIENTATION_TOL = 1e-3
 _POSITION_TOL_MM = 1e-3
 _SPACING_VARIATION = 0.1
+MAX_DICOM_BYTES = 2 << 30
+"""The largest file parsed: an enhanced CT series of a thousand 512x512 frames is about 0.5 GiB."""
+HEADER_BYTES = 1 << 20
+"""What a header-only read reads: the attributes before the pixel data, which are rarely past a few KiB."""
+MAX_ELEMENTS = 100_000
+"""Top-level data elements parsed per file; a CT image has a few hundred."""
 
 
 class _Skip(Exception):
     """A file cannot be used; the message is the reason the user sees."""
+
+
+def _get(ds: Dataset, keyword: str, default: Any = None) -> Any:
+    """An attribute's value; pydicom converts values when first read, so a malformed one raises
+    here, and the reason names the attribute."""
+    try:
+        return ds.get(keyword, default)
+    except Exception as exc:  # noqa: BLE001 - value converters raise many types for damaged values
+        raise _Skip(f"attribute {keyword} cannot be read ({type(exc).__name__}: {shorten(str(exc), 300)})") from exc
 
 
 @dataclass(frozen=True)
@@ -124,8 +145,15 @@ def read_dicom_files(files: Sequence[Path]) -> Catalog:
         except _Skip as exc:
             skipped.append(SkippedFile(path, str(exc)))
         except Exception as exc:  # noqa: BLE001 - any parser or decoder failure skips only this file
-            skipped.append(SkippedFile(path, f"unexpected error reading DICOM: {type(exc).__name__}: {exc}"))
+            skipped.append(SkippedFile(path, f"unexpected error reading DICOM ({_where(exc)}): {type(exc).__name__}: "
+                                             f"{shorten(str(exc), 300)}"))
     return _build_catalog(images, skipped)
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost klviewer function the error passed through, so the reason says which step failed."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "klviewer" in f.filename]
+    return f"in {frames[-1].name}" if frames else "in the reader"
 
 
 def _first_visit(path: Path, seen: set[str]) -> bool:
@@ -142,38 +170,101 @@ def _first_visit(path: Path, seen: set[str]) -> bool:
 
 
 def _read_dataset(path: Path) -> Dataset:
-    force = _sniff(path)
     try:
-        return pydicom.dcmread(path, force=force)
+        return read_bounded_dataset(path)
+    except KlviewerInputError as exc:
+        raise _Skip(exc.problem) from exc
+
+
+def read_bounded_dataset(path: Path, header_only: bool = False) -> Dataset:
+    """Parse one DICOM file, with the work bounded by its size (KlviewerInputError names the file).
+
+    `header_only` reads at most the first HEADER_BYTES and stops before the pixel data: enough for
+    the patient, study and series attributes that discovery needs.
+
+    The whole file is read into memory first (at most MAX_DICOM_BYTES) and parsed from there, so no
+    declared length can make pydicom read or allocate past the file's end. At the top level, at most MAX_ELEMENTS
+    elements are parsed, and command-group (0000,xxxx) elements or one tag twice in a row end the
+    parse: a run of zero bytes reads as an endless series of (0000,0000) elements, at about 0.3 s
+    per MiB, and no real file holds either.
+    """
+    reason, force = sniff_dicom(path)
+    if reason is not None:
+        raise KlviewerInputError(path, reason)
+    if header_only:
+        with open_input(path) as handle:
+            data = handle.read(HEADER_BYTES)
+    else:
+        data = read_input_bytes(path, MAX_DICOM_BYTES, "DICOM file")
+    syntax, first_group = _peek(data, force)
+    if syntax == DeflatedExplicitVRLittleEndian:
+        raise KlviewerInputError(path, "Deflated Explicit VR Little Endian is not read (its size is known only after inflating it)")
+    if first_group == 0:
+        # pydicom reads group 0000 as a network command set, element by element and without the guard.
+        raise KlviewerInputError(path, "a command group (0000,xxxx) after the file meta: damaged or not a DICOM file "
+                                       "(a run of zero bytes?)")
+    try:
+        return read_partial(io.BytesIO(data), stop_when=_ElementGuard(header_only), force=force)
+    except _Skip as exc:
+        raise KlviewerInputError(path, str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged files
-        raise _Skip(f"unreadable DICOM file ({type(exc).__name__}: {exc})") from exc
+        raise KlviewerInputError(path, f"unreadable DICOM file ({type(exc).__name__}: {shorten(str(exc), 300)})") from exc
+
+
+def _peek(data: bytes, force: bool) -> tuple[str | None, int | None]:
+    """(the file meta's TransferSyntaxUID, the group of the first element after the meta); None for
+    what cannot be read (the full parse that follows reports why)."""
+    handle = io.BytesIO(data)
+    try:
+        read_preamble(handle, force)
+        syntax = str(_read_file_meta_info(handle).get("TransferSyntaxUID", "") or "") or None
+    except Exception:  # noqa: BLE001 - a damaged meta is reported by the full parse that follows
+        return None, None
+    head = handle.read(2)
+    return syntax, int.from_bytes(head, "little") if len(head) == 2 else None
+
+
+class _ElementGuard:
+    """pydicom's `stop_when` hook, called before each top-level element's value is read."""
+
+    def __init__(self, stop_at_pixels: bool = False) -> None:
+        self.stop_at_pixels = stop_at_pixels
+        self.count = 0
+        self.previous: int | None = None
+
+    def __call__(self, tag: int, vr: str | None, length: int) -> bool:
+        if self.stop_at_pixels and tag >= 0x7FE00000:
+            return True
+        self.count += 1
+        name = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+        if self.count > MAX_ELEMENTS:
+            raise _Skip(f"more than {MAX_ELEMENTS} top-level data elements: not a DICOM image (corrupt?)")
+        if tag >> 16 == 0:
+            raise _Skip(f"element {name} of the command group inside the dataset: damaged or not DICOM "
+                        "(a run of zero bytes?)")
+        if tag == self.previous:
+            raise _Skip(f"element {name} appears twice in a row: damaged file")
+        self.previous = tag
+        return False
 
 
 def sniff_dicom(path: Path) -> tuple[str | None, bool]:
     """(why the file is not DICOM, or None; whether pydicom must read it with force=True).
 
-    Reads 132 bytes. Files with the 'DICM' marker read normally. Old files without a preamble
-    start directly with a group 0002 or 0008 element; anything else is not DICOM, and forcing
-    it would parse noise.
+    Reads 132 bytes, of regular files only (a FIFO would block, a device never end). Files with
+    the 'DICM' marker read normally. Old files without a preamble start directly with a group
+    0002 or 0008 element; anything else is not DICOM, and forcing it would parse noise.
     """
     try:
-        with path.open("rb") as handle:
+        with open_input(path) as handle:
             head = handle.read(132)
-    except OSError as exc:
-        return f"cannot open file ({exc.strerror or exc})", False
+    except KlviewerInputError as exc:
+        return exc.problem, False
     if len(head) == 132 and head[128:] == b"DICM":
         return None, False
     if head[:2] in (b"\x02\x00", b"\x08\x00"):
         return None, True
     return ("not a DICOM file (no 'DICM' marker and no DICOM header)" if head else "empty file"), False
-
-
-def _sniff(path: Path) -> bool:
-    """Whether the file must be read with force=True; raises _Skip when it is not DICOM at all."""
-    reason, force = sniff_dicom(path)
-    if reason is not None:
-        raise _Skip(reason)
-    return force
 
 
 def _is_dicomdir(path: Path, ds: Dataset) -> bool:
@@ -186,15 +277,15 @@ def _dicomdir_references(dicomdir: Path, ds: Dataset) -> tuple[list[Path], list[
     root = dicomdir.parent
     found: list[Path] = []
     missing: list[SkippedFile] = []
-    for record in ds.get("DirectoryRecordSequence", []):
-        file_id = record.get("ReferencedFileID")
+    for record in _get(ds, "DirectoryRecordSequence", []):
+        file_id = _get(record, "ReferencedFileID")
         if not file_id:
             continue
         parts = [file_id] if isinstance(file_id, str) else [str(p) for p in file_id]
         target = _find_case_insensitive(root, parts)
         if target is None:
             missing.append(SkippedFile(root.joinpath(*parts), f"listed in DICOMDIR {dicomdir} but the file is missing"))
-        elif not target.resolve().is_relative_to(root.resolve()):
+        elif not inside(target, root):
             missing.append(SkippedFile(target, f"DICOMDIR {dicomdir} points outside its own folder; not read"))
         else:
             found.append(target)
@@ -203,6 +294,8 @@ def _dicomdir_references(dicomdir: Path, ds: Dataset) -> tuple[list[Path], list[
 
 def _find_case_insensitive(root: Path, parts: list[str]) -> Path | None:
     """File IDs are upper case, but media copied to case-sensitive file systems often is not."""
+    if any(path_problem(part) or part in ("", ".", "..") for part in parts):
+        return None
     current = root
     for part in parts:
         exact = current / part
@@ -219,6 +312,7 @@ def _find_case_insensitive(root: Path, parts: list[str]) -> Path | None:
 def _images_from_dataset(path: Path, ds: Dataset) -> list[_Image]:
     _check_is_grayscale_image(ds)
     header = _header(ds)
+    _check_declared_size(ds)
     stored = _decode(ds)
     multi_frame = "NumberOfFrames" in ds
     frames = stored.reshape((-1, *stored.shape[-2:]))
@@ -226,13 +320,13 @@ def _images_from_dataset(path: Path, ds: Dataset) -> list[_Image]:
 
 
 def _check_is_grayscale_image(ds: Dataset) -> None:
-    sop_class = ds.get("SOPClassUID")
+    sop_class = _get(ds, "SOPClassUID")
     if sop_class in _NOT_IMAGES:
         raise _Skip(f"{_NOT_IMAGES[sop_class]}; not loaded")
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         raise _Skip(_no_pixel_data_reason(ds))
-    samples = int(ds.get("SamplesPerPixel", 1))
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    samples = _int(_get(ds, "SamplesPerPixel", 1))
+    photometric = str(_get(ds, "PhotometricInterpretation", "MONOCHROME2"))
     if samples != 1 or photometric not in _GRAYSCALE:
         raise _Skip(
             f"colour image (PhotometricInterpretation {photometric}, {samples} samples per pixel); "
@@ -240,11 +334,29 @@ def _check_is_grayscale_image(ds: Dataset) -> None:
         )
 
 
+def _check_declared_size(ds: Dataset) -> None:
+    """Refuse, before decoding, an image whose header declares more pixels than any CT holds."""
+    rows, columns = _int(_get(ds, "Rows")), _int(_get(ds, "Columns"))
+    frames = _int(_get(ds, "NumberOfFrames", 1)) or 1
+    bits = _int(_get(ds, "BitsAllocated", 16)) or 16
+    if not (rows and columns and rows > 0 and columns > 0 and frames > 0 and 0 < bits <= 64):
+        raise _Skip(f"the header declares an impossible image: Rows {rows}, Columns {columns}, "
+                    f"NumberOfFrames {frames}, BitsAllocated {bits}")
+    try:
+        require_image_sides(None, rows, columns)
+    except KlviewerInputError as exc:
+        raise _Skip(exc.problem) from exc
+    declared = rows * columns * frames * max(bits, 8) // 8
+    if declared > MAX_ARRAY_BYTES:
+        raise _Skip(f"the header declares {frames} frame(s) of {columns}x{rows} pixels, {declared} bytes, over the "
+                    f"{MAX_ARRAY_BYTES} limit")
+
+
 def _no_pixel_data_reason(ds: Dataset) -> str:
     """Tell a header-only object from a damaged image: pydicom drops what a truncated file cut off."""
     if "Rows" in ds:
         return (
-            f"no pixel data: the header declares a {ds.get('Columns')}x{ds.Rows} image but the Pixel Data "
+            f"no pixel data: the header declares a {_get(ds, 'Columns')}x{_get(ds, 'Rows')} image but the Pixel Data "
             "element is missing or cut off (truncated file?)"
         )
     if "SOPClassUID" in ds:
@@ -265,22 +377,22 @@ def _decode(ds: Dataset) -> np.ndarray:
 
 
 def _header(ds: Dataset) -> _Header:
-    patient_name = str(ds.get("PatientName", "") or "")
-    sop_class = str(ds.get("SOPClassUID", "") or "")
+    patient_name = str(_get(ds, "PatientName", "") or "")
+    sop_class = str(_get(ds, "SOPClassUID", "") or "")
     return _Header(
-        patient_id=str(ds.get("PatientID", "") or "") or patient_name or "UNKNOWN",
+        patient_id=str(_get(ds, "PatientID", "") or "") or patient_name or "UNKNOWN",
         patient_name=patient_name,
-        study_uid=str(ds.get("StudyInstanceUID", "") or ""),
-        study_description=str(ds.get("StudyDescription", "") or ""),
-        study_date=str(ds.get("StudyDate", "") or ""),
-        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
-        series_description=str(ds.get("SeriesDescription", "") or ""),
-        series_number=_int(ds.get("SeriesNumber")),
-        modality=str(ds.get("Modality", "") or "") or ("CT" if "CT Image" in UID(sop_class).name else "OT"),
-        frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or "") or None,
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
+        study_uid=str(_get(ds, "StudyInstanceUID", "") or ""),
+        study_description=str(_get(ds, "StudyDescription", "") or ""),
+        study_date=str(_get(ds, "StudyDate", "") or ""),
+        series_uid=str(_get(ds, "SeriesInstanceUID", "") or ""),
+        series_description=str(_get(ds, "SeriesDescription", "") or ""),
+        series_number=_int(_get(ds, "SeriesNumber")),
+        modality=str(_get(ds, "Modality", "") or "") or ("CT" if "CT Image" in UID(sop_class).name else "OT"),
+        frame_of_reference_uid=str(_get(ds, "FrameOfReferenceUID", "") or "") or None,
+        sop_instance_uid=str(_get(ds, "SOPInstanceUID", "") or ""),
         sop_class_uid=sop_class,
-        instance_number=_int(ds.get("InstanceNumber")),
+        instance_number=_int(_get(ds, "InstanceNumber")),
     )
 
 
@@ -292,10 +404,15 @@ def _image(path: Path, ds: Dataset, header: _Header, stored: np.ndarray, frame: 
     width = _first(_frame_attr(ds, index, "FrameVOILUTSequence", "WindowWidth"))
     spacing = _floats(_frame_attr(ds, index, "PixelMeasuresSequence", "PixelSpacing"), 2)
     position = _floats(_frame_attr(ds, index, "PlanePositionSequence", "ImagePositionPatient"), 3)
+    hu = np.ascontiguousarray(apply_modality_lut(stored, rescale), dtype=np.float32)
+    try:
+        require_plausible_hu(None, hu, "pixel values (after RescaleSlope/RescaleIntercept)")
+    except KlviewerInputError as exc:
+        raise _Skip(exc.problem) from exc
     return _Image(
         path=path,
         header=header,
-        hu=np.ascontiguousarray(apply_modality_lut(stored, rescale), dtype=np.float32),
+        hu=hu,
         frame=frame,
         position=cast("tuple[float, float, float] | None", position),
         orientation=_floats(_frame_attr(ds, index, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
@@ -309,11 +426,11 @@ def _image(path: Path, ds: Dataset, header: _Header, stored: np.ndarray, frame: 
 def _functional_item(ds: Dataset, frame: int, sequence: str) -> Dataset | None:
     """The functional-group macro item that applies to `frame`: per-frame first, then shared."""
     for groups, index in (
-        (ds.get("PerFrameFunctionalGroupsSequence"), frame),
-        (ds.get("SharedFunctionalGroupsSequence"), 0),
+        (_get(ds, "PerFrameFunctionalGroupsSequence"), frame),
+        (_get(ds, "SharedFunctionalGroupsSequence"), 0),
     ):
         if groups and index < len(groups):
-            items = groups[index].get(sequence)
+            items = _get(groups[index], sequence)
             if items:
                 return items[0]
     return None
@@ -323,8 +440,8 @@ def _frame_attr(ds: Dataset, frame: int, sequence: str, keyword: str) -> Any:
     """An attribute from the enhanced (functional group) location, else from the top level."""
     item = _functional_item(ds, frame, sequence)
     if item is not None and keyword in item:
-        return item.get(keyword)
-    return ds.get(keyword)
+        return _get(item, keyword)
+    return _get(ds, keyword)
 
 
 def _first(value: Any) -> float | None:

@@ -21,7 +21,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMEN
 from pydicom.valuerep import DSfloat
 
 from klviewer import __version__
-from klviewer.errors import KlviewerInputError
+from klviewer.errors import OVERWRITE_HINT, KlviewerInputError
 from klviewer.io.safe_write import atomic_write
 
 _INT16 = np.iinfo(np.int16)
@@ -135,7 +135,7 @@ def _target_paths(out_dir: Path, n_slices: int, overwrite: bool) -> list[Path]:
     if not overwrite:
         existing = next((p for p in paths if p.exists()), None)
         if existing is not None:
-            raise KlviewerInputError(existing, "already exists; pass overwrite=True to replace it")
+            raise KlviewerInputError(existing, f"already exists; {OVERWRITE_HINT}")
     return paths
 
 
@@ -180,6 +180,11 @@ def _series_dataset(
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = series_number
     ds.SeriesDescription = series_description
+    # General Series: Laterality is Type 2C (empty: no paired organ is imaged as such), PatientPosition
+    # Type 2C for CT; head first supine is what the axial orientation written below assumes.
+    ds.Laterality = ""
+    ds.PatientPosition = "HFS"
+    ds.AcquisitionNumber = 1  # CT Image module, Type 2: the whole series is one acquisition
     ds.Manufacturer = "klviewer"
     ds.SoftwareVersions = __version__
     ds.FrameOfReferenceUID = generate_uid()

@@ -32,7 +32,8 @@ from xml.parsers.expat import ExpatError
 import numpy as np
 
 from klviewer.errors import KlviewerInputError
-from klviewer.io.arrays import MAX_ARRAY_BYTES, hu_range_warnings
+from klviewer.io.arrays import MAX_ARRAY_BYTES, hu_range_warnings, require_plausible_hu
+from klviewer.io.input_files import open_input, read_up_to
 from klviewer.io.study import Catalog, Patient, Series, Slice, Study
 
 INV3_SUFFIX = ".inv3"
@@ -46,7 +47,7 @@ _MODALITIES = {"CT": "CT", "MRI": "MR", "MR": "MR"}
 def read_inv3(path: Path) -> Catalog:
     """The volume of one InVesalius project as one series in its own study."""
     try:
-        with tarfile.open(path, "r:*") as archive:
+        with open_input(path) as raw, tarfile.open(fileobj=raw, mode="r:*") as archive:
             members = _regular_members(path, archive)
             plist_member = _main_plist(path, members)
             project = _read_plist(path, archive, plist_member)
@@ -57,8 +58,7 @@ def read_inv3(path: Path) -> Catalog:
         raise KlviewerInputError(path, f"not a readable InVesalius project archive, truncated or corrupt ({exc})") from exc
     # Rows back to top-first order: InVesalius stores them bottom-first (see the module doc).
     volume = np.frombuffer(raw, dtype=dtype).reshape(shape)[:, ::-1, :].astype(np.float32)
-    if not np.isfinite(volume).all():
-        raise KlviewerInputError(path, "the volume holds NaN/inf values")
+    require_plausible_hu(path, volume, "the volume")
     return _catalog(path, project, volume, spacing)
 
 
@@ -95,7 +95,7 @@ def _read_member(path: Path, archive: tarfile.TarFile, member: tarfile.TarInfo, 
     handle = archive.extractfile(member)
     if handle is None:
         raise KlviewerInputError(path, f"archive member {member.name!r} cannot be read")
-    data = handle.read(size)
+    data = read_up_to(handle, size)
     if len(data) != size:
         raise KlviewerInputError(path, f"archive member {member.name!r} is truncated ({len(data)} of {size} bytes)")
     return data

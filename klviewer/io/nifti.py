@@ -23,7 +23,8 @@ from typing import BinaryIO
 import numpy as np
 
 from klviewer.errors import KlviewerInputError
-from klviewer.io.arrays import MAX_ARRAY_BYTES, hu_range_warnings
+from klviewer.io.arrays import MAX_ARRAY_BYTES, hu_range_warnings, require_plausible_hu
+from klviewer.io.input_files import open_input, read_up_to
 from klviewer.io.study import Catalog, Patient, Series, Slice, Study
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -41,7 +42,7 @@ def is_nifti(path: Path) -> bool:
 def read_nifti(path: Path) -> Catalog:
     """One NIfTI-1 file as one axial CT series in its own study."""
     try:
-        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else path.open("rb")) as handle:
+        with open_input(path) as raw, (gzip.open(raw, "rb") if path.name.lower().endswith(".gz") else raw) as handle:
             header = handle.read(HEADER_BYTES)
             endian, shape, dtype, offset = _layout(path, header)
             volume = _read_voxels(path, handle, header, shape, dtype, offset)
@@ -50,8 +51,7 @@ def read_nifti(path: Path) -> Catalog:
     slope, inter = struct.unpack(endian + "2f", header[112:120])
     if slope != 0 and math.isfinite(slope) and math.isfinite(inter):
         volume = volume * np.float32(slope) + np.float32(inter)
-    if not np.isfinite(volume).all():
-        raise KlviewerInputError(path, "the volume holds NaN/inf values")
+    require_plausible_hu(path, volume, "the volume")
     affine, warnings = _affine(path, header, endian)
     return _catalog(path, header, volume, affine, warnings)
 
@@ -89,9 +89,9 @@ def _layout(path: Path, header: bytes) -> tuple[str, tuple[int, int, int], np.dt
 def _read_voxels(
     path: Path, handle: BinaryIO, header: bytes, shape: tuple[int, int, int], dtype: np.dtype, offset: int
 ) -> np.ndarray:
-    handle.read(offset - len(header))  # header extensions, unread
+    read_up_to(handle, offset - len(header))  # header extensions, unread
     nbytes = math.prod(shape) * dtype.itemsize
-    data = handle.read(nbytes)
+    data = read_up_to(handle, nbytes)
     if len(data) != nbytes:
         raise KlviewerInputError(path, f"NIfTI data is truncated: {len(data)} of the {nbytes} bytes its shape {list(shape)} needs")
     if handle.read(1):

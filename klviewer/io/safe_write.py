@@ -9,7 +9,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from klviewer.errors import KlviewerError, KlviewerInputError
+from klviewer.errors import OVERWRITE_HINT, KlviewerError, KlviewerInputError
+from klviewer.io.input_files import inside
 
 
 def _current_umask() -> int:
@@ -25,7 +26,7 @@ _FILE_MODE = 0o666 & ~_current_umask()
 class OutputExistsError(KlviewerError, FileExistsError):
     def __init__(self, path: Path) -> None:
         self.path = path
-        super().__init__(f"{path}: already exists; refusing to overwrite (pass overwrite to replace it)")
+        super().__init__(f"{path}: already exists; refusing to overwrite ({OVERWRITE_HINT})")
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, overwrite: bool = False) -> Path:
@@ -64,18 +65,10 @@ def atomic_write_text(path: Path, text: str, *, overwrite: bool = False) -> Path
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")), overwrite=overwrite)
 
 
-def _inside(child: Path, parent: Path) -> bool:
-    try:
-        child.resolve().relative_to(parent.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def check_output_folder(out: Path, inputs: Sequence[str | Path]) -> None:
     """Results never go into (or over) an input folder."""
     for raw in inputs:
         src = Path(raw)
         folder = src if src.is_dir() else src.parent
-        if _inside(out, folder) or (src.is_dir() and _inside(folder, out)):
+        if inside(out, folder) or (src.is_dir() and inside(folder, out)):
             raise KlviewerInputError(out, f"output folder overlaps the input {src}; choose a folder outside the inputs")

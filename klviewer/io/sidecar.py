@@ -1,54 +1,41 @@
-"""Reading JSON sidecars safely: size-capped, strict JSON, errors that name the file."""
+"""JSON sidecars of arrays and sinograms: read through the bounded JSON reader, checked field by field.
+
+The limits are physical: no CT pixel is a metre wide, no detector has a million elements. A value
+past them is refused with the file and the field named, before anything is sized by it.
+"""
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Any
 
-from klviewer.errors import KlviewerInputError
+from klviewer.errors import KlviewerInputError, brief
+from klviewer.io.json_input import Fields, read_json
 
 MAX_SIDECAR_BYTES = 1 << 20  # a sidecar is a few hundred bytes; anything huge is not one of ours
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not allowed in a sidecar")
+MAX_SPACING_MM = 1000.0
+MAX_GRID_SIDE = 8192
+MAX_COUNT = 1 << 20
+"""Most angles, detector elements or slices a sidecar may declare."""
+MAX_TEXT = 1024
+"""Longest description or patient ID a sidecar may carry."""
 
 
 def read_json_sidecar(path: Path) -> dict[str, Any]:
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise KlviewerInputError(path, f"cannot read sidecar ({exc.strerror or exc})") from exc
-    if size > MAX_SIDECAR_BYTES:
-        raise KlviewerInputError(path, f"sidecar is {size} bytes, more than the {MAX_SIDECAR_BYTES} allowed")
-    try:
-        text = path.read_text(encoding="utf-8")
-        value = json.loads(text, parse_constant=_reject_constant)
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise KlviewerInputError(path, f"sidecar is not valid JSON ({exc})") from exc
-    if not isinstance(value, dict):
-        raise KlviewerInputError(path, f"sidecar must be a JSON object, found {type(value).__name__}")
-    return value
+    return read_json(path, MAX_SIDECAR_BYTES, "sidecar")
 
 
-def number(path: Path, doc: dict[str, Any], key: str, *, positive: bool = True) -> float:
-    value = doc.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise KlviewerInputError(path, f"sidecar field '{key}' must be a finite number, found {value!r}")
-    if positive and value <= 0:
-        raise KlviewerInputError(path, f"sidecar field '{key}' must be positive, found {value!r}")
-    return float(value)
+def sidecar_fields(path: Path, doc: dict[str, Any]) -> Fields:
+    return Fields(doc, path, what="sidecar field")
 
 
-def spacing_pair(path: Path, doc: dict[str, Any], key: str) -> tuple[float, float]:
+def spacing_pair(fields: Fields, key: str) -> tuple[float, float]:
     """A pixel spacing given as one number (square pixels) or [row, col], in mm."""
-    value = doc.get(key)
+    value = fields.get(key)
+    if isinstance(value, list):
+        row, col = fields.numbers(key, length=2, positive=True, hi=MAX_SPACING_MM)
+        return (row, col)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        s = number(path, doc, key)
+        s = fields.number(key, positive=True, hi=MAX_SPACING_MM)
         return (s, s)
-    if isinstance(value, list) and len(value) == 2:
-        pair = tuple(number(path, {key: v}, key) for v in value)
-        return (pair[0], pair[1])
-    raise KlviewerInputError(path, f"sidecar field '{key}' must be a number or [row, col] in mm, found {value!r}")
+    raise KlviewerInputError(fields.source, f"{fields.name(key)} must be a number or [row, col] in mm, found {brief(value)}")

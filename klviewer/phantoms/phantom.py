@@ -7,13 +7,14 @@ and can be read by anything that reads .npz (no klviewer classes inside).
 from __future__ import annotations
 
 import json
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from klviewer.errors import KlviewerInputError
+from klviewer.io.arrays import load_npz_arrays
+from klviewer.io.json_input import parse_json
 from klviewer.io.safe_write import atomic_write
 
 FOV_MM = 400.0
@@ -97,23 +98,11 @@ def load_phantom_npz(path: Path) -> Phantom:
     path = Path(path)
     if not path.is_file():
         raise KlviewerInputError(path, "phantom file not found")
-    # Checked first: np.load would try to unpickle anything that is not a zip or .npy file.
-    if not zipfile.is_zipfile(path):
-        raise KlviewerInputError(path, "not a readable .npz file (not a zip archive)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [key for key in REQUIRED_KEYS if key not in data.files]
-            if missing:
-                raise KlviewerInputError(path, f"not a klviewer phantom: missing key(s) {', '.join(missing)} "
-                                               f"(has {', '.join(data.files) or 'nothing'})")
-            arrays = {key: data[key] for key in data.files}
-    except KlviewerInputError:
-        raise
-    except ValueError as exc:
-        # numpy raises ValueError for object arrays when pickles are refused.
-        raise KlviewerInputError(path, f"contains pickled objects, which are refused for safety ({exc})") from exc
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise KlviewerInputError(path, f"not a readable .npz file ({exc})") from exc
+    arrays = load_npz_arrays(path, None)
+    missing = [key for key in REQUIRED_KEYS if key not in arrays]
+    if missing:
+        raise KlviewerInputError(path, f"not a klviewer phantom: missing key(s) {', '.join(missing)} "
+                                       f"(has {', '.join(arrays) or 'nothing'})")
     header = _parse_header(path, arrays["meta"])
     problems = _array_problems(arrays["hu"], arrays["body_mask"], arrays["ood_mask"], arrays.get("labels"))
     if header["kind"] not in KINDS:
@@ -135,11 +124,8 @@ def load_phantom_npz(path: Path) -> Phantom:
 def _parse_header(path: Path, raw: np.ndarray) -> dict:
     if raw.ndim != 0 or raw.dtype.kind != "U":
         raise KlviewerInputError(path, f"key 'meta' must hold one JSON string, got {raw.dtype} of shape {raw.shape}")
-    try:
-        header = json.loads(str(raw))
-    except json.JSONDecodeError as exc:
-        raise KlviewerInputError(path, f"key 'meta' is not valid JSON ({exc})") from exc
-    if not isinstance(header, dict) or header.get("format") != FILE_FORMAT:
+    header = parse_json(str(raw), path, "key 'meta'")
+    if header.get("format") != FILE_FORMAT:
         raise KlviewerInputError(path, f"key 'meta' is not a {FILE_FORMAT} header")
     if header.get("version") != FILE_VERSION:
         raise KlviewerInputError(path, f"phantom file version {header.get('version')!r} is not supported "

@@ -18,11 +18,16 @@ from typing import Any
 import torch
 
 from klviewer import __version__
-from klviewer.errors import KlviewerInputError
+from klviewer.errors import KlviewerInputError, brief
+from klviewer.io.json_input import Fields, parse_json
 
 ARCHITECTURES = ("edm-unet", "gaussian", "gmm", "diffusers-unet2d")
 CONFIG_FORMAT = "klviewer.prior"
 CONFIG_FORMAT_VERSION = 1
+MAX_IMAGE_SIDE = 8192
+MAX_CHANNELS = 16
+"""CT priors have one channel; a config declaring thousands is not a CT prior (and would size a network by it)."""
+MAX_NAME_CHARS = 256
 
 
 @dataclass
@@ -50,18 +55,19 @@ class PriorConfig:
         """Raise KlviewerInputError (naming ``source``) listing every problem found."""
         problems = []
         if self.architecture not in ARCHITECTURES:
-            problems.append(f"unknown architecture {self.architecture!r} (known: {', '.join(ARCHITECTURES)})")
-        if not self.name:
-            problems.append("name must be a non-empty string")
-        if min(self.image_size) < 1 or self.channels < 1:
-            problems.append(f"image_size {self.image_size} and channels {self.channels} must be positive")
+            problems.append(f"unknown architecture {brief(self.architecture)} (known: {', '.join(ARCHITECTURES)})")
+        if not self.name or len(self.name) > MAX_NAME_CHARS:
+            problems.append(f"name must be a non-empty string of at most {MAX_NAME_CHARS} characters")
+        if not (all(1 <= n <= MAX_IMAGE_SIDE for n in self.image_size) and 1 <= self.channels <= MAX_CHANNELS):
+            problems.append(f"image_size {brief(self.image_size)} must lie in 1..{MAX_IMAGE_SIDE} per side and channels "
+                            f"{brief(self.channels)} in 1..{MAX_CHANNELS}")
         if not (math.isfinite(self.hu_scale) and self.hu_scale != 0) or not math.isfinite(self.hu_offset):
             problems.append(f"hu_offset {self.hu_offset} / hu_scale {self.hu_scale} must be finite, scale non-zero")
-        if not 0 < self.sigma_min < self.sigma_max or not self.sigma_data > 0:
-            problems.append(f"need 0 < sigma_min < sigma_max and sigma_data > 0, got "
+        if not (0 < self.sigma_min < self.sigma_max < math.inf and 0 < self.sigma_data < math.inf):
+            problems.append(f"need 0 < sigma_min < sigma_max and sigma_data > 0, all finite, got "
                             f"{self.sigma_min}, {self.sigma_max}, {self.sigma_data}")
-        if self.pixel_spacing_mm is not None and not self.pixel_spacing_mm > 0:
-            problems.append(f"pixel_spacing_mm must be positive or null, got {self.pixel_spacing_mm}")
+        if self.pixel_spacing_mm is not None and not 0 < self.pixel_spacing_mm <= 1000:
+            problems.append(f"pixel_spacing_mm must lie in (0, 1000] or be null, got {self.pixel_spacing_mm}")
         if problems:
             raise KlviewerInputError(source, "invalid prior config: " + "; ".join(problems))
 
@@ -73,17 +79,12 @@ class PriorConfig:
     @classmethod
     def from_json(cls, text: str, source: str | Path | None = None) -> PriorConfig:
         """Parse and validate; every refusal names ``source`` (the config file) and the problem."""
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise KlviewerInputError(source, f"not valid JSON ({exc})") from exc
-        if not isinstance(doc, dict):
-            raise KlviewerInputError(source, "prior config must be a JSON object")
+        doc = parse_json(text, source, "prior config")
         if doc.get("format") != CONFIG_FORMAT:
-            raise KlviewerInputError(source, f"not a klviewer prior config (format is {doc.get('format')!r}, "
+            raise KlviewerInputError(source, f"not a klviewer prior config (format is {brief(doc.get('format'))}, "
                                              f"expected {CONFIG_FORMAT!r})")
         if doc.get("format_version") != CONFIG_FORMAT_VERSION:
-            raise KlviewerInputError(source, f"prior config version {doc.get('format_version')!r} is not supported "
+            raise KlviewerInputError(source, f"prior config version {brief(doc.get('format_version'))} is not supported "
                                              f"(this klviewer reads version {CONFIG_FORMAT_VERSION})")
         missing = [k for k in ("name", "architecture", "image_size") if k not in doc]
         if missing:
@@ -91,24 +92,23 @@ class PriorConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(doc) - known - {"format", "format_version"})
         if unknown:
-            raise KlviewerInputError(source, f"prior config has unknown field(s): {', '.join(unknown)}")
-        fields = {k: v for k, v in doc.items() if k in known}
-        try:
-            size = fields["image_size"]
-            if not (isinstance(size, list) and len(size) == 2):
-                raise ValueError(f"image_size must be [H, W], got {size!r}")
-            for key in ("hu_offset", "hu_scale", "sigma_min", "sigma_max", "sigma_data"):
-                if key in fields:
-                    fields[key] = float(fields[key])
-            if fields.get("pixel_spacing_mm") is not None:
-                fields["pixel_spacing_mm"] = float(fields["pixel_spacing_mm"])
-            fields["channels"] = int(fields.get("channels", 1))
-            for key in ("arch", "training"):
-                if not isinstance(fields.get(key, {}), dict):
-                    raise ValueError(f"{key} must be a JSON object")
-            config = cls(**fields)
-        except (TypeError, ValueError) as exc:
-            raise KlviewerInputError(source, f"invalid prior config: {exc}") from exc
+            raise KlviewerInputError(source, f"prior config has unknown field(s): {brief(', '.join(unknown))}")
+        fields = Fields(doc, source, what="prior config field")
+        values: dict[str, Any] = {
+            "name": fields.text("name", max_chars=MAX_NAME_CHARS),
+            "architecture": fields.text("architecture", max_chars=64),
+            "image_size": tuple(fields.numbers("image_size", length=2, integer=True, positive=True, hi=MAX_IMAGE_SIDE)),
+            "channels": fields.integer("channels", 1, lo=1, hi=MAX_CHANNELS),
+            "pixel_spacing_mm": fields.number("pixel_spacing_mm", None, positive=True, hi=1000, optional=True),
+            "arch": fields.section("arch", {}).doc,
+            "training": fields.section("training", {}).doc,
+        }
+        for key in ("hu_offset", "hu_scale", "sigma_min", "sigma_max", "sigma_data"):
+            if key in doc:
+                values[key] = fields.number(key, lo=-1e9, hi=1e9)
+        if "klviewer_version" in doc:
+            values["klviewer_version"] = fields.text("klviewer_version", max_chars=64)
+        config = cls(**values)
         config.validate(source)
         return config
 
@@ -138,6 +138,15 @@ class Prior(torch.nn.Module):
     @classmethod
     def from_config(cls, config: PriorConfig) -> Prior:
         raise NotImplementedError
+
+    @classmethod
+    def state_shapes(cls, config: PriorConfig) -> dict[str, tuple[int, ...]]:
+        """The shape of every tensor the config's network holds, found without allocating it (the module
+        is built on the meta device), so a checkpoint is checked against its config before any weight
+        is read or any network sized by an absurd config is built."""
+        with torch.device("meta"):
+            module = cls.from_config(config)
+        return {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
 
     def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         """E[x0 | x0 + sigma n = x] for x of shape (B, C, H, W) and sigma a float or a (B,) tensor."""

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import math
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -16,13 +18,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from klviewer.errors import KlviewerInputError
+from klviewer.errors import KlviewerInputError, brief, shorten
+from klviewer.io.input_files import check_path, link_problem, not_regular_reason, open_input, read_input_bytes
+from klviewer.io.json_input import checked_integer, parse_json
 from klviewer.io.safe_write import OutputExistsError, atomic_write, atomic_write_text
 from klviewer.priors.base import Prior, PriorConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_PRIOR = "abdomen-phantom-256"
+MAX_CONFIG_BYTES = 4 << 20
+MAX_WEIGHTS_BYTES = 8 << 30
+MAX_HEADER_BYTES = 64 << 20
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 def resources_dir() -> Path:
@@ -84,7 +93,7 @@ def save_prior(prior: Prior, folder: str | Path, overwrite: bool = False) -> Pat
 
 def resolve_prior_path(name_or_path: str | Path) -> Path:
     """A path to a folder, or the bare name of a shipped prior."""
-    path = Path(name_or_path)
+    path = check_path(name_or_path)
     if path.is_dir():
         return path
     is_bare_name = isinstance(name_or_path, str) and os.sep not in name_or_path and "/" not in name_or_path
@@ -105,42 +114,102 @@ def _prior_hint() -> str:
             f"of a prior folder (`--prior PATH`)")
 
 
+def prior_file(folder: Path, name: str) -> Path:
+    """A file of a prior folder; refused when it is a link out of the folder or not a regular file."""
+    path = folder / name
+    if not (path.exists() or path.is_symlink()):
+        raise KlviewerInputError(path, f"missing: a prior folder needs {name}")
+    problem = link_problem(path, folder) or not_regular_reason(path)
+    if problem is not None:
+        raise KlviewerInputError(path, problem)
+    return path
+
+
 def read_prior_config(folder: Path) -> PriorConfig:
-    config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise KlviewerInputError(config_path, "missing: a prior folder needs config.json")
+    config_path = prior_file(folder, CONFIG_FILE)
+    return PriorConfig.from_json(read_input_bytes(config_path, MAX_CONFIG_BYTES, "prior config"), source=config_path)
+
+
+def read_weights_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (dtype, shape)} from a safetensors file's header, every declared size checked
+    against the file's own size before anything is allocated by it."""
+    with open_input(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise KlviewerInputError(path, "not a readable safetensors file (truncated or corrupt?): shorter than its 8-byte header size")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(size - 8, MAX_HEADER_BYTES):
+            raise KlviewerInputError(path, f"not a readable safetensors file (truncated or corrupt?): its header "
+                                           f"declares {length} bytes, the file holds {size} in all")
+        raw = handle.read(length)
     try:
-        text = config_path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise KlviewerInputError(config_path, f"cannot be read ({exc})") from exc
-    return PriorConfig.from_json(text, source=config_path)
+        header = parse_json(raw, path, "its header")
+    except KlviewerInputError as exc:
+        raise KlviewerInputError(path, f"not a readable safetensors file (truncated or corrupt?): {exc.problem}") from exc
+    data_bytes = size - 8 - length
+    shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"safetensors header entry {brief(name)}"
+        if not isinstance(entry, dict) or entry.get("dtype") not in DTYPE_BYTES:
+            raise KlviewerInputError(path, f"{where} has no known dtype (found {brief(entry)})")
+        shape = entry.get("shape")
+        offsets = entry.get("data_offsets")
+        if not (isinstance(shape, list) and len(shape) <= 8 and isinstance(offsets, list) and len(offsets) == 2):
+            raise KlviewerInputError(path, f"{where} needs a shape and two data_offsets (found {brief(entry)})")
+        dims = tuple(checked_integer(n, path, f"{where} shape", lo=0) for n in shape)
+        begin, end = (checked_integer(n, path, f"{where} data_offsets", lo=0) for n in offsets)
+        if not begin <= end <= data_bytes:
+            raise KlviewerInputError(path, f"{where} lies at bytes {begin}..{end} of data, but the file holds "
+                                           f"{data_bytes} (truncated or corrupt?)")
+        if end - begin != math.prod(dims) * DTYPE_BYTES[entry["dtype"]]:
+            raise KlviewerInputError(path, f"{where} declares shape {brief(list(dims))} of {entry['dtype']} but "
+                                           f"{end - begin} bytes of data (truncated or corrupt?)")
+        shapes[name] = (entry["dtype"], dims)
+    return shapes
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; a truncated or corrupt file is an input error naming it."""
-    if not path.is_file():
+    """Read a safetensors file; a truncated, corrupt or lying file is an input error naming it."""
+    if not (path.exists() or path.is_symlink()):
         raise KlviewerInputError(path, "missing: a prior folder needs model.safetensors")
+    read_weights_header(path)
     try:
-        return load_safetensors_bytes(path.read_bytes())
+        return load_safetensors_bytes(read_input_bytes(path, MAX_WEIGHTS_BYTES, "weights file"))
+    except MemoryError as exc:
+        raise KlviewerInputError(path, "weights do not fit in memory") from exc
     except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
-        raise KlviewerInputError(path, f"not a readable safetensors file (truncated or corrupt?): {exc}") from exc
+        raise KlviewerInputError(path, f"not a readable safetensors file (truncated or corrupt?): {shorten(str(exc), 300)}") from exc
 
 
-def check_state_dict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+def check_state_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], path: Path) -> None:
     """Refuse weights that do not fit the architecture the config describes, saying how."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(v.shape)})"
-             for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k} {found[k]} (expected {v})" for k, v in expected.items() if k in found and tuple(found[k]) != tuple(v)]
     problems = []
     for label, items in (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong)):
         if items:
             more = f" and {len(items) - 5} more" if len(items) > 5 else ""
-            problems.append(f"{label}: {', '.join(items[:5])}{more}")
+            problems.append(f"{label}: {', '.join(brief(i)[1:-1] for i in items[:5])}{more}")
     if problems:
         raise KlviewerInputError(path, "weights do not match the architecture in config.json "
                                        "(" + "; ".join(problems) + ")")
+
+
+def check_state_dict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights that do not fit `module`, saying how."""
+    check_state_shapes({k: tuple(v.shape) for k, v in module.state_dict().items()},
+                       {k: tuple(v.shape) for k, v in tensors.items()}, path)
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """NaN or infinite weights would make every score NaN; refuse them naming the tensor."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise KlviewerInputError(path, f"tensor {brief(name)} holds NaN or infinite values")
 
 
 def load_prior(name_or_path: str | Path, device: str | torch.device = "cpu") -> Prior:
@@ -149,15 +218,24 @@ def load_prior(name_or_path: str | Path, device: str | torch.device = "cpu") -> 
     fine-tune)."""
     folder = resolve_prior_path(name_or_path)
     config = read_prior_config(folder)
-    weights_path = folder / WEIGHTS_FILE
-    tensors = read_weights(weights_path)
+    weights_path = prior_file(folder, WEIGHTS_FILE)
+    declared = {name: shape for name, (_, shape) in read_weights_header(weights_path).items()}
+    cls = prior_class(config.architecture)
     try:
-        prior = prior_class(config.architecture).from_config(config)
-    except (KeyError, TypeError, ValueError) as exc:
+        check_state_shapes(cls.state_shapes(config), declared, weights_path)
+        tensors = read_weights(weights_path)
+        check_finite(tensors, weights_path)
+        prior = cls.from_config(config)
+    except KlviewerInputError:
+        raise
+    except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as exc:
         raise KlviewerInputError(folder / CONFIG_FILE, f"cannot build a {config.architecture} prior from its "
-                                                       f"'arch' settings ({exc})") from exc
+                                                       f"'arch' settings ({type(exc).__name__}: {shorten(str(exc), 300)})") from exc
     check_state_dict(prior, tensors, weights_path)
-    prior.load_state_dict(tensors, strict=True)
+    try:
+        prior.load_state_dict(tensors, strict=True)
+    except KlviewerInputError as exc:  # e.g. a covariance that is not symmetric: the weights file is at fault
+        raise KlviewerInputError(exc.path or weights_path, exc.problem) from exc
     prior.eval().requires_grad_(False)
     return prior.to(device)
 

@@ -78,8 +78,15 @@ class DiffusersPrior(Prior):
     @classmethod
     def from_config(cls, config: PriorConfig) -> DiffusersPrior:
         diffusers = _require_diffusers()
-        unet = diffusers.UNet2DModel.from_config(config.arch["unet"])
-        steps = int(config.arch["num_train_timesteps"])
+        unet_config, steps = config.arch["unet"], config.arch["num_train_timesteps"]
+        # diffusers reads a string as the name of a Hub repository to download: only an inline
+        # config (a JSON object) is accepted, and loading runs offline all the same.
+        if not isinstance(unet_config, dict):
+            raise ValueError(f"arch.unet must be the UNet's config as a JSON object, got {str(unet_config)[:80]}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= 100_000:
+            raise ValueError(f"arch.num_train_timesteps must be an integer in 2..100000, got {str(steps)[:80]}")
+        with _offline():
+            unet = diffusers.UNet2DModel.from_config(unet_config)
         return cls(config, unet, torch.linspace(0.999, 0.001, steps, dtype=torch.float64))
 
     def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:

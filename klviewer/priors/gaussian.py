@@ -30,10 +30,34 @@ def _config(architecture: str, name: str, image_shape: Sequence[int], sigma_data
                        sigma_data=max(sigma_data, 1e-6), arch={"image_shape": shape, **arch})
 
 
+def _image_dim(config: PriorConfig) -> tuple[list[int], int]:
+    """The config's image shape and its dimension, checked before anything is sized by them."""
+    shape = config.arch["image_shape"]
+    if not (isinstance(shape, list) and 1 <= len(shape) <= 3
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+        raise ValueError(f"arch.image_shape must list 1 to 3 positive integers, got {str(shape)[:80]}")
+    return shape, math.prod(shape)
+
+
+def _components(config: PriorConfig) -> int:
+    k = config.arch["components"]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"arch.components must be a positive integer, got {str(k)[:80]}")
+    return k
+
+
 def _eigh(cov: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     if not torch.allclose(cov, cov.transpose(-1, -2), atol=1e-10, rtol=1e-8):
         raise KlviewerInputError(None, f"{what} must be symmetric")
-    lam, vecs = torch.linalg.eigh(cov)
+    diagonal = torch.diagonal(cov, dim1=-2, dim2=-1)
+    if torch.equal(cov, torch.diag_embed(diagonal)):
+        # Diagonal (the placeholder `from_config` builds before the real weights are loaded): no
+        # O(d^3) decomposition of a matrix that is about to be replaced.
+        lam, order = diagonal.sort(dim=-1)
+        vecs = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device).expand_as(cov)
+        vecs = torch.gather(vecs, -1, order.unsqueeze(-2).expand_as(cov)).contiguous()
+    else:
+        lam, vecs = torch.linalg.eigh(cov)
     scale = lam.abs().amax(dim=-1, keepdim=True).clamp_min(1e-300)
     if (lam < -1e-9 * scale).any():
         raise KlviewerInputError(None, f"{what} must be positive semi-definite (min eigenvalue {lam.min().item():.3g})")
@@ -55,7 +79,9 @@ class _AnalyticPrior(Prior):
         raise NotImplementedError
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[1:]) != self.image_shape:
+        # Any layout of the prior's number of values per item: a (1, H, W) image for an (H, W) prior,
+        # as the analysis passes (B, C, H, W) whatever shape the config recorded.
+        if math.prod(x.shape[1:]) != self.dim:
             raise ValueError(f"expected input of shape (B, {', '.join(map(str, self.image_shape))}), "
                              f"got {tuple(x.shape)}")
         return x.reshape(x.shape[0], self.dim).to(torch.float64)
@@ -88,9 +114,13 @@ class GaussianPrior(_AnalyticPrior):
         self._refresh()
 
     @classmethod
+    def state_shapes(cls, config: PriorConfig) -> dict[str, tuple[int, ...]]:
+        d = _image_dim(config)[1]
+        return {"mean": (d,), "cov": (d, d)}
+
+    @classmethod
     def from_config(cls, config: PriorConfig) -> GaussianPrior:
-        shape = config.arch["image_shape"]
-        d = math.prod(shape)
+        shape, d = _image_dim(config)
         prior = cls(torch.zeros(d), torch.eye(d), shape, config.name, config.hu_offset, config.hu_scale)
         prior.config = config
         return prior
@@ -153,9 +183,13 @@ class GaussianMixturePrior(_AnalyticPrior):
         self._refresh()
 
     @classmethod
+    def state_shapes(cls, config: PriorConfig) -> dict[str, tuple[int, ...]]:
+        d, k = _image_dim(config)[1], _components(config)
+        return {"weights": (k,), "means": (k, d), "covs": (k, d, d)}
+
+    @classmethod
     def from_config(cls, config: PriorConfig) -> GaussianMixturePrior:
-        shape, k = config.arch["image_shape"], int(config.arch["components"])
-        d = math.prod(shape)
+        (shape, d), k = _image_dim(config), _components(config)
         prior = cls(torch.ones(k), torch.zeros(k, d), torch.eye(d).expand(k, d, d).clone(), shape, config.name,
                     config.hu_offset, config.hu_scale)
         prior.config = config

@@ -26,6 +26,7 @@ import torch
 from klviewer import __version__
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError, KlviewerInputError
+from klviewer.io.json_input import Fields, read_json
 from klviewer.io.safe_write import OutputExistsError, atomic_write, atomic_write_text
 from klviewer.priors.base import PriorConfig
 from klviewer.priors.checkpoint import (
@@ -43,6 +44,7 @@ from klviewer.priors.unet import DEFAULT_ARCH, EDMUNetPrior
 RESUME_DIR = "resume"
 RESUME_WEIGHTS = "state.safetensors"
 RESUME_STATE = "state.json"
+MAX_STATE_BYTES = 256 << 20
 TRAINING_DIR = "training"
 # Settings that must not change when a run is resumed (steps may grow, to train longer).
 FIXED_ON_RESUME = ("data", "size", "patch", "batch", "lr", "seed", "n_phantoms", "ema", "warmup",
@@ -222,11 +224,8 @@ class _Trainer:
         state_path = folder / RESUME_STATE
         if not state_path.is_file():
             raise KlviewerInputError(state_path, "missing: nothing to resume (run without --resume first)")
-        try:
-            doc = json.loads(state_path.read_text(encoding="utf-8"))
-            step, settings = int(doc["step"]), doc["settings"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise KlviewerInputError(state_path, f"unreadable resume state ({exc})") from exc
+        state = Fields(read_json(state_path, MAX_STATE_BYTES, "resume state"), state_path, what="resume state field")
+        step, settings = state.integer("step", lo=0), state.section("settings").doc
         mine = json.loads(json.dumps(self.cfg.fixed_settings()))
         changed = [f"{k}: {settings.get(k)!r} -> {mine[k]!r}" for k in mine if settings.get(k) != mine[k]]
         if changed:
@@ -234,9 +233,10 @@ class _Trainer:
         if step > self.cfg.steps:
             raise TrainingError(f"{state_path}: the run is already at step {step}, beyond --steps {self.cfg.steps}")
         weights_path = folder / RESUME_WEIGHTS
-        restore_training_state(weights_path, self.model, self.ema, self.opt, self.gen, doc["param_groups"])
-        self.step, self.elapsed_s, self.losses = step, float(doc.get("elapsed_s", 0.0)), list(doc["losses"])[:step]
-        self.commands = list(doc.get("commands", []))
+        restore_training_state(weights_path, self.model, self.ema, self.opt, self.gen, state.items("param_groups"))
+        self.step, self.elapsed_s = step, state.number("elapsed_s", 0.0, lo=0)
+        self.losses = state.numbers("losses")[:step]
+        self.commands = list(state.items("commands", []))
 
 
 @torch.no_grad()

@@ -39,6 +39,31 @@ ARCH_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+ARCH_LIMITS = {"emb_dim": (1, 8192), "fourier_features": (2, 4096), "groups": (1, 1024), "pos_channels": (0, 2),
+               "stem": (1, 8)}
+MAX_LEVELS, MAX_WIDTH = 8, 4096
+
+
+def checked_arch(arch: dict[str, Any]) -> dict[str, Any]:
+    """The UNet settings, each an integer in its range: a config names them, and a network is sized
+    by them (ValueError names the field)."""
+
+    def integer(value: Any, name: str, lo: int, hi: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ValueError(f"arch.{name} must be an integer in {lo}..{hi}, got {str(value)[:80]}")
+        return value
+
+    channels = arch["channels"]
+    if not isinstance(channels, list) or not 1 <= len(channels) <= MAX_LEVELS:
+        raise ValueError(f"arch.channels must list 1 to {MAX_LEVELS} widths, got {str(channels)[:80]}")
+    checked = {**arch, "channels": [integer(c, "channels", 1, MAX_WIDTH) for c in channels]}
+    for key, (lo, hi) in ARCH_LIMITS.items():
+        checked[key] = integer(arch[key], key, lo, hi)
+    if not isinstance(arch["attention"], bool):
+        raise ValueError(f"arch.attention must be true or false, got {str(arch['attention'])[:80]}")
+    return checked
+
+
 def edm_coefficients(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, ...]:
     """(c_skip, c_out, c_in, c_noise) for the EDM preconditioning, elementwise in sigma."""
     sd2 = sigma_data**2
@@ -175,7 +200,7 @@ class EDMUNetPrior(Prior):
 
     def __init__(self, config: PriorConfig) -> None:
         super().__init__(config)
-        arch = {**DEFAULT_ARCH, **config.arch}
+        arch = checked_arch({**DEFAULT_ARCH, **config.arch})
         config.arch = arch
         self.net = UNet(config.channels, config.channels, list(arch["channels"]), int(arch["emb_dim"]),
                         int(arch["fourier_features"]), int(arch["groups"]), bool(arch["attention"]),

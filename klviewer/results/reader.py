@@ -7,16 +7,20 @@ slices does not have to fit in memory.
 
 from __future__ import annotations
 
-import json
-import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from klviewer.errors import KlviewerInputError
+from klviewer.errors import KlviewerInputError, brief
+from klviewer.inference.settings import AnalysisSettings
+from klviewer.io.input_files import check_path, inside, real
+from klviewer.io.json_input import Fields, read_json
 
 SUMMARY_FILE = "summary.json"
+MAX_SUMMARY_BYTES = 512 << 20
+MAX_ROWS = 1_000_000
+SOURCE_KINDS = ("dicom", "array", "sinogram")
 _REQUIRED_TOP = ("prior", "settings", "rows")
 _REQUIRED_ROW = ("case", "slice_index", "score", "total_kl", "flagged", "file")
 _SAFE_CASE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -112,18 +116,20 @@ class ResultsFolder:
 
 def read_results(results_dir: str | Path) -> ResultsFolder:
     """Read and check a results folder; every refusal names the file at fault."""
-    folder = Path(results_dir)
+    folder = check_path(results_dir)
     if not folder.exists():
         raise KlviewerInputError(folder, "results folder does not exist")
     if not folder.is_dir():
         raise KlviewerInputError(folder, "is not a folder; expected the results folder of `klviewer analyze`")
     summary_path = folder / SUMMARY_FILE
-    if not summary_path.is_file():
+    if not (summary_path.exists() or summary_path.is_symlink()):
         found = sum(1 for _ in folder.glob("*/*.npz"))
         hint = (f"the analysis did not finish (found {found} slice file(s) but no summary)" if found
                 else "not a results folder of `klviewer analyze`")
         raise KlviewerInputError(summary_path, f"missing: {hint}")
-    summary = _load_summary(summary_path)
+    if not inside(summary_path, folder):
+        raise KlviewerInputError(summary_path, "a symbolic link out of the results folder; not followed")
+    summary = read_summary(summary_path)
     cases: dict[str, CaseEntry] = {}
     for number, row in enumerate(summary["rows"]):
         entry = _slice_entry(folder, summary_path, number, row)
@@ -135,23 +141,53 @@ def read_results(results_dir: str | Path) -> ResultsFolder:
     return ResultsFolder(folder, summary, list(cases.values()))
 
 
-def _load_summary(path: Path) -> dict[str, Any]:
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise KlviewerInputError(path, f"is not UTF-8 text ({exc.reason})") from exc
-    except json.JSONDecodeError as exc:
-        raise KlviewerInputError(path, f"is not valid JSON (line {exc.lineno}: {exc.msg}); the file may be truncated") from exc
-    if not isinstance(summary, dict):
-        raise KlviewerInputError(path, "must hold a JSON object")
+def checked_settings(doc: Any, source: Path, prefix: str = "settings.") -> AnalysisSettings:
+    """Analysis settings read back from a results file: every field of the right type and range."""
+    record = Fields(doc, source, prefix, what="field")
+    known = {f.name for f in fields(AnalysisSettings)}
+    unknown = sorted(set(record.doc) - known)
+    if unknown:
+        raise KlviewerInputError(source, f"'{prefix.rstrip('.')}' has unknown field(s) {brief(unknown)}")
+    values: dict[str, Any] = {}
+    for key, lo, hi in (("views", 1, 100_000), ("steps", 1, 1_000_000), ("samples", 1, 100_000), ("patch", 1, 8192),
+                        ("seed", -2**63, 2**63)):
+        if key in record:
+            values[key] = record.integer(key, lo=lo, hi=hi)
+    for key in ("dose_i0", "noise_sigma", "flag_threshold"):
+        if key in record:
+            values[key] = record.number(key, positive=key != "noise_sigma", lo=0, optional=True)
+    if "dps_step" in record:
+        values["dps_step"] = record.number("dps_step")
+    for key in ("device", "guidance"):
+        if key in record:
+            values[key] = record.text(key, max_chars=64)
+    if record.get("sigma_window", None) is not None:
+        lo, hi = record.numbers("sigma_window", length=2, positive=True)
+        if not lo <= hi:
+            raise record.refuse("sigma_window", f"must be [low, high] with low <= high, found {brief([lo, hi])}")
+        values["sigma_window"] = (lo, hi)
+    elif "sigma_window" in record:
+        values["sigma_window"] = None
+    return AnalysisSettings(**values)
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """A results folder's summary.json, checked field by field (its rows' slice files are not opened)."""
+    summary = read_json(path, MAX_SUMMARY_BYTES, "results summary")
     for key in _REQUIRED_TOP:
         if key not in summary:
             raise KlviewerInputError(path, f"has no '{key}' field; not a summary written by `klviewer analyze`")
-    if not isinstance(summary["rows"], list):
-        raise KlviewerInputError(path, "'rows' must be a list")
-    if not isinstance(summary["settings"], dict) or not isinstance(summary["prior"], dict):
-        raise KlviewerInputError(path, "'settings' and 'prior' must be objects")
-    if not summary["rows"]:
+    doc = Fields(summary, path, what="field")
+    rows = doc.items("rows", max_items=MAX_ROWS)
+    checked_settings(summary["settings"], path)
+    prior = doc.section("prior")
+    for key in ("name", "sha256", "path"):
+        prior.text(key, "", max_chars=4096)
+    for key in ("flag_threshold", "z_threshold"):
+        doc.number(key, None, optional=True)
+    for key in ("flag_rule", "klviewer_version", "created"):
+        doc.text(key, "", max_chars=256, optional=True)
+    if not rows:
         raise KlviewerInputError(path, "lists no analysed slices")
     return summary
 
@@ -163,20 +199,25 @@ def _slice_entry(folder: Path, summary_path: Path, number: int, row: Any) -> Sli
     absent = [k for k in _REQUIRED_ROW if k not in row]
     if absent:
         raise KlviewerInputError(summary_path, f"{where} lacks {', '.join(absent)}")
-    case = row["case"]
-    if not isinstance(case, str) or not _SAFE_CASE.fullmatch(case) or case in (".", ".."):
-        raise KlviewerInputError(summary_path, f"{where}: case name {case!r} is not a plain folder name")
-    try:
-        index, score, total = int(row["slice_index"]), float(row["score"]), float(row["total_kl"])
-    except (TypeError, ValueError) as exc:
-        raise KlviewerInputError(summary_path, f"{where}: slice_index, score and total_kl must be numbers ({exc})") from exc
-    if not (math.isfinite(score) and math.isfinite(total)):
-        raise KlviewerInputError(summary_path, f"{where}: score and total_kl must be finite")
-    file = (folder / str(row["file"])).resolve()
-    if not file.is_relative_to(folder.resolve()):
-        raise KlviewerInputError(summary_path, f"{where}: file {row['file']!r} points outside the results folder")
+    fields_ = Fields(row, summary_path, f"rows[{number}].", what="field")
+    case = fields_.text("case", max_chars=200)
+    if not _SAFE_CASE.fullmatch(case) or case in (".", ".."):
+        raise KlviewerInputError(summary_path, f"{where}: case name {brief(case)} is not a plain folder name")
+    index = fields_.integer("slice_index", lo=0, hi=MAX_ROWS * 100)
+    score, total = fields_.number("score"), fields_.number("total_kl")
+    flagged = fields_.boolean("flagged")
+    fields_.number("z_score", None, optional=True)
+    fields_.integer("patch", None, lo=1, hi=8192, optional=True)
+    source_kind = fields_.get("source_kind", None)
+    if source_kind is not None and source_kind not in SOURCE_KINDS:
+        raise fields_.refuse("source_kind", f"must be one of {SOURCE_KINDS} or null, found {brief(source_kind)}")
+    texts = {k: fields_.text(k, None, optional=True) for k in ("series_uid", "source_file", "sop_instance_uid")}
+    name = fields_.text("file", max_chars=4096)
+    file = Path(real(folder / name))
+    if not inside(file, folder):
+        raise KlviewerInputError(summary_path, f"{where}: file {brief(name)} points outside the results folder")
     return SliceEntry(
-        case=case, slice_index=index, score=score, total_kl=total, flagged=bool(row["flagged"]), file=file,
-        source_kind=row.get("source_kind"), series_uid=row.get("series_uid"), source_file=row.get("source_file"),
-        sop_instance_uid=row.get("sop_instance_uid"), row=row,
+        case=case, slice_index=index, score=score, total_kl=total, flagged=flagged, file=file,
+        source_kind=source_kind, series_uid=texts["series_uid"], source_file=texts["source_file"],
+        sop_instance_uid=texts["sop_instance_uid"], row=row,
     )

@@ -38,7 +38,9 @@ difference on all pixels (what the paper's released code records)."""
 
 DENOISERS: tuple[str, ...] = ("zero-filled", "marginal")
 """zero-filled: the prior's own denoiser at the zero-filled measurement (any prior);
-marginal: the exact denoiser of the observed coordinates' marginal (Gaussian / GMM priors)."""
+marginal: the exact denoiser of the observed coordinates' marginal (Gaussian / GMM priors,
+inpainting). The default, "auto", takes marginal wherever it exists: on Gaussian-mixture pairs it
+is the smaller bias at every observation rate measured (benchmarks/results/shift_bias.md)."""
 
 
 @dataclass(frozen=True)
@@ -130,13 +132,22 @@ def simulate_masked(images: torch.Tensor, family: MaskFamily, seed: int = 0) -> 
     return MaskedMeasurements(family, masks, family.project(images, masks))
 
 
+def _resolve_denoiser(denoiser: str, p: Prior, q: Prior, family: MaskFamily) -> str:
+    """The denoiser "auto" stands for: marginal where both priors have it (Gaussian or mixture
+    priors, inpainting masks), else zero-filled. Any other name is returned as given."""
+    if denoiser != "auto":
+        return denoiser
+    analytic = all(_has_mixture(prior) for prior in (p, q))
+    return "marginal" if analytic and family.operator == "inpainting" else "zero-filled"
+
+
 class _Masked(_Observations):
     domain = "measurement"
     weightings = WEIGHTINGS
 
     def __init__(self, measured: MaskedMeasurements, denoiser: str) -> None:
         if denoiser not in DENOISERS:
-            raise KlviewerInputError(None, f"denoiser must be one of {', '.join(DENOISERS)}, got {denoiser!r}")
+            raise KlviewerInputError(None, f"denoiser must be auto or one of {', '.join(DENOISERS)}, got {denoiser!r}")
         if denoiser == "marginal" and measured.family.operator != "inpainting":
             raise KlviewerInputError(None, "marginal denoisers are available for inpainting masks only")
         self.m = measured
@@ -180,13 +191,13 @@ class _Masked(_Observations):
 
 def measurement_kl_operator_curves(
     p: Prior, q: Prior, measured: MaskedMeasurements, *, sigmas: np.ndarray | None = None, seed: int = 0,
-    batch: int = 64, denoiser: str = "zero-filled", progress: Progress | None = None,
+    batch: int = 64, denoiser: str = "auto", progress: Progress | None = None,
     cancel: threading.Event | None = None,
 ) -> dict[str, ShiftCurve]:
     """Measurement-domain KL(p || q) under every weighting of WEIGHTINGS, from one set of draws."""
     check_compatible(p, q)
     grid = default_sigma_grid() if sigmas is None else check_sigma_grid(sigmas)
-    obs = _Masked(measured, denoiser)
+    obs = _Masked(measured, _resolve_denoiser(denoiser, p, q, measured.family))
     (integrands,) = _run(obs, p, [q], grid, seed, batch, progress, cancel)
     details = {"seed": seed, **obs.details()}
     return {w: _curve(grid, integrands[w], len(obs), "measurement", obs.operator, w, details) for w in WEIGHTINGS}
@@ -194,7 +205,7 @@ def measurement_kl_operator_curves(
 
 def measurement_kl_operator(
     p: Prior, q: Prior, measured: MaskedMeasurements, *, sigmas: np.ndarray | None = None, seed: int = 0,
-    batch: int = 64, weighting: str = "derived", denoiser: str = "zero-filled",
+    batch: int = 64, weighting: str = "derived", denoiser: str = "auto",
     progress: Progress | None = None, cancel: threading.Event | None = None,
 ) -> ShiftCurve:
     """Measurement-domain KL(p || q) from inpainting or masked-Fourier measurements of data from p.
@@ -202,7 +213,9 @@ def measurement_kl_operator(
     ``denoiser="zero-filled"`` evaluates each prior's denoiser at the noisy zero-filled
     measurement (any prior); ``"marginal"`` uses the exact denoiser of the observed coordinates'
     marginal (Gaussian / GMM priors, inpainting), for which the derived weighting is exact when p
-    and q are product distributions over the coordinates.
+    and q are product distributions over the coordinates; ``"auto"`` (the default) is marginal
+    where it exists. ``details["denoiser"]`` says which ran. Both are biased for dependent
+    coordinates, in opposite directions (docs/shift_kl.md, section 2).
     """
     if weighting not in WEIGHTINGS:
         raise KlviewerInputError(None, f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
@@ -237,6 +250,12 @@ def marginal_denoise(prior: Prior, u: torch.Tensor, observed: torch.Tensor, sigm
     post = means[None] + torch.einsum("kde,bke->bkd", covs, z)
     out = (resp[..., None] * post).sum(1)
     return out.to(u.dtype).to(u.device).reshape(u.shape)
+
+
+def _has_mixture(prior: Prior) -> bool:
+    from klviewer.priors.gaussian import GaussianMixturePrior, GaussianPrior
+
+    return isinstance(prior, (GaussianMixturePrior, GaussianPrior))
 
 
 def _mixture(prior: Prior) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -337,3 +337,36 @@ def test_network_priors_on_phantom_measurements(tiny_prior, tmp_path):
     images = torch.from_numpy(base.hu_to_x(hu))[:, None]
     image = [sk.image_kl(base, q, images, sigmas=grid).total for q in perturbed]
     assert 0 < image[0] < image[1]
+
+
+def test_thinned_measurements_are_the_family_at_the_lower_rate():
+    x = torch.randn(4000, 1, 1, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    measured = sk.simulate_masked(x, sk.inpainting_family((1, 10), 0.9), seed=1)
+    thinned = sk.thin_measurements(measured, 0.8, seed=2)
+    assert not (thinned.masks & ~measured.masks).any()  # only observed pixels are dropped
+    assert float(thinned.masks.double().mean()) == pytest.approx(0.8, abs=0.01)
+    assert torch.equal(thinned.zero_filled, x * thinned.masks) and thinned.family.p == 0.8
+    with pytest.raises(KlviewerError, match="thinning"):
+        sk.thin_measurements(measured, 0.95, seed=2)
+
+
+def test_rate_extrapolation_removes_most_of_the_non_product_bias():
+    """Correlated components: random marginals carry less of the KL, so the marginal estimate is
+    low; the line through p = 0.9 and 0.8 read at p = 1 recovers most of it."""
+    g = torch.Generator().manual_seed(61)
+    f64 = torch.float64
+    a = torch.randn(3, 8, 8, generator=g, dtype=f64)
+    covs = 0.3 * a @ a.transpose(1, 2) / 8 + 0.02 * torch.eye(8, dtype=f64)
+    means = torch.randn(3, 8, generator=g, dtype=f64)
+    p = GaussianMixturePrior(torch.ones(3), means, covs, (1, 1, 8), name="p")
+    q = GaussianMixturePrior(torch.ones(3), means + 0.5 * torch.randn(3, 8, generator=g, dtype=f64), covs.clone(),
+                             (1, 1, 8), name="q")
+    clean = p.sample(4000, torch.Generator().manual_seed(1), dtype=f64)
+    exact = sk.image_kl(p, q, clean, sigmas=GRID, batch=4000).total
+    measured = sk.simulate_masked(clean, sk.inpainting_family((1, 8), 0.9), seed=2)
+    plain = sk.measurement_kl_operator(p, q, measured, sigmas=GRID, batch=4000, seed=3)
+    extrapolated = sk.measurement_kl_operator(p, q, measured, sigmas=GRID, batch=4000, seed=3, extrapolate=True)
+    assert plain.total < 0.95 * exact
+    assert abs(extrapolated.total - exact) < 0.5 * abs(plain.total - exact)
+    assert extrapolated.details["extrapolated"] == {"from_keep_prob": 0.9, "via_keep_prob": pytest.approx(0.8),
+                                                    "to_keep_prob": 1.0}

@@ -64,9 +64,12 @@ def test_tmpd_score_is_the_exact_gaussian_score(prior, kind: str) -> None:
 @pytest.mark.parametrize("guidance", ["exact", "tmpd"])
 @pytest.mark.parametrize("kind", ["inpainting", "ct"])
 def test_summed_energy_matches_the_closed_form_within_two_percent(prior, kind: str, guidance: str) -> None:
-    """Default settings, 400 steps, 512 posterior samples (sampling error about 0.6 %)."""
+    """400 steps, 512 posterior samples (sampling error about 0.6 %). tmpd's solve stops at 1 %
+    residual here instead of the default 0.1 %, which halves its cost; on these problems the
+    summed energy moves by under 0.01 % between the two."""
     problem = gaussian_problem(prior, _operator(kind), 0.1, seed=33)
-    run = posterior_sample(prior, problem.model, SamplerSettings(steps=400, samples=512, guidance=guidance, seed=4))
+    settings = SamplerSettings(steps=400, samples=512, guidance=guidance, seed=4, tmpd_tol=1e-2)
+    run = posterior_sample(prior, problem.model, settings)
     assert problem.kl > 20.0, "the measurement should carry real information"
     assert run.energy.total() == pytest.approx(problem.kl, rel=0.02)
     # the cost: one denoiser pass per step; tmpd adds a few vector-Jacobian products per step

@@ -53,7 +53,7 @@ def gmm_pair(seed: int = 0) -> tuple[GaussianMixturePrior, GaussianMixturePrior]
 def estimates(p, q, clean: torch.Tensor, keep: float, seed: int, grid: np.ndarray) -> dict[str, sk.ShiftCurve]:
     measured = sk.simulate_masked(clean, sk.inpainting_family((1, 10), keep), seed=seed)
     n = len(measured)
-    zero = sk.measurement_kl_operator_curves(p, q, measured, sigmas=grid, batch=n, seed=seed)
+    zero = sk.measurement_kl_operator_curves(p, q, measured, sigmas=grid, batch=n, seed=seed, denoiser="zero-filled")
     marginal = sk.measurement_kl_operator(p, q, measured, sigmas=grid, batch=n, seed=seed, denoiser="marginal")
     return {"derived / marginal": marginal, "derived / zero-filled": zero["derived"],
             "paper / zero-filled": zero["paper"], "unweighted / zero-filled": zero["unweighted"]}

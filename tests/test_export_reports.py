@@ -134,6 +134,7 @@ def test_report_text_has_scores_flag_note_settings_and_provenance(fx: ResultsFix
     assert f"{top:.4g} nats" in sections["Result"][1]
     assert sections["Note"] == [NOTE]
     assert "4 steps" in text and "seed 1" in text and "guidance pigdm" in text and "24 simulated" in text
+    assert "relative energy (pigdm guidance)" in " ".join(sections["Sampler"]), "the report says what the nats are"
     assert fx.summary["prior"]["sha256"] in text and "klviewer 0.0.9 on 2024-01-02" in text
     assert f"klviewer {__version__} on 2024-02-03" in text
     assert len(sections["Slices"]) == 2

@@ -136,7 +136,7 @@ def test_product_distribution_derived_weighting_is_unbiased():
     totals = []
     for seed in range(3):
         measured = sk.simulate_masked(x, sk.inpainting_family((1, d), 0.5), seed=seed)
-        zero_filled = sk.measurement_kl_operator_curves(p, q, measured, sigmas=GRID, batch=2000)
+        zero_filled = sk.measurement_kl_operator_curves(p, q, measured, sigmas=GRID, batch=2000, denoiser="zero-filled")
         marginal = sk.measurement_kl_operator(p, q, measured, sigmas=GRID, batch=2000, denoiser="marginal")
         # for independent coordinates the zero-filled denoiser is the marginal one on observed pixels
         assert zero_filled["derived"].total == pytest.approx(marginal.total, rel=1e-9)
@@ -160,18 +160,48 @@ def test_masked_fourier_is_exact_for_stationary_gaussians():
 
 
 def test_gmm_measurement_domain_tracks_the_exact_kl():
-    """Issue 6 item 3: p = 0.9, N = 1000, end value within 10% of the exact (image-domain MC) KL."""
+    """Issue 6 item 3, at the issue-21 tolerance: p = 0.9, N = 1000, within 5% of the exact KL."""
     p, q = gmm_pair()
     clean = p.sample(20000, torch.Generator().manual_seed(1), dtype=torch.float64)
     exact = sk.image_kl(p, q, clean, sigmas=GRID, batch=20000).total
     measured = sk.simulate_masked(clean[:1000], sk.inpainting_family((1, 10), 0.9), seed=2)
-    marginal = sk.measurement_kl_operator(p, q, measured, sigmas=GRID, batch=1000, denoiser="marginal", seed=5)
-    zero_filled = sk.measurement_kl_operator_curves(p, q, measured, sigmas=GRID, batch=1000, seed=5)
-    assert marginal.total == pytest.approx(exact, rel=0.10)
-    assert zero_filled["derived"].total == pytest.approx(exact, rel=0.10)
-    paper = zero_filled["paper"].total
-    assert abs(paper - exact) > 2 * abs(zero_filled["derived"].total - exact)
-    assert marginal.n == 1000 and marginal.domain == "measurement" and marginal.operator == "inpainting"
+    default = sk.measurement_kl_operator_curves(p, q, measured, sigmas=GRID, batch=1000, seed=5)
+    zero_filled = sk.measurement_kl_operator(p, q, measured, sigmas=GRID, batch=1000, seed=5, denoiser="zero-filled")
+    assert default["derived"].details["denoiser"] == "marginal"  # "auto" picks it for analytic priors
+    assert default["derived"].total == pytest.approx(exact, rel=0.05)
+    assert zero_filled.total == pytest.approx(exact, rel=0.05)
+    paper = default["paper"].total
+    assert abs(paper - exact) > 2 * abs(default["derived"].total - exact)
+    assert zero_filled.n == 1000 and zero_filled.domain == "measurement" and zero_filled.operator == "inpainting"
+
+
+def diagonal_gmm_pair(seed: int, shift: float) -> tuple[GaussianMixturePrior, GaussianMixturePrior]:
+    """12-D, 4 components with unequal weights and diagonal covariances (variances 0.03-0.15), means
+    moved by shift * N(0, I): another dimension, weighting and covariance than the validation pair."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    means = torch.randn(4, 12, generator=g, dtype=f64)
+    covs = torch.diag_embed(0.03 + 0.12 * torch.rand(4, 12, generator=g, dtype=f64))
+    weights = 0.5 + torch.rand(4, generator=g, dtype=f64)
+    moved = means + shift * torch.randn(4, 12, generator=g, dtype=f64)
+    return (GaussianMixturePrior(weights, means, covs, (1, 1, 12), name="p"),
+            GaussianMixturePrior(weights, moved, covs.clone(), (1, 1, 12), name="q"))
+
+
+@pytest.mark.parametrize(("seed", "shift"), [(51, 0.2), (52, 0.6)])
+def test_default_estimator_holds_five_percent_on_new_mixtures(seed, shift):
+    """A small (2.3 nats) and a large (32 nats) KL, p = 0.9, N = 1000: the default (marginal)
+    estimate is within 5%; zero-filling adds a positive bias that does not shrink with N
+    (docs/shift_kl.md, section 2), measured +2 to +5% on these pairs."""
+    p, q = diagonal_gmm_pair(seed, shift)
+    reference = p.sample(20000, torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact = sk.image_kl(p, q, reference, sigmas=GRID, batch=20000).total
+    clean = p.sample(1000, torch.Generator().manual_seed(100), dtype=torch.float64)
+    measured = sk.simulate_masked(clean, sk.inpainting_family((1, 12), 0.9), seed=200)
+    default = sk.measurement_kl_operator(p, q, measured, sigmas=GRID, batch=1000, seed=300)
+    zero_filled = sk.measurement_kl_operator(p, q, measured, sigmas=GRID, batch=1000, seed=300, denoiser="zero-filled")
+    assert default.total == pytest.approx(exact, rel=0.05)
+    assert zero_filled.total > default.total
 
 
 def test_marginal_denoiser_matches_a_gmm_on_the_observed_coordinates():
@@ -305,3 +335,36 @@ def test_network_priors_on_phantom_measurements(tiny_prior, tmp_path):
     images = torch.from_numpy(base.hu_to_x(hu))[:, None]
     image = [sk.image_kl(base, q, images, sigmas=grid).total for q in perturbed]
     assert 0 < image[0] < image[1]
+
+
+def test_thinned_measurements_are_the_family_at_the_lower_rate():
+    x = torch.randn(4000, 1, 1, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    measured = sk.simulate_masked(x, sk.inpainting_family((1, 10), 0.9), seed=1)
+    thinned = sk.thin_measurements(measured, 0.8, seed=2)
+    assert not (thinned.masks & ~measured.masks).any()  # only observed pixels are dropped
+    assert float(thinned.masks.double().mean()) == pytest.approx(0.8, abs=0.01)
+    assert torch.equal(thinned.zero_filled, x * thinned.masks) and thinned.family.p == 0.8
+    with pytest.raises(KlviewerError, match="thinning"):
+        sk.thin_measurements(measured, 0.95, seed=2)
+
+
+def test_rate_extrapolation_removes_most_of_the_non_product_bias():
+    """Correlated components: random marginals carry less of the KL, so the marginal estimate is
+    low; the line through p = 0.9 and 0.8 read at p = 1 recovers most of it."""
+    g = torch.Generator().manual_seed(61)
+    f64 = torch.float64
+    a = torch.randn(3, 8, 8, generator=g, dtype=f64)
+    covs = 0.3 * a @ a.transpose(1, 2) / 8 + 0.02 * torch.eye(8, dtype=f64)
+    means = torch.randn(3, 8, generator=g, dtype=f64)
+    p = GaussianMixturePrior(torch.ones(3), means, covs, (1, 1, 8), name="p")
+    q = GaussianMixturePrior(torch.ones(3), means + 0.5 * torch.randn(3, 8, generator=g, dtype=f64), covs.clone(),
+                             (1, 1, 8), name="q")
+    clean = p.sample(4000, torch.Generator().manual_seed(1), dtype=f64)
+    exact = sk.image_kl(p, q, clean, sigmas=GRID, batch=4000).total
+    measured = sk.simulate_masked(clean, sk.inpainting_family((1, 8), 0.9), seed=2)
+    plain = sk.measurement_kl_operator(p, q, measured, sigmas=GRID, batch=4000, seed=3)
+    extrapolated = sk.measurement_kl_operator(p, q, measured, sigmas=GRID, batch=4000, seed=3, extrapolate=True)
+    assert plain.total < 0.95 * exact
+    assert abs(extrapolated.total - exact) < 0.5 * abs(plain.total - exact)
+    assert extrapolated.details["extrapolated"] == {"from_keep_prob": 0.9, "via_keep_prob": pytest.approx(0.8),
+                                                    "to_keep_prob": 1.0}

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from klviewer.app.display import MapSettings, OverlayFrame, WindowLevel, overlay_frame, with_result_z
-from klviewer.inference.verdict_text import format_nats
 from klviewer.errors import KlviewerError
+from klviewer.inference.verdict_text import format_nats
 
 SIDES = ("before", "after")
 
@@ -75,7 +75,8 @@ def paired_overlays(case: Any, settings: MapSettings) -> tuple[OverlayFrame, Ove
     frames = [with_result_z(overlay_frame(side.energy, settings, side.flag_threshold), side)
               for side in (case.before, case.after)]
     upper = max(frame.levels[1] for frame in frames)
-    shared = [replace(frame, levels=(0.0, upper)) for frame in frames]
+    shared = [replace(frame, levels=(0.0, upper), guidance=side.settings.guidance)
+              for frame, side in zip(frames, (case.before, case.after))]
     return shared[0], shared[1]
 
 

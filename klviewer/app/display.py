@@ -14,7 +14,7 @@ from klviewer.inference.energy import EnergyField, KLMap
 from klviewer.inference.healthy_reference import ZCalibration, z_map_fits
 from klviewer.inference.result import SliceResult
 from klviewer.inference.scoring import MISMATCH, SliceScore, Verdict, score_slice
-from klviewer.inference.verdict_text import VerdictText, describe
+from klviewer.inference.verdict_text import VerdictText, describe, nats_are_calibrated, nats_meaning
 from klviewer.io.study import Patient, Series, Study
 from klviewer.overlay_rules import DISPLAY_FRACTION, OVERLAY_OPACITY, display_cut, overlay_levels
 from klviewer.overlay_rules import colorbar_ticks as overlay_ticks
@@ -213,6 +213,8 @@ class OverlayFrame:
     """The slice's largest value of the shown quantity (marked on the colour bar)."""
     threshold_mark: float | None = None
     """The flag rule's threshold when the shown quantity is the one the rule compares (marked on the colour bar)."""
+    guidance: str | None = None
+    """The run's guidance, which decides what its nats are (`nats_meaning`)."""
 
     @property
     def kl_map(self) -> KLMap:
@@ -259,8 +261,18 @@ class OverlayFrame:
 
     def scale_label(self) -> str:
         """The colour bar's title: the quantity, its unit, and whether the range is calibrated."""
-        quantity = "KL z-score vs healthy" if self.shows_z else "KL per patch (nats)"
+        if self.shows_z:
+            quantity = "KL z-score vs healthy"
+        else:
+            quantity = "KL per patch (nats)" if nats_are_calibrated(self.guidance) else "KL energy per patch (relative nats)"
         return quantity if self.fixed_scale else f"{quantity}, relative to this slice"
+
+    def scale_tooltip(self) -> str:
+        """What the colours measure, for the colour bar's tooltip."""
+        meaning = nats_meaning(self.guidance)
+        if self.shows_z:
+            return f"KL z-score of each window against healthy patches with the same edge content. {meaning}"
+        return meaning
 
 
 def flagged_patches(kl_map: KLMap, threshold: float) -> list[tuple[int, int, int, int]]:

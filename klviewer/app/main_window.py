@@ -219,6 +219,7 @@ class MainWindow(OpeningMixin, QMainWindow):
         frame = frame_of(scored, settings.clamped(cached.result.energy.image_shape))
         frame = frame_on_source(frame, cached.result.grid_for(source_shape(self.current.series, self.index)))
         frame.verdict = verdict_of(scored, cached.result.prior_fit)
+        frame.guidance = cached.result.settings.guidance
         self.viewer.set_overlay(frame)
         self.map_controls.set_z_available(scored.z_map is not None)
         self.map_controls.show_calibration(scored.rule is not None, self.model.calibrated_maps(cached))

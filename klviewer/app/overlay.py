@@ -64,6 +64,7 @@ class OverlayLayer:
         self._extent = extent
         if frame is not None:
             self.colorbar.axis.setLabel(frame.scale_label())
+            self.colorbar.setToolTip(frame.scale_tooltip())
             self.colorbar.setLevels(frame.levels)
             self._mark(frame)
             self.image.setImage(frame.pixels, autoLevels=False, levels=frame.levels)

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from klviewer import __version__
 from klviewer.export.images import COLORMAP, OverlayStyle, mark_colorbar
-from klviewer.inference.verdict_text import VerdictText, table_verdict
+from klviewer.inference.verdict_text import VerdictText, nats_meaning, table_verdict
 from klviewer.results.reader import CaseEntry
 
 A4_INCHES = (8.27, 11.69)
@@ -115,7 +115,8 @@ def report_sections(ctx: ReportContext) -> list[tuple[str, list[str]]]:
                          f"noise: {noise}"]),
         ("Sampler", [f"guidance {s.get('guidance')}, {s.get('steps')} steps, {s.get('samples')} sample(s), seed {s.get('seed')}",
                      f"patch {s.get('patch')} px, sigma window {window[0]:g}-{window[1]:g}" if window else
-                     f"patch {s.get('patch')} px, all noise levels"]),
+                     f"patch {s.get('patch')} px, all noise levels",
+                     *textwrap.wrap(nats_meaning(s.get("guidance")), 100)]),
         ("Provenance", [f"prior: {ctx.prior.get('name')}",
                         f"prior SHA-256: {ctx.prior.get('sha256')}",
                         f"analysed with klviewer {ctx.analysis_version} on {ctx.analysis_date}",

@@ -5,6 +5,10 @@ Karras sigma schedule, Euler-Maruyama, every step split into a prior update and 
 update dx_lik. With g^2 dt = sigma_i^2 - sigma_{i+1}^2 the step adds 1/2 * dx_lik^2 / (g^2 dt)
 nats per pixel to the EnergyField (Girsanov); with the exact likelihood score the total is
 KL(p(x|y) || p(x)).
+
+The likelihood score comes from a guidance object, one class per algorithm, chosen by name
+from a registry (GUIDANCES). Each computes (x0_hat, likelihood score) at x, so the step loop
+does not know which approximation it runs.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -27,14 +31,11 @@ from klviewer.inference.likelihood import (
     dps_score,
     exact_gaussian_score,
     pigdm_score,
+    tmpd_score,
     tweedie_dc_score,
 )
+from klviewer.priors.base import Denoiser
 from klviewer.priors.sampling import karras_sigmas
-
-Guidance = Literal["dc", "dps", "pigdm", "exact"]
-ANY_PRIOR_GUIDANCES: tuple[str, ...] = ("pigdm", "dc", "dps")
-"""The guidances offered to users; `exact` needs a Gaussian prior and serves the tests."""
-GUIDANCES: tuple[str, ...] = (*ANY_PRIOR_GUIDANCES, "exact")
 
 
 class AnalysisCancelled(KlviewerError):
@@ -46,7 +47,8 @@ class SamplerSettings:
     steps: int = 100
     samples: int = 1
     seed: int = 0
-    guidance: Guidance = "pigdm"
+    guidance: str = "pigdm"
+    """A name from GUIDANCES."""
     sigma_max: float = 10.0
     sigma_min: float = 0.002
     rho: float = 7.0
@@ -58,6 +60,12 @@ class SamplerSettings:
     """Step size zeta of `dps` guidance, in prior units per unit of the whitened residual norm.
     0.03 gave the best PSNR of {3e-4, 3e-3, 0.03, 0.3} on a 256² lesion phantom at 24 views
     with the shipped prior; 0.3 diverges."""
+    tmpd_iters: int = 30
+    """Most conjugate-gradient iterations per step for `tmpd` guidance (one vector-Jacobian
+    product through the denoiser each)."""
+    tmpd_tol: float = 1e-3
+    """`tmpd` stops a step's solve once every sample's residual is below this fraction of its
+    measurement residual."""
     max_batch: int | None = None
     """Most posterior samples per forward pass; None = all at once."""
 
@@ -68,6 +76,8 @@ class SamplerSettings:
             raise KlviewerInputError(None, f"samples must be at least 1, got {self.samples}")
         if self.guidance not in GUIDANCES:
             raise KlviewerInputError(None, f"guidance must be one of {GUIDANCES}, got {self.guidance!r}")
+        if self.tmpd_iters < 1 or not self.tmpd_tol >= 0:
+            raise KlviewerInputError(None, f"need tmpd_iters >= 1 and tmpd_tol >= 0, got {self.tmpd_iters}, {self.tmpd_tol}")
         if not 0 < self.sigma_min < self.sigma_max:
             raise KlviewerInputError(None, f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
 
@@ -86,32 +96,147 @@ class PosteriorRun:
     seconds: float
     device: str
     notes: list[str] = field(default_factory=list)
+    evaluations: dict[str, float] = field(default_factory=dict)
+    """Network cost per posterior sample: denoiser forward passes ("denoiser") and
+    vector-Jacobian products through the denoiser ("vjp")."""
 
 
-def _likelihood_score(prior, model: MeasurementModel, settings: SamplerSettings, x: torch.Tensor,
-                      sigma: float, dsigma2: float, exact: GaussianTerms | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0_hat, likelihood score) at x for the chosen guidance."""
-    if settings.guidance in ("dps", "pigdm"):
+# ---- guidances ------------------------------------------------------------------------------------
+
+@dataclass
+class Evaluations:
+    """Network work done, counted per posterior sample (a call on a batch of B adds B)."""
+
+    denoiser: int = 0
+    vjp: int = 0
+
+
+class Guidance(Protocol):
+    """One approximation of the likelihood score, built for one batch of posterior samples."""
+
+    evaluations: Evaluations
+
+    def __call__(self, x: torch.Tensor, sigma: float, dsigma2: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat = D(x; sigma), likelihood score grad_x log p(y | x)) at x; dsigma2 is the
+        step's sigma_i^2 - sigma_{i+1}^2."""
+        ...
+
+
+class _Guidance:
+    name = ""
+    any_prior = True
+    """False: the guidance needs a particular kind of prior and is not offered to users."""
+
+    def __init__(self, prior: Denoiser, model: MeasurementModel, settings: SamplerSettings) -> None:
+        self.prior, self.model, self.settings = prior, model, settings
+        self.evaluations = Evaluations()
+
+    def _denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        self.evaluations.denoiser += x.shape[0]
+        return self.prior.denoise(x, sigma)
+
+    def _through_denoiser(self, x: torch.Tensor, sigma: float,
+                          score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, score(x, x0_hat)) with autograd through the denoiser, for scores that take
+        vector-Jacobian products of it (one is counted here)."""
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            x0_hat = prior.denoise(xg, sigma)
-            if settings.guidance == "dps":
-                score = dps_score(model, xg, x0_hat, settings.dps_step, dsigma2)
-            else:
-                score = pigdm_score(model, xg, x0_hat, sigma, prior.config.sigma_data, settings.cg_iters)
-        return x0_hat.detach(), score.detach()
-    with torch.no_grad():
-        x0_hat = prior.denoise(x, sigma)
-        if settings.guidance == "exact":
-            return x0_hat, exact_gaussian_score(model, x, sigma, exact)
-        return x0_hat, tweedie_dc_score(model, x0_hat, sigma, prior.config.sigma_data, settings.cg_iters)
+            x0_hat = self._denoise(xg, sigma)
+            likelihood = score(xg, x0_hat)
+        self.evaluations.vjp += x.shape[0]
+        return x0_hat.detach(), likelihood.detach()
 
 
-def _exact_terms(prior, model: MeasurementModel, shape: tuple[int, ...]) -> GaussianTerms:
-    if not (hasattr(prior, "mean") and hasattr(prior, "cov")):
-        raise KlviewerInputError(None, "exact guidance needs a Gaussian prior (with mean and covariance)")
-    return GaussianTerms.build(prior.mean, prior.cov, dense_matrix(model, shape))
+class DataConsistency(_Guidance):
+    """`dc`: the isotropic Tweedie step, no backpropagation (`tweedie_dc_score`)."""
 
+    name = "dc"
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, sigma: float, dsigma2: float) -> tuple[torch.Tensor, torch.Tensor]:
+        x0_hat = self._denoise(x, sigma)
+        return x0_hat, tweedie_dc_score(self.model, x0_hat, sigma, self.prior.config.sigma_data, self.settings.cg_iters)
+
+
+class PiGDM(_Guidance):
+    """`pigdm` (the default): the isotropic covariance with the denoiser's own Jacobian (`pigdm_score`)."""
+
+    name = "pigdm"
+
+    def __call__(self, x: torch.Tensor, sigma: float, dsigma2: float) -> tuple[torch.Tensor, torch.Tensor]:
+        sigma_data, iters = self.prior.config.sigma_data, self.settings.cg_iters
+        return self._through_denoiser(x, sigma, lambda xg, x0: pigdm_score(self.model, xg, x0, sigma, sigma_data, iters))
+
+
+class DPS(_Guidance):
+    """`dps`: a fixed-size step down the residual norm's gradient through the denoiser (`dps_score`)."""
+
+    name = "dps"
+
+    def __call__(self, x: torch.Tensor, sigma: float, dsigma2: float) -> tuple[torch.Tensor, torch.Tensor]:
+        step = self.settings.dps_step
+        return self._through_denoiser(x, sigma, lambda xg, x0: dps_score(self.model, xg, x0, step, dsigma2))
+
+
+class TMPD(_Guidance):
+    """`tmpd`: the Tweedie covariance sigma^2 dD/dx by vector-Jacobian products inside a
+    conjugate-gradient solve (`tmpd_score`); exact for Gaussian priors, any prior works. Each
+    step warm-starts its solve from the previous step's solution, which changes slowly."""
+
+    name = "tmpd"
+
+    def __init__(self, prior: Denoiser, model: MeasurementModel, settings: SamplerSettings) -> None:
+        super().__init__(prior, model, settings)
+        self._start: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, sigma: float, dsigma2: float) -> tuple[torch.Tensor, torch.Tensor]:
+        solves = []
+
+        def score(xg: torch.Tensor, x0_hat: torch.Tensor) -> torch.Tensor:
+            likelihood, solve = tmpd_score(self.model, xg, x0_hat, sigma, self.settings.tmpd_iters,
+                                           self.settings.tmpd_tol, self._start)
+            solves.append(solve)
+            return likelihood
+
+        out = self._through_denoiser(x, sigma, score)
+        self._start = solves[0].solution.detach()
+        self.evaluations.vjp += x.shape[0] * solves[0].iterations  # the solve's products; the score's is counted
+        return out
+
+
+class ExactGaussian(_Guidance):
+    """`exact`: the closed-form likelihood score of a Gaussian prior, with K as a dense matrix (tests)."""
+
+    name = "exact"
+    any_prior = False
+
+    def __init__(self, prior: Denoiser, model: MeasurementModel, settings: SamplerSettings) -> None:
+        super().__init__(prior, model, settings)
+        mean, cov = getattr(prior, "mean", None), getattr(prior, "cov", None)
+        if not (isinstance(mean, torch.Tensor) and isinstance(cov, torch.Tensor)):
+            raise KlviewerInputError(None, "exact guidance needs a Gaussian prior (with mean and covariance)")
+        c = prior.config
+        self.terms = GaussianTerms.build(mean, cov, dense_matrix(model, (c.channels, *c.image_size)))
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, sigma: float, dsigma2: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._denoise(x, sigma), exact_gaussian_score(self.model, x, sigma, self.terms)
+
+
+_REGISTRY: dict[str, type[_Guidance]] = {g.name: g for g in (PiGDM, DataConsistency, DPS, TMPD, ExactGaussian)}
+GUIDANCES: tuple[str, ...] = tuple(_REGISTRY)
+ANY_PRIOR_GUIDANCES: tuple[str, ...] = tuple(name for name, g in _REGISTRY.items() if g.any_prior)
+"""The guidances offered to users; `exact` needs a Gaussian prior and serves the tests."""
+
+
+def make_guidance(prior: Denoiser, model: MeasurementModel, settings: SamplerSettings) -> Guidance:
+    """The guidance that `settings.guidance` names, for one batch of posterior samples."""
+    if settings.guidance not in _REGISTRY:
+        raise KlviewerInputError(None, f"guidance must be one of {GUIDANCES}, got {settings.guidance!r}")
+    return _REGISTRY[settings.guidance](prior, model, settings)
+
+
+# ---- the sampler ----------------------------------------------------------------------------------
 
 def _noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     # Drawn on the CPU whatever the device, so a seed gives the same noise on CPU and GPU and
@@ -119,32 +244,29 @@ def _noise(generators: list[torch.Generator], shape: tuple[int, ...], device: to
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
-def _run_batch(prior, model: MeasurementModel, settings: SamplerSettings, sigmas: np.ndarray, edges: np.ndarray,
+def _run_batch(guidance: Guidance, shape: tuple[int, int, int], sigmas: np.ndarray, edges: np.ndarray,
                generators: list[torch.Generator], device: torch.device,
                tick: Callable[[int], None]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one posterior draw per generator; return them and their summed (bins, H, W) energy."""
-    c = prior.config.channels
-    h, w = prior.config.image_size
-    exact = _exact_terms(prior, model, (c, h, w)) if settings.guidance == "exact" else None
-    energy = torch.zeros((len(edges) - 1, h, w), dtype=torch.float32, device=device)
-    x = _noise(generators, (c, h, w), device) * float(sigmas[0])
+    energy = torch.zeros((len(edges) - 1, *shape[1:]), dtype=torch.float32, device=device)
+    x = _noise(generators, shape, device) * float(sigmas[0])
     bins = np.clip(np.searchsorted(edges, sigmas[:-1], side="right") - 1, 0, len(edges) - 2)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         dsigma2 = sigma**2 - sigma_next**2
-        x0_hat, lik = _likelihood_score(prior, model, settings, x, sigma, dsigma2, exact)
+        x0_hat, lik = guidance(x, sigma, dsigma2)
         prior_score = (x0_hat - x) / sigma**2
         dx_lik = dsigma2 * lik
         energy[bins[i]] += (0.5 * dx_lik**2 / dsigma2).sum(dim=(0, 1))
         x = x + dsigma2 * prior_score + dx_lik
         if sigma_next > 0:
-            x = x + np.sqrt(dsigma2) * _noise(generators, (c, h, w), device)
+            x = x + np.sqrt(dsigma2) * _noise(generators, shape, device)
         tick(len(generators))
     return x, energy
 
 
 def posterior_sample(
-    prior,
+    prior: Denoiser,
     model: MeasurementModel,
     settings: SamplerSettings,
     *,
@@ -168,7 +290,7 @@ def posterior_sample(
     start = time.perf_counter()
     while True:
         try:
-            final, energy = _sample_all(prior, model, settings, sigmas, edges, batch, device, progress, cancel)
+            final, energy, work = _sample_all(prior, model, settings, sigmas, edges, batch, device, progress, cancel)
             break
         except torch.OutOfMemoryError:
             if batch == 1:
@@ -189,6 +311,7 @@ def posterior_sample(
         seconds=time.perf_counter() - start,
         device=str(device),
         notes=notes,
+        evaluations={"denoiser": work.denoiser / settings.samples, "vjp": work.vjp / settings.samples},
     )
 
 
@@ -197,7 +320,9 @@ def sample_seed(seed: int, k: int) -> int:
     return seed * 1_000_003 + k
 
 
-def _sample_all(prior, model, settings, sigmas, edges, batch, device, progress, cancel):
+def _sample_all(prior: Denoiser, model: MeasurementModel, settings: SamplerSettings, sigmas: np.ndarray,
+                edges: np.ndarray, batch: int, device: torch.device, progress: Callable[[int, int], None] | None,
+                cancel: threading.Event | None) -> tuple[torch.Tensor, torch.Tensor, Evaluations]:
     total = settings.samples * (len(sigmas) - 1)
     done = 0
 
@@ -209,11 +334,15 @@ def _sample_all(prior, model, settings, sigmas, edges, batch, device, progress, 
         if progress is not None:
             progress(done, total)
 
-    finals, energy = [], None
+    shape = (prior.config.channels, *prior.config.image_size)
+    finals, energy, work = [], None, Evaluations()
     for first in range(0, settings.samples, batch):
         ks = range(first, min(first + batch, settings.samples))
         generators = [torch.Generator().manual_seed(sample_seed(settings.seed, k)) for k in ks]
-        x, e = _run_batch(prior, model, settings, sigmas, edges, generators, device, tick)
+        guidance = make_guidance(prior, model, settings)
+        x, e = _run_batch(guidance, shape, sigmas, edges, generators, device, tick)
+        work.denoiser += guidance.evaluations.denoiser
+        work.vjp += guidance.evaluations.vjp
         finals.append(x)
         energy = e if energy is None else energy + e
-    return torch.cat(finals), energy
+    return torch.cat(finals), energy, work

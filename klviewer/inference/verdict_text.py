@@ -17,7 +17,7 @@ from klviewer.inference.prior_fit import PriorFit
 from klviewer.inference.scoring import CANNOT_FLAG, FLAGGED, MISMATCH, NOT_FLAGGED, SliceScore, flag_rule, verdict_of
 
 __all__ = ["CANNOT_FLAG", "FLAGGED", "MISMATCH", "NOT_FLAGGED", "VerdictText", "describe", "score_verdict",
-           "table_verdict", "rule_text", "format_nats", "slice_label"]
+           "table_verdict", "rule_text", "format_nats", "slice_label", "nats_are_calibrated", "nats_meaning"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,28 @@ class VerdictText:
 def format_nats(value: float) -> str:
     """KL values for people: whole numbers from 100 on, three significant digits below."""
     return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+CALIBRATED_GUIDANCES = ("tmpd", "exact")
+"""Guidances whose summed energy is KL(p(x|y) || p(x)) on Gaussian priors (docs/nats.md); the others
+give a relative energy (`pigdm` 1.2-2.8x the closed form on sparse-view CT)."""
+
+
+def nats_are_calibrated(guidance: str | None) -> bool:
+    """Whether a run with this guidance measures KL(posterior || prior) rather than a relative energy."""
+    return guidance in CALIBRATED_GUIDANCES
+
+
+def nats_meaning(guidance: str | None) -> str:
+    """What the nats of a run with this guidance are, in one sentence for the app and the report."""
+    if guidance is None:
+        return "KL values in nats; the guidance that made them is not recorded, so whether they are calibrated is unknown."
+    if nats_are_calibrated(guidance):
+        return (f"KL values in nats are KL(posterior || prior) ({guidance} guidance: exact on Gaussian priors, "
+                f"docs/nats.md).")
+    return (f"KL values in nats are a relative energy ({guidance} guidance): comparable between slices and patches "
+            f"analysed with the same prior and settings, not a calibrated KL(posterior || prior) "
+            f"(1.2-2.8x it on Gaussian CT test problems, docs/nats.md).")
 
 
 def rule_text(rule: str | None, nats_threshold: float | None, z_threshold: float | None, forced: bool = False) -> str:

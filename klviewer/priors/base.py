@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -121,6 +121,17 @@ def sigma_column(sigma: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if s.shape != (x.shape[0],):
         raise ValueError(f"sigma must be a float or a ({x.shape[0]},) tensor, got shape {tuple(s.shape)}")
     return s.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class Denoiser(Protocol):
+    """What samplers and estimators need from a prior: the denoiser, the shapes and scale its
+    config records, and the HU mapping. ``Prior`` subclasses satisfy it; so can a wrapper."""
+
+    config: PriorConfig
+
+    def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor: ...
+
+    def x_to_hu(self, x): ...
 
 
 class Prior(torch.nn.Module):

@@ -225,3 +225,28 @@ class GaussianMixturePrior(_AnalyticPrior):
         z = self._draw(n, generator) * self.eigvals[component].sqrt()
         out = self.means[component] + torch.einsum("nd,ned->ne", z, self.eigvecs[component])
         return out.to(dtype).reshape(n, *self.image_shape)
+
+
+def matern_covariance(image_size: tuple[int, int], lengths: tuple[float, float], variance: float, nu: float = 1.5,
+                      nugget: float = 1e-3) -> torch.Tensor:
+    """Matérn covariance (d, d), d = H * W, of an anisotropic stationary field on the pixel grid.
+
+    ``lengths`` are the correlation lengths in pixels along rows and columns; ``nu`` is 0.5
+    (exponential), 1.5, 2.5 or ``inf`` (squared exponential). ``nugget`` adds white variance so
+    the matrix is well conditioned. Float64. Used for Gaussian test problems.
+    """
+    h, w = int(image_size[0]), int(image_size[1])
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    points = torch.stack([rows.flatten() / float(lengths[0]), cols.flatten() / float(lengths[1])], 1)
+    r = torch.cdist(points, points)
+    if nu == 0.5:
+        k = torch.exp(-r)
+    elif nu == 1.5:
+        k = (1 + math.sqrt(3) * r) * torch.exp(-math.sqrt(3) * r)
+    elif nu == 2.5:
+        k = (1 + math.sqrt(5) * r + 5 * r**2 / 3) * torch.exp(-math.sqrt(5) * r)
+    elif math.isinf(nu):
+        k = torch.exp(-0.5 * r**2)
+    else:
+        raise KlviewerInputError(None, f"Matérn nu must be 0.5, 1.5, 2.5 or inf, got {nu}")
+    return variance * k + nugget * torch.eye(h * w, dtype=torch.float64)

@@ -37,6 +37,7 @@ from klviewer.inference.shift_kl.ct import (
 )
 from klviewer.inference.shift_kl.masked import (
     DENOISERS,
+    RATE_STEP,
     WEIGHTINGS,
     MaskedMeasurements,
     MaskFamily,
@@ -46,12 +47,14 @@ from klviewer.inference.shift_kl.masked import (
     measurement_kl_operator,
     measurement_kl_operator_curves,
     simulate_masked,
+    thin_measurements,
 )
 
 __all__ = [
     "CT_WEIGHTINGS",
     "DEFAULT_CG_ITERS",
     "DENOISERS",
+    "RATE_STEP",
     "WEIGHTINGS",
     "MaskFamily",
     "MaskedMeasurements",
@@ -72,4 +75,5 @@ __all__ = [
     "measurement_kl_operator_curves",
     "radial_index",
     "simulate_masked",
+    "thin_measurements",
 ]

@@ -38,7 +38,9 @@ difference on all pixels (what the paper's released code records)."""
 
 DENOISERS: tuple[str, ...] = ("zero-filled", "marginal")
 """zero-filled: the prior's own denoiser at the zero-filled measurement (any prior);
-marginal: the exact denoiser of the observed coordinates' marginal (Gaussian / GMM priors)."""
+marginal: the exact denoiser of the observed coordinates' marginal (Gaussian / GMM priors,
+inpainting). The default, "auto", takes marginal wherever it exists: on Gaussian-mixture pairs it
+is the smaller bias at every observation rate measured (benchmarks/results/shift_bias.md)."""
 
 
 @dataclass(frozen=True)
@@ -130,13 +132,22 @@ def simulate_masked(images: torch.Tensor, family: MaskFamily, seed: int = 0) -> 
     return MaskedMeasurements(family, masks, family.project(images, masks))
 
 
+def _resolve_denoiser(denoiser: str, p: Prior, q: Prior, family: MaskFamily) -> str:
+    """The denoiser "auto" stands for: marginal where both priors have it (Gaussian or mixture
+    priors, inpainting masks), else zero-filled. Any other name is returned as given."""
+    if denoiser != "auto":
+        return denoiser
+    analytic = all(_has_mixture(prior) for prior in (p, q))
+    return "marginal" if analytic and family.operator == "inpainting" else "zero-filled"
+
+
 class _Masked(_Observations):
     domain = "measurement"
     weightings = WEIGHTINGS
 
     def __init__(self, measured: MaskedMeasurements, denoiser: str) -> None:
         if denoiser not in DENOISERS:
-            raise KlviewerInputError(None, f"denoiser must be one of {', '.join(DENOISERS)}, got {denoiser!r}")
+            raise KlviewerInputError(None, f"denoiser must be auto or one of {', '.join(DENOISERS)}, got {denoiser!r}")
         if denoiser == "marginal" and measured.family.operator != "inpainting":
             raise KlviewerInputError(None, "marginal denoisers are available for inpainting masks only")
         self.m = measured
@@ -178,23 +189,64 @@ class _Masked(_Observations):
         return {**self.m.family.describe(), "denoiser": self.denoiser}
 
 
+RATE_STEP = 0.1
+"""Extrapolation in the observation rate: the estimate at p and at p - RATE_STEP (the same
+measurements with observed pixels dropped at random) give the line through both, read at p = 1."""
+
+
+def thin_measurements(measured: MaskedMeasurements, keep_prob: float, seed: int) -> MaskedMeasurements:
+    """The same inpainting measurements seen at the lower rate ``keep_prob``: each observed pixel
+    stays observed with probability keep_prob / p, so the masks are those of the family at keep_prob."""
+    family = measured.family
+    if family.operator != "inpainting" or not 0 < keep_prob <= family.p:
+        raise KlviewerInputError(None, f"thinning needs inpainting measurements and 0 < rate <= {family.p}, "
+                                       f"got {family.operator} at {keep_prob}")
+    drop = torch.rand(measured.masks.shape, generator=torch.Generator().manual_seed(int(seed))) < keep_prob / family.p
+    masks = measured.masks & drop.to(measured.masks.device)
+    thinner = inpainting_family(family.image_size, keep_prob)
+    return MaskedMeasurements(thinner, masks, thinner.project(measured.zero_filled, masks))
+
+
+def _offset(progress: Progress | None, done_before: int, total: int) -> Progress | None:
+    return None if progress is None else (lambda done, _total: progress(done_before + done, total))
+
+
 def measurement_kl_operator_curves(
     p: Prior, q: Prior, measured: MaskedMeasurements, *, sigmas: np.ndarray | None = None, seed: int = 0,
-    batch: int = 64, denoiser: str = "zero-filled", progress: Progress | None = None,
+    batch: int = 64, denoiser: str = "auto", extrapolate: bool = False, progress: Progress | None = None,
     cancel: threading.Event | None = None,
 ) -> dict[str, ShiftCurve]:
-    """Measurement-domain KL(p || q) under every weighting of WEIGHTINGS, from one set of draws."""
+    """Measurement-domain KL(p || q) under every weighting of WEIGHTINGS, from one set of draws.
+
+    ``extrapolate`` (inpainting, keep probability p > RATE_STEP): both biases of the estimator
+    (dependent coordinates, zero-filling) vanish at p = 1, where nothing is missing. The estimate
+    is also made from the same measurements thinned to p - RATE_STEP, on the same noise, and the
+    line through the two is read at p = 1, per noise level (twice the denoiser calls).
+    """
     check_compatible(p, q)
     grid = default_sigma_grid() if sigmas is None else check_sigma_grid(sigmas)
-    obs = _Masked(measured, denoiser)
-    (integrands,) = _run(obs, p, [q], grid, seed, batch, progress, cancel)
+    chosen = _resolve_denoiser(denoiser, p, q, measured.family)
+    obs = _Masked(measured, chosen)
     details = {"seed": seed, **obs.details()}
+    if extrapolate and measured.family.p < 1:
+        rate = measured.family.p
+        if measured.family.operator != "inpainting" or rate <= RATE_STEP:
+            raise KlviewerInputError(None, f"rate extrapolation needs inpainting with keep probability above {RATE_STEP}")
+        thinned = _Masked(thin_measurements(measured, rate - RATE_STEP, seed), chosen)
+        half = len(grid) * len(range(0, len(obs), batch))
+        (at_p,) = _run(obs, p, [q], grid, seed, batch, _offset(progress, 0, 2 * half), cancel)
+        (below,) = _run(thinned, p, [q], grid, seed, batch, _offset(progress, half, 2 * half), cancel)
+        factor = (1.0 - rate) / RATE_STEP
+        integrands = {w: at_p[w] + factor * (at_p[w] - below[w]) for w in WEIGHTINGS}
+        details["extrapolated"] = {"from_keep_prob": rate, "via_keep_prob": rate - RATE_STEP, "to_keep_prob": 1.0}
+    else:
+        (integrands,) = _run(obs, p, [q], grid, seed, batch, progress, cancel)
     return {w: _curve(grid, integrands[w], len(obs), "measurement", obs.operator, w, details) for w in WEIGHTINGS}
 
 
 def measurement_kl_operator(
     p: Prior, q: Prior, measured: MaskedMeasurements, *, sigmas: np.ndarray | None = None, seed: int = 0,
-    batch: int = 64, weighting: str = "derived", denoiser: str = "zero-filled",
+    batch: int = 64, weighting: str = "derived", denoiser: str = "auto", extrapolate: bool = False,
     progress: Progress | None = None, cancel: threading.Event | None = None,
 ) -> ShiftCurve:
     """Measurement-domain KL(p || q) from inpainting or masked-Fourier measurements of data from p.
@@ -202,12 +254,15 @@ def measurement_kl_operator(
     ``denoiser="zero-filled"`` evaluates each prior's denoiser at the noisy zero-filled
     measurement (any prior); ``"marginal"`` uses the exact denoiser of the observed coordinates'
     marginal (Gaussian / GMM priors, inpainting), for which the derived weighting is exact when p
-    and q are product distributions over the coordinates.
+    and q are product distributions over the coordinates; ``"auto"`` (the default) is marginal
+    where it exists. ``details["denoiser"]`` says which ran. Both are biased for dependent
+    coordinates, in opposite directions (docs/shift_kl.md, section 2); ``extrapolate`` removes
+    most of either bias at p >= 0.7 (see measurement_kl_operator_curves).
     """
     if weighting not in WEIGHTINGS:
         raise KlviewerInputError(None, f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
     return measurement_kl_operator_curves(p, q, measured, sigmas=sigmas, seed=seed, batch=batch, denoiser=denoiser,
-                                          progress=progress, cancel=cancel)[weighting]
+                                          extrapolate=extrapolate, progress=progress, cancel=cancel)[weighting]
 
 
 def marginal_denoise(prior: Prior, u: torch.Tensor, observed: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -237,6 +292,12 @@ def marginal_denoise(prior: Prior, u: torch.Tensor, observed: torch.Tensor, sigm
     post = means[None] + torch.einsum("kde,bke->bkd", covs, z)
     out = (resp[..., None] * post).sum(1)
     return out.to(u.dtype).to(u.device).reshape(u.shape)
+
+
+def _has_mixture(prior: Prior) -> bool:
+    from klviewer.priors.gaussian import GaussianMixturePrior, GaussianPrior
+
+    return isinstance(prior, (GaussianMixturePrior, GaussianPrior))
 
 
 def _mixture(prior: Prior) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -29,6 +29,7 @@ from test_batch_support import (  # noqa: F401 (one_torch_thread is an autouse f
 
 from klviewer.batch import BatchObserver, ProcessBackend, discover_studies, run_batch
 from klviewer.batch.lock import LOCK_FILE
+from klviewer.batch.summary import BatchResult
 from klviewer.errors import KlviewerError, KlviewerInputError
 from klviewer.priors import EDMUNetPrior, load_prior, save_prior
 from klviewer.results.analyze import run_analysis
@@ -99,6 +100,16 @@ def test_each_study_is_an_analyze_results_folder(local_run: Path, archive: Path,
     assert summary["counts"] == {"studies": 4, "done": 4, "failed": 0, "pending": 0, "slices": N_SLICES,
                                  "flagged": 0, "skipped_files": 4}
     assert len({(r["study"], r["case"], r["slice_index"]) for r in summary["rows"]}) == N_SLICES
+    # The tiny prior has no calibration for 3 steps: the report says that nothing could be flagged,
+    # not "0 flagged".
+    assert {r["verdict"] for r in summary["rows"]} == {"cannot flag"}
+    report = BatchResult(local_run, "local", [], summary["rows"]).report()
+    assert f"slices: {N_SLICES} analysed, {N_SLICES} cannot flag (no calibrated rule for these settings)" in report
+    assert "0 flagged" not in report
+    mixed = [{"flagged": True, "verdict": "flagged", "file": "a.npz", "score": 1.0, "input": "a.dcm"},
+             {"flagged": False, "verdict": "prior mismatch"}, {"flagged": False}]
+    assert "3 analysed, 1 flagged, 1 not flagged, 1 prior mismatch (the prior does not fit the study)" in \
+        BatchResult(local_run, "local", [], mixed).report()
     for row in summary["rows"]:
         result = load_slice_result(local_run / row["file"])
         assert result.score == pytest.approx(row["score"], rel=1e-5)

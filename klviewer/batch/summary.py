@@ -14,6 +14,7 @@ from typing import Any
 from klviewer import __version__
 from klviewer.batch.export_step import EXPORT_DIR
 from klviewer.batch.manifest import DONE, FAILED, MANIFEST_FILE, Manifest, StudyRecord, now_iso
+from klviewer.inference.scoring import CANNOT_FLAG, FLAGGED, MISMATCH, NOT_FLAGGED
 from klviewer.io.safe_write import atomic_write_text
 from klviewer.results.reader import read_summary
 from klviewer.results.summary import CSV_COLUMNS
@@ -62,6 +63,18 @@ def write_batch_summary(out: Path, manifest: Manifest, rows: list[dict[str, Any]
     atomic_write_text(out / SUMMARY_JSON, json.dumps(doc, indent=2), overwrite=True)
 
 
+def _verdict_counts(rows: Sequence[dict[str, Any]]) -> str:
+    """", 3 flagged, 40 not flagged, 2 cannot flag (no calibrated rule)": every verdict that occurs, so a
+    batch without a calibrated rule does not read "0 flagged" (rows from before verdicts count by their flag)."""
+    tally: dict[str, int] = {}
+    for r in rows:
+        verdict = r.get("verdict") or (FLAGGED if r["flagged"] else NOT_FLAGGED)
+        tally[verdict] = tally.get(verdict, 0) + 1
+    why = {CANNOT_FLAG: " (no calibrated rule for these settings)", MISMATCH: " (the prior does not fit the study)"}
+    order = [FLAGGED, NOT_FLAGGED, MISMATCH, CANNOT_FLAG, *sorted(set(tally) - {FLAGGED, NOT_FLAGGED, MISMATCH, CANNOT_FLAG})]
+    return "".join(f", {tally[v]} {v}{why.get(v, '')}" for v in order if v in tally)
+
+
 @dataclass
 class BatchResult:
     out: Path
@@ -92,7 +105,7 @@ class BatchResult:
             f"batch {self.out}: {c['studies']} studies, {c['done']} done, {c['failed']} failed, {c['pending']} pending "
             f"(this run: {len(self.ran)} analysed on {self.backend}, {len(self.already_done)} already done"
             + (", cancelled" if self.cancelled else "") + ")",
-            f"slices: {c['slices']} analysed, {c['flagged']} flagged",
+            f"slices: {c['slices']} analysed" + _verdict_counts(self.rows),
         ]
         if self.flagged:
             lines.append("flagged:")

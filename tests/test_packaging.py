@@ -22,7 +22,7 @@ import pytest
 
 import klviewer
 from klviewer.errors import KlviewerInputError
-from klviewer.priors.checkpoint import DEFAULT_PRIOR, list_priors, resolve_prior_path
+from klviewer.priors.checkpoint import DEFAULT_PRIOR, installed_prior_reason, list_priors, resolve_prior_path
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
@@ -149,6 +149,26 @@ def test_a_missing_shipped_prior_says_how_to_get_one(tmp_path: Path, monkeypatch
     with pytest.raises(KlviewerInputError, match="Reinstall klviewer") as caught:
         resolve_prior_path(DEFAULT_PRIOR)
     assert str(tmp_path / "priors") in str(caught.value) and "--prior PATH" in str(caught.value)
+
+
+def test_calibrate_refuses_to_write_into_an_installed_shipped_prior(tiny_prior: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installed package is replaced by the next install: a calibration written there would be lost."""
+    from klviewer.evaluation.calibrate import calibrate_prior
+    from klviewer.inference.settings import AnalysisSettings
+
+    installed = tmp_path / "venv" / "lib" / "site-packages" / "klviewer" / "resources"
+    shutil.copytree(tiny_prior, installed / "priors" / "tiny")
+    monkeypatch.setenv("KLVIEWER_RESOURCES", str(installed))
+    before = (installed / "priors" / "tiny" / "calibration.json").exists()
+    with pytest.raises(KlviewerInputError, match="installed klviewer.*--prior ~/my-prior.*--dry-run"):
+        calibrate_prior("tiny", AnalysisSettings(steps=2), n=2, write=True)
+    assert (installed / "priors" / "tiny" / "calibration.json").exists() == before
+    assert installed_prior_reason(tiny_prior) is None, "a prior folder of the user's own"
+    checkout = tmp_path / "checkout" / "klviewer" / "resources"
+    shutil.copytree(tiny_prior, checkout / "priors" / "tiny")
+    monkeypatch.setenv("KLVIEWER_RESOURCES", str(checkout))
+    assert installed_prior_reason(checkout / "priors" / "tiny") is None, "a source checkout's shipped prior may be recalibrated"
 
 
 def test_the_shipped_prior_is_package_data() -> None:

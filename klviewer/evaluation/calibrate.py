@@ -34,7 +34,7 @@ from klviewer.inference.prior_fit import STATISTIC, prior_fit_score
 from klviewer.inference.result import SliceResult, recut
 from klviewer.inference.settings import AnalysisSettings, sampling_key
 from klviewer.priors.base import Prior
-from klviewer.priors.checkpoint import load_prior, prior_fingerprint, resolve_prior_path
+from klviewer.priors.checkpoint import installed_prior_reason, load_prior, prior_fingerprint, resolve_prior_path
 from klviewer.results.slice_file import load_slice_result, write_slice_npz
 
 
@@ -93,6 +93,9 @@ def calibrate_prior(
     result, per prior weights, so a re-run skips sampling."""
     device = resolve_device(settings.device)
     prior_path = resolve_prior_path(prior)
+    refusal = installed_prior_reason(prior_path) if write else None
+    if refusal:
+        raise KlviewerInputError(prior_path, refusal)
     network = load_prior(prior_path, device=device)
     fingerprint = prior_fingerprint(prior_path)
     if healthy is not None:

@@ -11,6 +11,7 @@ import importlib.resources
 import math
 import os
 import struct
+import sys
 from pathlib import Path
 
 import torch
@@ -46,6 +47,21 @@ def resources_dir() -> Path:
 
 def priors_dir() -> Path:
     return resources_dir() / "priors"
+
+
+def installed_prior_reason(prior_path: Path) -> str | None:
+    """Why results must not be written into this prior folder, or None: a shipped prior inside an installed
+    package (site-packages, or the desktop bundle) is replaced by the next install, and is often read-only.
+    A source checkout's shipped prior is the project's own, and may be recalibrated in place."""
+    try:
+        inside = Path(prior_path).resolve().is_relative_to(priors_dir().resolve())
+    except OSError:
+        return None
+    installed = getattr(sys, "frozen", False) or bool({"site-packages", "dist-packages"} & set(priors_dir().resolve().parts))
+    if not (inside and installed):
+        return None
+    return ("is the shipped prior of an installed klviewer, which the next install replaces; copy the folder "
+            f"(cp -r '{prior_path}' ~/my-prior) and give the copy (--prior ~/my-prior), or use --dry-run")
 
 
 def list_priors() -> list[str]:

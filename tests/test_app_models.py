@@ -67,9 +67,11 @@ def test_overlay_frame_follows_each_setting() -> None:
     assert frame.scale_label().endswith("relative to this slice")
     assert frame.scale_label().startswith("KL energy per patch (relative nats)"), "no guidance recorded: not calibrated"
     assert replace(frame, guidance="pigdm").scale_label().startswith("KL energy per patch (relative nats)")
-    assert replace(frame, guidance="tmpd").scale_label().startswith("KL per patch (nats)")
+    assert replace(frame, guidance="exact").scale_label().startswith("KL per patch (nats)")
+    assert replace(frame, guidance="tmpd").scale_label().startswith("KL energy per patch (relative nats)"), \
+        "tmpd's solve fails on network priors: not calibrated there"
     assert "relative energy (pigdm" in replace(frame, guidance="pigdm").scale_tooltip()
-    assert "KL(posterior || prior) (tmpd" in replace(frame, guidance="tmpd").scale_tooltip()
+    assert "only where its covariance solve converges" in replace(frame, guidance="tmpd").scale_tooltip()
 
     for changed in (MapSettings(patch=4, sigma_window=(0.01, 0.5), threshold_fraction=0.0),
                     MapSettings(patch=8, sigma_window=(0.05, 5.0), threshold_fraction=0.0)):

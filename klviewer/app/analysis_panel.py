@@ -37,8 +37,9 @@ GUIDANCE_LABELS = {
     "pigdm": ("PiGDM", "Likelihood through the denoiser's Jacobian: KL energy stays on structure (default)"),
     "dc": ("Data consistency", "Isotropic data-consistency step, no backpropagation: fastest on a CPU, streaky KL maps"),
     "dps": ("DPS", "Diffusion posterior sampling: a fixed-size gradient step through the denoiser"),
-    "tmpd": ("TMPD (calibrated KL)", "Tweedie covariance by conjugate gradients: KL exact on Gaussian priors; "
-                                     "about 10x slower than PiGDM"),
+    "tmpd": ("TMPD (experimental)", "Tweedie covariance by conjugate gradients: KL exact on Gaussian priors, but "
+                                    "on a network prior its solve can fail on many steps (the run's notes say how "
+                                    "many); about 3x slower than PiGDM on a CPU; weaker detection on phantoms"),
 }
 
 

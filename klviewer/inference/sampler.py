@@ -105,10 +105,16 @@ class PosteriorRun:
 
 @dataclass
 class Evaluations:
-    """Network work done, counted per posterior sample (a call on a batch of B adds B)."""
+    """Network work done, counted per posterior sample (a call on a batch of B adds B), and how the
+    guidance's linear solves went."""
 
     denoiser: int = 0
     vjp: int = 0
+    solves: int = 0
+    """Steps that solved a linear system for the likelihood score (`tmpd`), one per step and batch."""
+    failed_solves: int = 0
+    """Of those, the steps where some sample's solve ended with a residual above its right-hand side:
+    its solution is no better than zero, and the step's score is not the likelihood score."""
 
 
 class Guidance(Protocol):
@@ -201,6 +207,8 @@ class TMPD(_Guidance):
         out = self._through_denoiser(x, sigma, score)
         self._start = solves[0].solution.detach()
         self.evaluations.vjp += x.shape[0] * solves[0].iterations  # the solve's products; the score's is counted
+        self.evaluations.solves += 1
+        self.evaluations.failed_solves += int(bool((solves[0].relative_residual > 1).any()))
         return out
 
 
@@ -310,9 +318,18 @@ def posterior_sample(
         settings=settings,
         seconds=time.perf_counter() - start,
         device=str(device),
-        notes=notes,
         evaluations={"denoiser": work.denoiser / settings.samples, "vjp": work.vjp / settings.samples},
+        notes=notes + _solve_notes(settings.guidance, work),
     )
+
+
+def _solve_notes(guidance: str, work: Evaluations) -> list[str]:
+    """A note when the guidance's solves failed: its nats are then not the KL it is exact for."""
+    if not work.failed_solves:
+        return []
+    return [f"{guidance}: the covariance solve ended with a residual above its right-hand side on "
+            f"{work.failed_solves} of {work.solves} steps (the prior's Jacobian is not a covariance there), "
+            f"so these nats are not a calibrated KL (docs/nats.md)"]
 
 
 def sample_seed(seed: int, k: int) -> int:
@@ -341,8 +358,8 @@ def _sample_all(prior: Denoiser, model: MeasurementModel, settings: SamplerSetti
         generators = [torch.Generator().manual_seed(sample_seed(settings.seed, k)) for k in ks]
         guidance = make_guidance(prior, model, settings)
         x, e = _run_batch(guidance, shape, sigmas, edges, generators, device, tick)
-        work.denoiser += guidance.evaluations.denoiser
-        work.vjp += guidance.evaluations.vjp
+        for name in ("denoiser", "vjp", "solves", "failed_solves"):
+            setattr(work, name, getattr(work, name) + getattr(guidance.evaluations, name))
         finals.append(x)
         energy = e if energy is None else energy + e
     return torch.cat(finals), energy, work

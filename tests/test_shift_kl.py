@@ -344,6 +344,9 @@ def test_thinned_measurements_are_the_family_at_the_lower_rate():
     assert not (thinned.masks & ~measured.masks).any()  # only observed pixels are dropped
     assert float(thinned.masks.double().mean()) == pytest.approx(0.8, abs=0.01)
     assert torch.equal(thinned.zero_filled, x * thinned.masks) and thinned.family.p == 0.8
+    # the same seed as the masks' own must still drop pixels at random (the benchmark passes one seed to both)
+    same_seed = sk.thin_measurements(measured, 0.8, seed=1)
+    assert float(same_seed.masks.double().mean()) == pytest.approx(0.8, abs=0.01)
     with pytest.raises(KlviewerError, match="thinning"):
         sk.thin_measurements(measured, 0.95, seed=2)
 

@@ -194,6 +194,10 @@ RATE_STEP = 0.1
 measurements with observed pixels dropped at random) give the line through both, read at p = 1."""
 
 
+THINNING_STREAM = 1
+"""Spawn key of the random stream that thins measurements, apart from the seed's own stream."""
+
+
 def thin_measurements(measured: MaskedMeasurements, keep_prob: float, seed: int) -> MaskedMeasurements:
     """The same inpainting measurements seen at the lower rate ``keep_prob``: each observed pixel
     stays observed with probability keep_prob / p, so the masks are those of the family at keep_prob."""
@@ -201,7 +205,10 @@ def thin_measurements(measured: MaskedMeasurements, keep_prob: float, seed: int)
     if family.operator != "inpainting" or not 0 < keep_prob <= family.p:
         raise KlviewerInputError(None, f"thinning needs inpainting measurements and 0 < rate <= {family.p}, "
                                        f"got {family.operator} at {keep_prob}")
-    drop = torch.rand(measured.masks.shape, generator=torch.Generator().manual_seed(int(seed))) < keep_prob / family.p
+    # A stream of its own: masks drawn with the same seed (simulate_masked) would make the draws here
+    # the same numbers, so "keep" would be nearly the old mask and almost nothing would be dropped.
+    stream = int(np.random.SeedSequence(int(seed), spawn_key=(THINNING_STREAM,)).generate_state(1)[0])
+    drop = torch.rand(measured.masks.shape, generator=torch.Generator().manual_seed(stream)) < keep_prob / family.p
     masks = measured.masks & drop.to(measured.masks.device)
     thinner = inpainting_family(family.image_size, keep_prob)
     return MaskedMeasurements(thinner, masks, thinner.project(measured.zero_filled, masks))

@@ -254,7 +254,16 @@ def test_pseudonymizer_rewrites_a_copy_consistently() -> None:
     assert (a.PatientID, str(a.PatientName)) == (b.PatientID, str(b.PatientName)) == ("ANON-0001", "ANONYMOUS^0001")
     assert c.PatientID == "ANON-0002"
     shift = (dt.date(2024, 3, 1) - dt.date.fromisoformat(_iso(a.StudyDate))).days
-    assert 1 <= shift <= 3650 and a.StudyDate == b.StudyDate
+    assert 31 <= shift <= 3650 and a.StudyDate == b.StudyDate
+
+    class Smallest(random.Random):  # the shortest shift the pseudonymizer may draw
+        def randint(self, a: int, b: int) -> int:
+            return a
+
+    shortest = Pseudonymizer(Smallest()).pseudonym("P1", "Doe^Jane").day_shift
+    for last_day in ("2024-01-31", "2024-02-29", "2024-03-31", "2024-12-31"):
+        moved = dt.date.fromisoformat(last_day) - dt.timedelta(days=shortest)
+        assert moved.strftime("%Y-%m") != last_day[:7], "not even the month of the real date survives"
     assert a.PatientBirthDate == "", "PS3.15 Annex E empties the birth date (Z) even when other dates are shifted"
     assert a.AcquisitionDateTime == a.StudyDate + "101500.5"
     assert a.StudyInstanceUID == b.StudyInstanceUID != "1.2.3.4"

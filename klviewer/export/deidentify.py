@@ -11,7 +11,8 @@ shifted dates and replaced UIDs, and their references to the source images stay 
 
 Within one export (one `Pseudonymizer`):
 - a patient (by PatientID, or by name when the ID is empty) gets one pseudonym ANON-0001, ...;
-- all of that patient's dates are moved back by the same random number of days (1 to 3650),
+- all of that patient's dates are moved back by the same random number of days (31 to 3650, so
+  always into an earlier month),
   including the dates the export objects carry of their own making (ContentDate,
   InstanceCreationDate, ...), so none of them is the real date;
 - every instance UID (study, series, instance, frame of reference, and every reference to them)
@@ -80,6 +81,9 @@ EMPTIED = ("AccessionNumber", "StudyID", "PatientBirthDate", "PatientSex", "Refe
 """Action Z: Type 2 attributes that must stay present, so they are emptied rather than removed."""
 _REMOVED_GROUPS = ((0x5000, 0x50FF), (0x6000, 0x60FF))
 """Curves and overlays (action X): they can hold annotations with names and dates."""
+_MIN_SHIFT_DAYS = 31
+"""A shift of at least 31 days always lands in an earlier month, so not even the month and year of a
+real date survive (a shift of a few days kept them, and a byte scan found the real "YYYY-MM")."""
 _MAX_SHIFT_DAYS = 3650
 
 
@@ -104,7 +108,7 @@ class Pseudonymizer:
         if key not in self._patients:
             number = len(self._patients) + 1
             self._patients[key] = Pseudonym(f"ANON-{number:04d}", f"ANONYMOUS^{number:04d}",
-                                            self._rng.randint(1, _MAX_SHIFT_DAYS))
+                                            self._rng.randint(_MIN_SHIFT_DAYS, _MAX_SHIFT_DAYS))
         return self._patients[key]
 
     def uid(self, original: str) -> str:

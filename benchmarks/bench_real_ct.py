@@ -189,8 +189,12 @@ def write_readme(report: dict, out: Path) -> None:
         "σ 0.01–0.5). Data: `make data` (docs/real_ct_data.md).", "",
         "## 1. Prior fit under the shipped abdomen-phantom prior", "",
         *_fit_rows(report["prior_fit_base"]), "",
-        f"## 2. Adaptation to tumour-free chest CT ({adaptation['mode']}, {adaptation['steps']} steps, "
-        f"{adaptation['seconds'] / 60:.1f} min)", "",
+        f"## 2. Adaptation to tumour-free chest CT ({adaptation['mode']}, {adaptation['steps']} steps)", "",
+        f"Training took {adaptation['training_seconds'] / 60:.1f} min of wall time over "
+        f"{adaptation['training_sessions']} session(s) (a resumed run adds up its sessions), on the shared machine with "
+        f"other jobs running (one torch thread, load about 3-5); "
+        f"this run's `adapt_prior` call (the rest of training, calibration, report) took "
+        f"{adaptation['seconds'] / 60:.1f} min.", "",
         f"Trained on {split['train_slices']} tumour-free slices of {', '.join(split['train_patients'])}; calibrated on "
         f"{split['held_out_slices']} slices of the held-out {', '.join(split['held_out_patients'])} (split by patient).",
         "", "| σ | held-out denoising RMSE, base (HU) | adapted (HU) |", "|---|---|---|",
@@ -249,8 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     adapted_run = adapt_prior(cfg, progress=lambda pr: print(f"  adapt {pr.stage} {pr.step}/{pr.steps} "
                                                                  f"{pr.loss:.4g}", flush=True) if pr.step % 25 == 0
                               else None, series=train)
+    training = json.loads((out / "config.json").read_text(encoding="utf-8"))["training"]
     report["adaptation"] = {"seconds": time.perf_counter() - t, "split": adapted_run.split.describe(),
-                            "report": adapted_run.report, "mode": args.mode, "steps": args.steps}
+                            "report": adapted_run.report, "mode": args.mode, "steps": args.steps,
+                            "training_seconds": training["seconds"], "training_sessions": len(training["commands"])}
     adapted = LoadedPrior.load(out, "cpu")
     report["prior_fit_adapted"] = prior_fit_table(adapted, volumes, settings, args.cache, most=2)
 

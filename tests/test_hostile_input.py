@@ -15,11 +15,10 @@ import struct
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import torch
-
 from dicom_fixtures import ct_dataset, save
+
 from klviewer.errors import KlviewerInputError
 from klviewer.io.arrays import load_numeric_array, read_array_image
 from klviewer.io.json_input import MAX_DEPTH, read_json
@@ -128,6 +127,16 @@ def test_a_safetensors_header_larger_than_its_file(unet_prior: Path) -> None:
     weights.write_bytes(struct.pack("<Q", 1 << 40) + data[8:])
     error = _refusal(load_prior, unet_prior)
     assert error.path == weights and "declares 1099511627776 bytes" in error.problem
+
+
+@pytest.mark.parametrize("dtype", [["F32"], {"F32": 1}])
+def test_a_safetensors_dtype_that_is_not_a_name(unet_prior: Path, dtype) -> None:
+    """Found by the 10,000-input fuzz run: an unhashable dtype raised TypeError."""
+    weights = unet_prior / WEIGHTS_FILE
+    header = json.dumps({"w": {"dtype": dtype, "shape": [1], "data_offsets": [0, 4]}}).encode()
+    weights.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    error = _refusal(load_prior, unet_prior)
+    assert error.path == weights and "has no known dtype" in error.problem
 
 
 def test_a_config_that_declares_a_huge_network_is_refused_before_it_is_built(unet_prior: Path) -> None:
@@ -248,6 +257,19 @@ def test_an_image_too_long_to_pad_to_a_square_is_refused(tmp_path: Path) -> None
 # --- values that are not CT ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("spacing", [1e-200, 5e3])
+def test_implausible_pixel_spacing_is_refused(tiny_prior: Path, spacing: float) -> None:
+    """Found by the fuzz run: a DICOM with PixelSpacing 1e-200 overflowed the resampling filter's width."""
+    from klviewer.inference.measurements import prepare_slice
+    from klviewer.inference.settings import AnalysisSettings
+    from klviewer.io.study import Series, Slice
+
+    series = Series(uid="s", modality="CT", source_kind="array", description="", slices=[Slice(hu=np.zeros((8, 8), np.float32))],
+                    pixel_spacing_mm=(spacing, spacing))
+    error = _refusal(prepare_slice, series, 0, load_prior(tiny_prior), AnalysisSettings(steps=2), torch.device("cpu"))
+    assert "lies outside 0.001..1000 mm" in error.problem
+
+
 def test_implausible_hu_is_refused(tmp_path: Path) -> None:
     np.save(tmp_path / "hot.npy", np.full((8, 8), 1.7e38, np.float32))
     assert "are not CT values" in _refusal(read_array_image, tmp_path / "hot.npy").problem
@@ -297,3 +319,9 @@ def test_hostile_calibration_and_results_files_are_clean_errors(tmp_path: Path, 
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "summary.json").write_text(json.dumps({"prior": {}, "settings": {}, "rows": [row]}))
     assert "'rows[0].slice_index'" in _refusal(read_results, tmp_path / "results").problem
+    # Found by the fuzz run: a case's prior fit that is not an object reached the exporter as a float.
+    row["slice_index"] = 1
+    for cases, field in ((3.5, "'cases'"), ({"a": 3.5}, "'cases.a'"), ({"a": {"verdict": "fits"}}, "prior_fit")):
+        (tmp_path / "results" / "summary.json").write_text(json.dumps({"prior": {}, "settings": {}, "rows": [row],
+                                                                       "cases": cases}))
+        assert field in _refusal(read_results, tmp_path / "results").problem

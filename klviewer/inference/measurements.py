@@ -20,6 +20,7 @@ from klviewer.errors import KlviewerInputError
 from klviewer.inference.likelihood import MeasurementModel
 from klviewer.inference.plan import SeriesPlan, as_plan
 from klviewer.inference.settings import AnalysisSettings
+from klviewer.io.sidecar import MAX_SPACING_MM, MIN_SPACING_MM
 from klviewer.io.sinogram_acquisition import acquisition_from_sinogram
 from klviewer.io.study import Series
 from klviewer.physics.acquisition import AIR_HU, DEFAULT_SINOGRAM_SIGMA, Acquisition, simulate_measurement
@@ -81,6 +82,10 @@ def source_spacing(series: Series, hu_shape: tuple[int, int], prior: Prior,
         rows, cols = (float(v) for v in series.pixel_spacing_mm)
         if not (math.isfinite(rows) and math.isfinite(cols) and rows > 0 and cols > 0):
             raise KlviewerInputError(source, f"pixel spacing {rows} x {cols} mm is not a positive size; fix the "
+                                             "file's PixelSpacing (or the sidecar's pixel_spacing_mm)")
+        if not all(MIN_SPACING_MM <= v <= MAX_SPACING_MM for v in (rows, cols)):
+            raise KlviewerInputError(source, f"pixel spacing {rows:.3g} x {cols:.3g} mm lies outside "
+                                             f"{MIN_SPACING_MM:g}..{MAX_SPACING_MM:g} mm, which no CT has; fix the "
                                              "file's PixelSpacing (or the sidecar's pixel_spacing_mm)")
         return (rows, cols), False
     if prior.config.pixel_spacing_mm is None:

@@ -13,6 +13,8 @@ from klviewer.errors import KlviewerInputError, brief
 from klviewer.io.json_input import Fields, read_json
 
 MAX_SIDECAR_BYTES = 1 << 20  # a sidecar is a few hundred bytes; anything huge is not one of ours
+MIN_SPACING_MM = 1e-3
+"""A micrometre: finer pixels are no CT's, and the resampling's filter width (1 / scale) must stay finite."""
 MAX_SPACING_MM = 1000.0
 MAX_GRID_SIDE = 8192
 MAX_COUNT = 1 << 20

@@ -169,7 +169,7 @@ def read_weights_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         if name == "__metadata__":
             continue
         where = f"safetensors header entry {brief(name)}"
-        if not isinstance(entry, dict) or entry.get("dtype") not in DTYPE_BYTES:
+        if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or entry["dtype"] not in DTYPE_BYTES:
             raise KlviewerInputError(path, f"{where} has no known dtype (found {brief(entry)})")
         shape = entry.get("shape")
         offsets = entry.get("data_offsets")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from klviewer.errors import KlviewerInputError, brief
+from klviewer.inference.prior_fit import PriorFit
 from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.input_files import check_path, inside, real
 from klviewer.io.json_input import Fields, read_json
@@ -187,6 +188,11 @@ def read_summary(path: Path) -> dict[str, Any]:
         doc.number(key, None, optional=True)
     for key in ("flag_rule", "klviewer_version", "created"):
         doc.text(key, "", max_chars=256, optional=True)
+    doc.number("prior_fit_threshold", None, optional=True)
+    if "cases" in summary:  # each case's prior-fit verdict (results.summary.case_prior_fits)
+        cases = doc.section("cases")
+        for name in cases.doc:
+            PriorFit.from_dict(cases.section(name).doc, path)
     if not rows:
         raise KlviewerInputError(path, "lists no analysed slices")
     return summary

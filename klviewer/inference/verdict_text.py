@@ -57,9 +57,9 @@ def format_nats(value: float) -> str:
 
 CALIBRATED_GUIDANCES = ("exact",)
 """Guidances whose summed energy is KL(p(x|y) || p(x)) for the priors they run with (docs/nats.md). `exact`
-needs a Gaussian prior. `tmpd` is exact on Gaussian priors too, but on a network prior its covariance
-solve failed on 40-64 of 100 steps on the shipped prior (the run's notes count them); `pigdm` is 1.2-2.8x the closed form on
-sparse-view CT."""
+needs a Gaussian prior. `tmpd` is exact on Gaussian priors too, but on the shipped network prior its
+covariance solve failed on 40-64 of 100 steps (the run's notes count them); `pigdm` is 1.2-2.8x the
+closed form on sparse-view CT."""
 
 
 def nats_are_calibrated(guidance: str | None) -> bool:

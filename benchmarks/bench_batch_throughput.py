@@ -1,0 +1,86 @@
+"""CPU throughput per image against the batch of posterior samples (issue 20: "find the batch at which
+CPU throughput per image peaks").
+
+    python benchmarks/bench_batch_throughput.py [--threads 2] [--batches 1 2 4 8] [--repeats 5]
+
+For each batch B it times, on the shipped prior at 256²:
+- the bare denoiser forward pass (no autograd), as `klviewer.priors.timing` does;
+- one `pigdm` guidance step, the default analysis's unit of work: a forward pass with autograd, the
+  vector-Jacobian product and the conjugate-gradient data term, on a 24-view phantom measurement.
+Times are medians per call, divided by B for the per-image columns. Writes a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from klviewer.inference.measurements import ct_measurement_model
+from klviewer.inference.sampler import SamplerSettings, make_guidance
+from klviewer.phantoms import FOV_MM, make_phantom
+from klviewer.physics.acquisition import simulate_measurement
+from klviewer.priors.checkpoint import DEFAULT_PRIOR, load_prior
+from klviewer.priors.timing import time_denoiser
+
+
+def time_guidance_step(prior, model, batch: int, repeats: int, warmup: int = 2, sigma: float = 0.2) -> float:
+    """Median wall time (ms) of one `pigdm` step on a batch of `batch` posterior samples."""
+    guidance = make_guidance(prior, model, SamplerSettings())
+    size = prior.config.image_size
+    x = torch.randn(batch, prior.config.channels, *size, generator=torch.Generator().manual_seed(0))
+    times = []
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        guidance(x, sigma, 0.01)
+        if i >= warmup:
+            times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "batch_throughput.md")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    prior = load_prior(DEFAULT_PRIOR)
+    size = prior.config.image_size[0]
+    phantom = make_phantom("healthy", size, seed=1)
+    model = ct_measurement_model(simulate_measurement(phantom.hu, FOV_MM / size, 24, seed=0), prior)
+    load_start = os.getloadavg()
+    rows = []
+    for batch in args.batches:
+        forward = time_denoiser(prior, size, batch, args.repeats, threads=args.threads).median_ms
+        step = time_guidance_step(prior, model, batch, args.repeats)
+        rows.append((batch, forward, forward / batch, step, step / batch))
+        print(f"batch {batch}: forward {forward:.0f} ms ({forward / batch:.0f}/image), pigdm step {step:.0f} ms "
+              f"({step / batch:.0f}/image)", flush=True)
+    load_end = os.getloadavg()
+    best = min(rows, key=lambda r: r[4])
+    lines = [
+        "# CPU throughput per image against the batch of posterior samples", "",
+        f"Command: `python benchmarks/bench_batch_throughput.py --threads {args.threads} --batches "
+        f"{' '.join(map(str, args.batches))} --repeats {args.repeats}`; shipped prior, {size}², {args.threads} torch "
+        f"threads; load average {' '.join(f'{v:.2f}' for v in load_start)} at the start, "
+        f"{' '.join(f'{v:.2f}' for v in load_end)} at the end. Medians of {args.repeats} calls.", "",
+        "| batch | denoiser forward (ms) | per image (ms) | `pigdm` step: forward + VJP + CG (ms) | per image (ms) | "
+        "step / forward per image |",
+        "|---|---|---|---|---|---|",
+        *[f"| {b} | {f:.0f} | {fi:.0f} | {s:.0f} | {si:.0f} | {si / fi:.2f} |" for b, f, fi, s, si in rows], "",
+        f"Cheapest `pigdm` step per image: batch {best[0]} ({best[4]:.0f} ms, against {rows[0][4]:.0f} ms at batch 1).",
+        "",
+    ]
+    args.out.write_text("\n".join(lines), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import TINY_PRIOR_SIZE
 
+from klviewer.errors import KlviewerInputError
 from klviewer.evaluation.adapt import (
     SLAB_GAP,
     AdaptCancelled,
@@ -125,6 +126,11 @@ def test_a_cancelled_adaptation_resumes_to_the_same_prior(site: Path, tiny_prior
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resuming loses and changes nothing"
     with pytest.raises(AdaptError, match="different inputs or settings"):
         adapt_prior(_config(site, tmp_path / "resumed", tiny_prior, resume=True, batch=3))
+    state = tmp_path / "resumed" / "resume" / "state.json"
+    state.write_text("[" * 100_000)  # the resume state goes through the bounded JSON reader
+    with pytest.raises(KlviewerInputError) as hostile:
+        adapt_prior(_config(site, tmp_path / "resumed", tiny_prior, resume=True))
+    assert hostile.value.path == state
 
 
 def test_the_output_may_not_go_into_the_inputs_or_the_base(site: Path, tiny_prior: Path) -> None:

@@ -43,7 +43,7 @@ from klviewer.inference.plan import SeriesPlan, plan_open_series
 from klviewer.inference.sampler import AnalysisCancelled
 from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.loader import open_images
-from klviewer.io.safe_write import OutputExistsError, atomic_write, atomic_write_text, check_output_folder
+from klviewer.io.safe_write import atomic_write, atomic_write_text, check_output_folder
 from klviewer.io.study import Catalog, Series
 from klviewer.physics.grid import AIR_HU, GridTransform
 from klviewer.priors.adapters import ADAPTER_MODES, count_parameters
@@ -61,10 +61,12 @@ from klviewer.priors.finetune import (
     FineTuneDiverged,
     FineTuner,
     FineTuneSettings,
+    check_outside_base,
     draw_sigmas,
     edm_weight,
 )
 from klviewer.priors.report import denoising_mse
+from klviewer.priors.resume_state import read_resume_state, refuse_earlier_run
 from klviewer.priors.train import write_loss_csv
 from klviewer.priors.unet import EDMUNetPrior
 
@@ -322,35 +324,18 @@ def _resume_state(cfg: AdaptConfig, fixed: dict[str, Any]) -> dict[str, Any] | N
     """The training state to continue from; None to start at step 0."""
     folder = cfg.out / RESUME_DIR
     if not cfg.resume:
-        if (cfg.out / CONFIG_FILE).exists():
-            raise OutputExistsError(cfg.out / CONFIG_FILE)
-        if folder.exists():
-            raise AdaptError(f"{folder}: an adaptation was already started here; pass resume to continue it or "
-                             "choose another output folder")
+        refuse_earlier_run(cfg.out, RESUME_DIR, "an adaptation", AdaptError)
         return None
     state_path = folder / RESUME_STATE
     if not state_path.is_file():
         if not (folder / SPLIT_FILE).is_file():
             raise KlviewerInputError(state_path, "missing: nothing to resume (run without resume first)")
         return None
-    try:
-        doc = json.loads(state_path.read_text(encoding="utf-8"))
-        step, saved = int(doc["step"]), doc["settings"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise KlviewerInputError(state_path, f"unreadable resume state ({exc})") from exc
-    changed = [k for k in fixed if saved.get(k) != fixed[k]]
-    if changed:
-        raise AdaptError(f"{state_path}: cannot resume with different inputs or settings ({', '.join(changed)} changed)")
-    if step > cfg.steps:
-        raise AdaptError(f"{state_path}: the run is already at step {step}, beyond steps {cfg.steps}")
-    return doc
+    return read_resume_state(state_path, fixed, cfg.steps, AdaptError)[0].doc
 
 
 def _check_paths(cfg: AdaptConfig, base_folder: Path, sources: Sequence[str | Path]) -> None:
-    out, base = cfg.out.resolve(), base_folder.resolve()
-    if out == base or base in out.parents or out in base.parents:
-        raise KlviewerInputError(cfg.out, f"the adapted prior must go outside the base prior's folder {base_folder}, "
-                                          "which is never written")
+    check_outside_base(cfg.out, base_folder, "adapted")
     check_output_folder(cfg.out, sources)
 
 

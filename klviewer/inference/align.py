@@ -46,7 +46,7 @@ from klviewer.inference.plan import SeriesPlan, as_plan
 from klviewer.inference.sampler import AnalysisCancelled, posterior_sample
 from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.json_input import Fields, read_json
-from klviewer.io.safe_write import OutputExistsError, atomic_write, atomic_write_text, check_output_folder
+from klviewer.io.safe_write import atomic_write, atomic_write_text, check_output_folder
 from klviewer.priors.adapters import ADAPTER_MODES, count_parameters
 from klviewer.priors.base import Prior
 from klviewer.priors.checkpoint import (
@@ -63,10 +63,12 @@ from klviewer.priors.finetune import (
     FineTuneDiverged,
     FineTuner,
     FineTuneSettings,
+    check_outside_base,
     draw_sigmas,
     edm_weight,
 )
-from klviewer.priors.train import MAX_STATE_BYTES, write_loss_csv
+from klviewer.priors.resume_state import MAX_STATE_BYTES, read_resume_state, refuse_earlier_run, require_same_settings
+from klviewer.priors.train import write_loss_csv
 from klviewer.priors.unet import EDMUNetPrior
 
 RESUME_DIR = "resume"
@@ -341,11 +343,7 @@ def _read_resume_state(cfg: AlignConfig, fixed: dict[str, Any]) -> dict[str, Any
     """The resume state to continue from; None to start at step 0."""
     folder = cfg.out / RESUME_DIR
     if not cfg.resume:
-        if (cfg.out / CONFIG_FILE).exists():
-            raise OutputExistsError(cfg.out / CONFIG_FILE)
-        if folder.exists():
-            raise AlignError(f"{folder}: an alignment was already started here; pass resume to continue it or "
-                             f"choose another output folder")
+        refuse_earlier_run(cfg.out, RESUME_DIR, "an alignment", AlignError)
         return None
     state_path = folder / RESUME_STATE
     if not state_path.is_file():
@@ -354,18 +352,7 @@ def _read_resume_state(cfg: AlignConfig, fixed: dict[str, Any]) -> dict[str, Any
         if not (folder / RESUME_INPUTS_STATE).is_file():
             raise KlviewerInputError(state_path, "missing: nothing to resume (run without resume first)")
         return None  # stopped before the first checkpoint: start over, reusing the saved input images
-    state = Fields(read_json(state_path, MAX_STATE_BYTES, "resume state"), state_path, what="resume state field")
-    doc, step, settings = state.doc, state.integer("step", lo=0), state.section("settings").doc
-    _require_same(state_path, settings, fixed)
-    if step > cfg.steps:
-        raise AlignError(f"{state_path}: the run is already at step {step}, beyond steps {cfg.steps}")
-    return doc
-
-
-def _require_same(path: Path, saved: dict[str, Any], fixed: dict[str, Any]) -> None:
-    changed = [f"{k}: {saved.get(k)!r} -> {fixed[k]!r}" for k in fixed if saved.get(k) != fixed[k]]
-    if changed:
-        raise AlignError(f"{path}: cannot resume with different settings ({'; '.join(changed)})")
+    return read_resume_state(state_path, fixed, cfg.steps, AlignError)[0].doc
 
 
 def _saved_images(cfg: AlignConfig, fixed: dict[str, Any]) -> torch.Tensor | None:
@@ -374,8 +361,7 @@ def _saved_images(cfg: AlignConfig, fixed: dict[str, Any]) -> torch.Tensor | Non
     if not (cfg.resume and state_path.is_file()):
         return None
     state = Fields(read_json(state_path, MAX_STATE_BYTES, "resume state"), state_path, what="resume state field")
-    saved = state.section("settings").doc
-    _require_same(state_path, saved, fixed)
+    require_same_settings(state_path, state.section("settings").doc, fixed, AlignError)
     path = cfg.out / RESUME_DIR / RESUME_INPUTS
     images = read_weights(path).get("images")
     if images is None:
@@ -390,10 +376,7 @@ def _save_images(cfg: AlignConfig, images: torch.Tensor, fixed: dict[str, Any]) 
 
 
 def _check_paths(cfg: AlignConfig, base_folder: Path) -> None:
-    out, base = cfg.out.resolve(), base_folder.resolve()
-    if out == base or base in out.parents:
-        raise KlviewerInputError(cfg.out, f"the aligned prior must go outside the base prior's folder {base_folder}, "
-                                          f"which is never written")
+    check_outside_base(cfg.out, base_folder, "aligned")
     check_output_folder(cfg.out, cfg.inputs)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from klviewer.errors import KlviewerError
+from klviewer.errors import KlviewerError, KlviewerInputError
 from klviewer.io.safe_write import atomic_write, atomic_write_text
 from klviewer.priors.adapters import apply_adapter, merged_state_dict
 from klviewer.priors.resume_state import restore_training_state, training_state_bytes
@@ -27,6 +27,15 @@ from klviewer.priors.unet import EDMUNetPrior
 
 RESUME_WEIGHTS = "state.safetensors"
 RESUME_STATE = "state.json"
+
+
+def check_outside_base(out: Path, base_folder: Path, what: str) -> None:
+    """A fine-tuned copy's folder `out` may neither be the base prior's folder, lie in it, nor hold it:
+    the base is never written."""
+    out_real, base = out.resolve(), base_folder.resolve()
+    if out_real == base or base in out_real.parents or out_real in base.parents:
+        raise KlviewerInputError(out, f"the {what} prior must go outside the base prior's folder {base_folder}, "
+                                      "which is never written")
 
 
 class FineTuneDiverged(KlviewerError):

@@ -1,7 +1,8 @@
 """Resume checkpoints of a training loop (model, EMA, Adam state, data RNG) as safetensors + JSON.
 
-`klviewer train` and `klviewer align` both resume through these two functions, so a resume
-folder never holds a pickle and is read back the same way by either.
+`klviewer train`, `klviewer align` and `klviewer adapt` all resume through these functions, so a
+resume folder never holds a pickle, its state.json goes through the bounded JSON reader, and the
+three refuse a changed setting or an earlier run in the same words.
 """
 
 from __future__ import annotations
@@ -11,8 +12,41 @@ from typing import Any
 
 import torch
 
-from klviewer.errors import KlviewerInputError
-from klviewer.priors.checkpoint import read_weights, state_bytes
+from klviewer.errors import KlviewerError, KlviewerInputError
+from klviewer.io.json_input import Fields, read_json
+from klviewer.io.safe_write import OutputExistsError
+from klviewer.priors.checkpoint import CONFIG_FILE, read_weights, state_bytes
+
+MAX_STATE_BYTES = 256 << 20
+"""Largest resume state.json read (it lists one loss per step)."""
+
+
+def refuse_earlier_run(out: Path, resume_dir: str, what: str, error: type[KlviewerError]) -> None:
+    """Before a fresh start in `out`: a finished prior or an earlier start there is not overwritten."""
+    if (out / CONFIG_FILE).exists():
+        raise OutputExistsError(out / CONFIG_FILE)
+    if (out / resume_dir).exists():
+        raise error(f"{out / resume_dir}: {what} was already started here; pass resume (--resume) to continue it "
+                    "or choose another output folder")
+
+
+def require_same_settings(path: Path, saved: dict[str, Any], fixed: dict[str, Any], error: type[KlviewerError]) -> None:
+    """The settings a resumed run must keep (`fixed`) against those `path` recorded."""
+    changed = [f"{k}: {saved.get(k)!r} -> {fixed[k]!r}" for k in fixed if saved.get(k) != fixed[k]]
+    if changed:
+        raise error(f"{path}: cannot resume with different inputs or settings ({'; '.join(changed)})")
+
+
+def read_resume_state(state_path: Path, fixed: dict[str, Any], steps: int,
+                      error: type[KlviewerError]) -> tuple[Fields, int]:
+    """A resume state.json (bounded read) and its step, checked against the run that wants to continue it:
+    the same fixed settings, and not already past `steps`."""
+    state = Fields(read_json(state_path, MAX_STATE_BYTES, "resume state"), state_path, what="resume state field")
+    step = state.integer("step", lo=0)
+    require_same_settings(state_path, state.section("settings").doc, fixed, error)
+    if step > steps:
+        raise error(f"{state_path}: the run is already at step {step}, beyond steps {steps}")
+    return state, step
 
 
 def training_state_bytes(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,

@@ -26,8 +26,7 @@ import torch
 from klviewer import __version__
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError, KlviewerInputError
-from klviewer.io.json_input import Fields, read_json
-from klviewer.io.safe_write import OutputExistsError, atomic_write, atomic_write_text
+from klviewer.io.safe_write import atomic_write, atomic_write_text
 from klviewer.priors.base import PriorConfig
 from klviewer.priors.checkpoint import (
     CONFIG_FILE,
@@ -38,13 +37,17 @@ from klviewer.priors.checkpoint import (
     save_prior,
 )
 from klviewer.priors.data import ImagePool, load_pool
-from klviewer.priors.resume_state import restore_training_state, training_state_bytes
+from klviewer.priors.resume_state import (
+    read_resume_state,
+    refuse_earlier_run,
+    restore_training_state,
+    training_state_bytes,
+)
 from klviewer.priors.unet import DEFAULT_ARCH, EDMUNetPrior
 
 RESUME_DIR = "resume"
 RESUME_WEIGHTS = "state.safetensors"
 RESUME_STATE = "state.json"
-MAX_STATE_BYTES = 256 << 20
 TRAINING_DIR = "training"
 # Settings that must not change when a run is resumed (steps may grow, to train longer).
 FIXED_ON_RESUME = ("data", "size", "patch", "batch", "lr", "seed", "n_phantoms", "ema", "warmup",
@@ -224,14 +227,8 @@ class _Trainer:
         state_path = folder / RESUME_STATE
         if not state_path.is_file():
             raise KlviewerInputError(state_path, "missing: nothing to resume (run without --resume first)")
-        state = Fields(read_json(state_path, MAX_STATE_BYTES, "resume state"), state_path, what="resume state field")
-        step, settings = state.integer("step", lo=0), state.section("settings").doc
         mine = json.loads(json.dumps(self.cfg.fixed_settings()))
-        changed = [f"{k}: {settings.get(k)!r} -> {mine[k]!r}" for k in mine if settings.get(k) != mine[k]]
-        if changed:
-            raise TrainingError(f"{state_path}: cannot resume with different settings ({'; '.join(changed)})")
-        if step > self.cfg.steps:
-            raise TrainingError(f"{state_path}: the run is already at step {step}, beyond --steps {self.cfg.steps}")
+        state, step = read_resume_state(state_path, mine, self.cfg.steps, TrainingError)
         weights_path = folder / RESUME_WEIGHTS
         restore_training_state(weights_path, self.model, self.ema, self.opt, self.gen, state.items("param_groups"))
         self.step, self.elapsed_s = step, state.number("elapsed_s", 0.0, lo=0)
@@ -253,13 +250,8 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
 
 
 def _prepare_out(cfg: TrainConfig) -> None:
-    if cfg.resume:
-        return
-    if (cfg.out / CONFIG_FILE).exists():
-        raise OutputExistsError(cfg.out / CONFIG_FILE)
-    if (cfg.out / RESUME_DIR).exists():
-        raise TrainingError(f"{cfg.out / RESUME_DIR}: a run was already started here; pass --resume to continue "
-                            f"it or choose another --out")
+    if not cfg.resume:
+        refuse_earlier_run(cfg.out, RESUME_DIR, "a training run", TrainingError)
 
 
 def write_loss_csv(path: Path, losses: list[float], lr_at: Callable[[int], float]) -> None:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from klviewer.cli.options import INPUT_HELP, add_measurement_options, positive_float, positive_int, settings_from_args
-from klviewer.cli.progress import StageBars
+from klviewer.cli.progress import StageBars, interrupt_cancels
 from klviewer.evaluation import adapt as adapt_service
 from klviewer.evaluation.adapt import HELD_OUT_FRACTION, AdaptConfig, AdaptProgress
 from klviewer.inference.settings import NAMED_SETTINGS, AnalysisSettings
@@ -43,13 +41,10 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         bars.update(p.stage, p.step, p.steps, unit="step" if p.stage == "train" else "slice",
                     loss=p.loss if p.stage == "train" else None)
 
-    # Ctrl-C cancels like the app's Cancel: the run stops and leaves what it has made for --resume.
-    cancel = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
     try:
-        result = adapt_service.adapt_prior(cfg, progress=progress, cancel=cancel)
+        with interrupt_cancels() as cancel:
+            result = adapt_service.adapt_prior(cfg, progress=progress, cancel=cancel)
     finally:
-        signal.signal(signal.SIGINT, previous)
         bars.close()
     split = result.split.describe()
     print(f"adapted prior written to {result.out} (mode {cfg.mode}, {cfg.steps} steps; base prior {args.prior} "

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import signal
 import sys
-import threading
 import warnings
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from klviewer.cli.options import (
     positive_float,
     positive_int,
 )
-from klviewer.cli.progress import StageBars
+from klviewer.cli.progress import StageBars, interrupt_cancels
 from klviewer.inference import align as align_service
 from klviewer.inference.align import INPUT_IMAGES, AlignConfig, AlignProgress, FewMeasurementsWarning
 from klviewer.priors.adapters import ADAPTER_MODES
@@ -62,16 +60,12 @@ def _cmd_align(args: argparse.Namespace) -> int:
         bars.update(p.stage, p.step, p.steps, unit="slice" if p.stage == "reconstruct" else "step",
                     loss=p.loss if p.stage == "align" else None)
 
-    # Ctrl-C cancels like the GUI's Cancel: the run stops within one step and leaves a resume checkpoint.
-    cancel = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), interrupt_cancels() as cancel:
         warnings.simplefilter("always", FewMeasurementsWarning)
         warnings.showwarning = _plain_warning(warnings.showwarning)
         try:
             out = align_service.align_prior(cfg, progress=progress, cancel=cancel)
         finally:
-            signal.signal(signal.SIGINT, previous)
             bars.close()
     print(f"aligned prior written to {out} (mode {cfg.mode}, {cfg.steps} steps; base prior {args.prior} unchanged)")
     return 0

@@ -1,14 +1,29 @@
-"""Progress bars on stderr: the one adapter from the services' `progress(done, total)` callbacks to tqdm."""
+"""Progress bars on stderr: the one adapter from the services' `progress(done, total)` callbacks to tqdm;
+and Ctrl-C as the services' cancel event."""
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from tqdm import tqdm
 
 Progress = Callable[[int, int], None]
+
+
+@contextmanager
+def interrupt_cancels() -> Iterator[threading.Event]:
+    """A cancel event that Ctrl-C sets, as the app's Cancel does: a resumable run stops within a step and
+    leaves what it has made for --resume, instead of dying mid-write. The previous handler comes back after."""
+    cancel = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
+    try:
+        yield cancel
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextmanager

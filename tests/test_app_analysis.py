@@ -240,3 +240,27 @@ def test_side_by_side_pane_is_linked(window, qtbot) -> None:
     assert viewer.compare_image.image is None, "the pane follows the slice"
     viewer.set_comparing(False)
     assert viewer.compare_view.scene() is None or not viewer.compare_label.isVisible()
+
+
+def test_a_profile_sets_the_sampler_and_the_map_and_survives_a_restart(window) -> None:
+    from klviewer.inference.settings import PROFILES
+
+    panel = window.panel
+    panel.profile_combo.setCurrentIndex(panel.profile_combo.findData("screening"))
+    panel.profile_combo.activated.emit(panel.profile_combo.currentIndex())
+    screening = PROFILES["screening"]
+    settings = panel.settings(window.map_controls.settings())
+    assert (settings.steps, settings.samples, settings.branch_sigma, settings.branch_steps, settings.sigma_min) == \
+        (screening.steps, screening.samples, screening.branch_sigma, screening.branch_steps, screening.sigma_min)
+    assert (settings.patch, settings.sigma_window) == (screening.patch, screening.sigma_window)
+    assert "branches" in panel.schedule_label.text()
+    panel.save()
+    panel.samples.setValue(6)
+    assert panel.profile() == "custom"
+    assert panel.settings(window.map_controls.settings()).branch_sigma == screening.branch_sigma
+    panel.restore()
+    assert panel.profile() == "screening" and panel.samples.value() == screening.samples
+    panel.profile_combo.setCurrentIndex(panel.profile_combo.findData("standard"))
+    panel.profile_combo.activated.emit(panel.profile_combo.currentIndex())
+    assert panel.settings(window.map_controls.settings()).branch_sigma is None
+    assert "independent" in panel.schedule_label.text()

@@ -6,6 +6,7 @@ The state (open series, shown slice, results, case list, verdicts) lives in the 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -111,6 +112,7 @@ class MainWindow(OpeningMixin, QMainWindow):
         self.panel.run_series.connect(self.run_series)
         self.panel.cancel.connect(self.cancel_run)
         self.panel.prior_changed.connect(self._prior_changed)
+        self.panel.profile_picked.connect(self._profile_picked)
         self.map_controls.changed.connect(self._map_changed)
         self.map_controls.changed.connect(lambda: self.tools.refresh())
         self.map_controls.opacity_changed.connect(self.viewer.overlay.set_opacity)
@@ -225,6 +227,12 @@ class MainWindow(OpeningMixin, QMainWindow):
         self.map_controls.show_calibration(scored.rule is not None, self.model.calibrated_maps(cached))
         self.map_controls.set_display_threshold(frame.display_threshold, "z" if frame.shows_z else "nats")
         self.model.update_case(self.current_uid, self.index, scored)
+
+    def _profile_picked(self, profile: AnalysisSettings) -> None:
+        """A profile's runs are calibrated at its patch and noise levels: show the map there."""
+        if profile.sigma_window is not None:
+            self.map_controls.set_settings(replace(self.map_controls.settings(), patch=profile.patch,
+                                                   sigma_window=profile.sigma_window))
 
     def reset_map(self) -> None:
         """The calibrated patch and sigma window nearest the sliders, for the shown slice's run."""

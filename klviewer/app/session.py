@@ -101,11 +101,15 @@ class FlagThresholds:
         for entry in self.calibration(prior_path).entries:
             key = entry.get("settings", {})
             window = key.get("sigma_window")
-            if all(key.get(k) == v for k, v in run.items() if k not in ("patch", "sigma_window")) \
-                    and isinstance(window, list) and len(window) == 2:
+            if _sampling_part(key) == _sampling_part(run) and isinstance(window, list) and len(window) == 2:
                 maps.append((int(key["patch"]), (float(window[0]), float(window[1]))))
         return maps
 
     def calibrated_windows(self, prior_path: Path) -> list[tuple[float, float]]:
         """Sigma windows the prior was calibrated with, so the sliders can land on them exactly."""
         return self.calibration(prior_path).windows()
+
+
+def _sampling_part(key: dict) -> dict:
+    """A calibration key without its map settings: what one sampling run fixes."""
+    return {k: v for k, v in key.items() if k not in ("patch", "sigma_window")}

@@ -125,7 +125,7 @@ class AnalysisThread(CancellableThread):
         plan = plan_open_series([(req.series, req.indices)])
         for item in analyze_slices(plan, loaded, req.settings, progress=self._report, cancel=self._cancel):
             self.slice_done.emit(req, item.index, item.result)
-        total = req.settings.steps * req.settings.samples * len(req.indices)
+        total = req.settings.step_count * len(req.indices)
         self.progress.emit(total, total)
 
     def _report(self, done: int, total: int) -> None:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
-from klviewer.inference.sampler import ANY_PRIOR_GUIDANCES
-from klviewer.inference.settings import AnalysisSettings
+from klviewer.inference.sampler import ANY_PRIOR_GUIDANCES, PRECISIONS
+from klviewer.inference.settings import DEFAULT_PROFILE, PROFILES, AnalysisSettings
 from klviewer.priors.checkpoint import DEFAULT_PRIOR
 
 DEVICES = ("auto", "cpu", "cuda")
-DEFAULTS = AnalysisSettings()
+DEFAULTS = PROFILES[DEFAULT_PROFILE]
+SAMPLER_OPTIONS = ("steps", "samples", "patch", "sigma_window", "guidance", "sigma_min", "branch_sigma", "branch_steps",
+                   "high_guidance", "high_sigma", "precision")
+"""The options a profile sets; each one given on the command line overrides its profile's value."""
 INPUT_HELP = "DICOM file/folder, .npy/.npz HU image, or sinogram sidecar"
 SLICES_HELP = "'all', 'mid', or 0-based indices like 0,3,5-7 (default all)"
 
@@ -51,14 +55,23 @@ def add_measurement_options(p: argparse.ArgumentParser, *, seed_help: str | None
 
 
 def add_sampler_options(p: argparse.ArgumentParser, *, flag_help: str) -> None:
-    """Sampler and KL-map settings, and the flag threshold in nats."""
-    d = DEFAULTS
-    p.add_argument("--steps", type=positive_int, default=d.steps, help=f"sampler steps (default {d.steps})")
-    p.add_argument("--samples", type=positive_int, default=d.samples, help=f"posterior samples (default {d.samples})")
-    p.add_argument("--patch", type=positive_int, default=d.patch, help=f"KL patch size in pixels (default {d.patch})")
-    p.add_argument("--sigma-window", type=positive_float, nargs=2, metavar=("LO", "HI"), default=list(d.sigma_window),
-                   help=f"noise levels summed into the KL map (default {d.sigma_window[0]} {d.sigma_window[1]})")
-    p.add_argument("--guidance", default=d.guidance, choices=ANY_PRIOR_GUIDANCES, help=f"likelihood guidance (default {d.guidance})")
+    """The profile, the sampler and KL-map settings that change it, and the flag threshold in nats."""
+    profiles = ", ".join(f"{name}: {s.describe_sampling()}" for name, s in PROFILES.items())
+    p.add_argument("--profile", default=DEFAULT_PROFILE, choices=tuple(PROFILES),
+                   help=f"named settings the shipped prior is calibrated for (default {DEFAULT_PROFILE}; {profiles})")
+    p.add_argument("--steps", type=positive_int, help="sampler steps (of the shared chain when branched)")
+    p.add_argument("--samples", type=positive_int, help="posterior samples")
+    p.add_argument("--patch", type=positive_int, help="KL patch size in pixels")
+    p.add_argument("--sigma-window", type=positive_float, nargs=2, metavar=("LO", "HI"),
+                   help="noise levels summed into the KL map")
+    p.add_argument("--guidance", choices=ANY_PRIOR_GUIDANCES, help="likelihood guidance")
+    p.add_argument("--sigma-min", type=positive_float, metavar="SIGMA", help="noise level the sampler stops at")
+    p.add_argument("--branch-sigma", type=positive_float, metavar="SIGMA",
+                   help="samples share one chain down to this noise level and branch there")
+    p.add_argument("--branch-steps", type=positive_int, help="noise levels of each branch, down to --sigma-min")
+    p.add_argument("--high-guidance", choices=ANY_PRIOR_GUIDANCES, help="guidance of the steps above --high-sigma")
+    p.add_argument("--high-sigma", type=positive_float, metavar="SIGMA", help="noise level above which --high-guidance runs")
+    p.add_argument("--precision", choices=PRECISIONS, help="the denoiser's arithmetic (bfloat16: faster on CPUs with AVX-512 BF16)")
     p.add_argument("--flag-threshold", type=positive_float, metavar="NATS", help=flag_help)
 
 
@@ -78,12 +91,11 @@ def add_quiet_option(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
-    """The analysis settings of the parsed options; options a command lacks keep their defaults."""
-    d = DEFAULTS
-    window = getattr(args, "sigma_window", None)
-    return AnalysisSettings(
-        views=args.views, dose_i0=args.dose, noise_sigma=args.noise, seed=args.seed, device=args.device,
-        steps=getattr(args, "steps", d.steps), samples=getattr(args, "samples", d.samples),
-        patch=getattr(args, "patch", d.patch), sigma_window=d.sigma_window if window is None else tuple(window),
-        guidance=getattr(args, "guidance", d.guidance), flag_threshold=getattr(args, "flag_threshold", None),
-    )
+    """The analysis settings of the parsed options: the profile, changed by each sampler option given;
+    options a command lacks keep the profile's values."""
+    base = PROFILES[getattr(args, "profile", DEFAULT_PROFILE)]
+    given = {k: getattr(args, k) for k in SAMPLER_OPTIONS if getattr(args, k, None) is not None}
+    if "sigma_window" in given:
+        given["sigma_window"] = tuple(given["sigma_window"])
+    return replace(base, **given, views=args.views, dose_i0=args.dose, noise_sigma=args.noise, seed=args.seed,
+                   device=args.device, flag_threshold=getattr(args, "flag_threshold", None))

@@ -159,7 +159,7 @@ def compare_priors(
         if role in priors:
             check_same_grid(priors["before"], priors[role], paths[role], role)
     measurements = collect_measurements(inputs, priors["before"], settings, slices=slices, device=device)
-    analyses = settings.steps * settings.samples * len(measurements)
+    analyses = settings.step_count * len(measurements)
     shift_units = len(measurements) if reference is not None else 0
     total = 2 * (analyses + shift_units)
     done = 0

@@ -24,7 +24,7 @@ SCALE_KEYS = ("views", "dose_i0", "noise_sigma", "steps", "samples", "patch", "s
 
 def calibration_key(settings: AnalysisSettings) -> dict[str, Any]:
     d = settings.to_dict()
-    return {k: d[k] for k in SCALE_KEYS}
+    return {**{k: d[k] for k in SCALE_KEYS}, **settings.changed_extras()}
 
 
 MAX_CALIBRATION_BYTES = 16 << 20

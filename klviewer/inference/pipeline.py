@@ -135,7 +135,7 @@ def _analyze_each(items: Iterable[tuple[T, PreparedSlice]], n: int, loaded: Load
     nats_threshold = loaded.calibration.nats_threshold(settings)
     z_calibration = loaded.calibration.z_calibration(settings)
     fit_threshold = loaded.calibration.prior_fit_threshold(settings)
-    per_slice = settings.steps * settings.samples
+    per_slice = settings.step_count
     total = per_slice * n
     done = 0
     for key, prepared in items:

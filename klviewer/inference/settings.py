@@ -27,10 +27,45 @@ class AnalysisSettings:
     """Step size of `dps` guidance (see SamplerSettings)."""
     flag_threshold: float | None = None
     """Image score (nats) above which a slice is flagged; None = the prior's calibrated value."""
+    sigma_min: float = SamplerSettings.sigma_min
+    """The noise level the sampler stops at (then one last step to 0)."""
+    branch_sigma: float | None = None
+    """None: every posterior sample is its own chain. A noise level: the samples share one chain of
+    `steps` levels down to it and branch there (SamplerSettings.branch_sigma)."""
+    branch_steps: int = 0
+    high_guidance: str | None = None
+    """With `high_sigma`: the guidance of the steps above that noise level (SamplerSettings.high_guidance)."""
+    high_sigma: float | None = None
+    precision: str = SamplerSettings.precision
+    """The denoiser's arithmetic (SamplerSettings.precision)."""
 
     def sampler(self, slice_seed: int) -> SamplerSettings:
         return SamplerSettings(steps=self.steps, samples=self.samples, seed=slice_seed, guidance=self.guidance,  # type: ignore[arg-type]
-                               dps_step=self.dps_step)
+                               dps_step=self.dps_step, sigma_min=self.sigma_min, branch_sigma=self.branch_sigma,
+                               branch_steps=self.branch_steps, high_guidance=self.high_guidance,
+                               high_sigma=self.high_sigma, precision=self.precision)
+
+    @property
+    def step_count(self) -> int:
+        """Sampler steps per slice, every posterior sample's counted (what progress counts)."""
+        return self.sampler(0).step_count
+
+    def describe_sampling(self) -> str:
+        """One line: guidance, chains and map settings."""
+        window = "" if self.sigma_window is None else f", sigma {self.sigma_window[0]:g}-{self.sigma_window[1]:g}"
+        if self.branch_sigma is None:
+            chains = f"{self.samples} sample(s) x {self.steps} steps"
+        else:
+            chains = (f"{self.steps} steps to sigma {self.branch_sigma:g}, then {self.samples} branches x "
+                      f"{self.branch_steps} steps to {self.sigma_min:g}")
+        high = "" if self.high_sigma is None else f" ({self.high_guidance} above sigma {self.high_sigma:g})"
+        return f"{self.guidance}{high}, {chains}, patch {self.patch}{window}"
+
+    def changed_extras(self) -> dict[str, Any]:
+        """The sampling settings added after calibrations were first written (EXTRA_SAMPLING_KEYS) that
+        differ from their defaults; a calibration entry names only these, so older entries still match."""
+        d = self.to_dict()
+        return {k: d[k] for k in EXTRA_SAMPLING_KEYS if d[k] != _EXTRA_DEFAULTS[k]}
 
     def slice_seed(self, index: int) -> int:
         """The random stream of slice `index`: a slice keeps its measurement and samples whichever slices run with it."""
@@ -49,6 +84,8 @@ class AnalysisSettings:
         return cls(**d)
 
 
+EXTRA_SAMPLING_KEYS = ("sigma_min", "branch_sigma", "branch_steps", "high_guidance", "high_sigma", "precision")
+_EXTRA_DEFAULTS = {k: getattr(AnalysisSettings, k) for k in EXTRA_SAMPLING_KEYS}
 MAP_ONLY_KEYS = ("patch", "sigma_window", "flag_threshold")
 
 
@@ -59,6 +96,13 @@ def sampling_key(settings: AnalysisSettings) -> tuple[tuple[str, Any], ...]:
 
 
 DETECTION_SETTINGS = AnalysisSettings(samples=4, patch=4, sigma_window=(0.01, 0.05))
-"""The detection settings: 4 samples, z-scores over 4 px patches in the sigma window where lesions show."""
-NAMED_SETTINGS = {"default": AnalysisSettings(), "detection": DETECTION_SETTINGS}
+"""The detection settings: 4 independent chains, z-scores over 4 px patches in the sigma window where lesions show."""
+SCREENING_SETTINGS = AnalysisSettings(steps=20, samples=4, patch=4, sigma_window=(0.01, 0.05), sigma_min=0.01,
+                                      branch_sigma=0.05, branch_steps=8)
+"""Screening: one chain of 20 levels down to sigma 0.05, branched there into 4 samples of 8 levels down
+to 0.01, the window where lesions show; z-scores over 4 px patches (docs/screening.md)."""
+PROFILES = {"screening": SCREENING_SETTINGS, "standard": AnalysisSettings(), "detection": DETECTION_SETTINGS}
+"""Named settings a prior is calibrated for; `--profile` picks one and the other options change it."""
+DEFAULT_PROFILE = "standard"
+NAMED_SETTINGS = {"default": PROFILES[DEFAULT_PROFILE], **PROFILES}
 """Settings a prior is calibrated for by name (`klviewer adapt --calibrate`)."""

@@ -151,7 +151,7 @@ def checked_settings(doc: Any, source: Path, prefix: str = "settings.") -> Analy
         raise KlviewerInputError(source, f"'{prefix.rstrip('.')}' has unknown field(s) {brief(unknown)}")
     values: dict[str, Any] = {}
     for key, lo, hi in (("views", 1, 100_000), ("steps", 1, 1_000_000), ("samples", 1, 100_000), ("patch", 1, 8192),
-                        ("seed", -2**63, 2**63)):
+                        ("seed", -2**63, 2**63), ("branch_steps", 0, 1_000_000)):
         if key in record:
             values[key] = record.integer(key, lo=lo, hi=hi)
     for key in ("dose_i0", "noise_sigma", "flag_threshold"):
@@ -159,9 +159,12 @@ def checked_settings(doc: Any, source: Path, prefix: str = "settings.") -> Analy
             values[key] = record.number(key, positive=key != "noise_sigma", lo=0, optional=True)
     if "dps_step" in record:
         values["dps_step"] = record.number("dps_step")
-    for key in ("device", "guidance"):
+    for key in ("sigma_min", "branch_sigma", "high_sigma"):
         if key in record:
-            values[key] = record.text(key, max_chars=64)
+            values[key] = record.number(key, positive=True, optional=key != "sigma_min")
+    for key in ("device", "guidance", "high_guidance", "precision"):
+        if key in record:
+            values[key] = record.text(key, max_chars=64, optional=key == "high_guidance")
     if record.get("sigma_window", None) is not None:
         lo, hi = record.numbers("sigma_window", length=2, positive=True)
         if not lo <= hi:

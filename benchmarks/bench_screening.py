@@ -1,0 +1,161 @@
+"""Screening settings: cost per 256² slice against detection AUROC (issue 20).
+
+    python benchmarks/bench_screening.py cost --out COST.json [--slices 4] NAME="OPTIONS" ...
+    python benchmarks/bench_screening.py table --cost COST.json --out TABLE.md NAME=SPLIT:DETECTION.json ...
+
+`cost` analyses `--slices` healthy phantoms with each named setting (OPTIONS are `klviewer analyze`
+sampler options, e.g. "--profile screening --samples 6") in one process, after timing 100 bare
+forward passes of the prior there, and counts the network evaluations of every analysis: denoiser
+forward passes and vector-Jacobian products through the denoiser. The load average is recorded at
+the start and end. `table` joins those costs with the `klip_z` AUROCs of `klviewer evaluate
+detect` runs (their `detection_lesion.json`), one column pair per split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from klviewer.cli.options import add_measurement_options, add_sampler_options, settings_from_args
+from klviewer.evaluation.detection import series_from_phantom
+from klviewer.inference.measurements import prepare_slice
+from klviewer.inference.pipeline import LoadedPrior, analyze_prepared
+from klviewer.inference.settings import AnalysisSettings
+from klviewer.phantoms import make_phantom
+from klviewer.priors.checkpoint import DEFAULT_PRIOR
+
+
+def settings_of(options: str) -> AnalysisSettings:
+    """The analysis settings that these `klviewer analyze` options give."""
+    p = argparse.ArgumentParser()
+    add_measurement_options(p)
+    add_sampler_options(p, flag_help="")
+    return settings_from_args(p.parse_args(shlex.split(options) + ["--device", "cpu"]))
+
+
+class CountingPrior:
+    """Counts the images the denoiser sees, with and without autograd (a pass with autograd is
+    followed by one vector-Jacobian product in every guidance that takes one)."""
+
+    def __init__(self, prior) -> None:
+        self.prior, self.forward, self.with_grad = prior, 0, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.prior, name)
+
+    def denoise(self, x: torch.Tensor, sigma):
+        self.forward += x.shape[0]
+        self.with_grad += x.shape[0] if torch.is_grad_enabled() and x.requires_grad else 0
+        return self.prior.denoise(x, sigma)
+
+
+def bare_forwards_seconds(prior, n: int = 100, warmup: int = 3) -> float:
+    x = torch.randn(1, prior.config.channels, *prior.config.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for _ in range(warmup):
+            prior.denoise(x, 0.1)
+        start = time.perf_counter()
+        for _ in range(n):
+            prior.denoise(x, 0.1)
+    return time.perf_counter() - start
+
+
+def cost(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    loaded = LoadedPrior.load(args.prior, "cpu")
+    size = loaded.prior.config.image_size[0]
+    load_start = os.getloadavg()
+    forwards = [bare_forwards_seconds(loaded.prior) for _ in range(2)]
+    rows = []
+    for spec in args.settings:
+        name, options = spec.split("=", 1)
+        settings = settings_of(options)
+        counting = CountingPrior(loaded.prior)
+        seconds = []
+        for i in range(args.slices):
+            phantom = make_phantom("healthy", size, seed=args.phantom_seed + i)
+            prepared = prepare_slice(series_from_phantom(phantom), 0, loaded.prior, settings, loaded.device)
+            start = time.perf_counter()
+            analyze_prepared(prepared, counting, settings, prior_name=loaded.name, flag_threshold=None)
+            seconds.append(time.perf_counter() - start)
+        rows.append({"name": name, "options": options, "describe": settings.describe_sampling(),
+                     "settings": settings.to_dict(), "seconds": seconds, "median_seconds": statistics.median(seconds),
+                     "forwards_per_slice": counting.forward / args.slices, "vjps_per_slice": counting.with_grad / args.slices})
+        print(f"{name}: {statistics.median(seconds):.2f} s/slice, {rows[-1]['forwards_per_slice']:.0f} forwards, "
+              f"{rows[-1]['vjps_per_slice']:.0f} VJPs", flush=True)
+    forwards.append(bare_forwards_seconds(loaded.prior))
+    doc = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "threads": args.threads,
+           "prior": loaded.name, "size": size, "load_start": load_start, "load_end": os.getloadavg(),
+           "bare_100_forwards_seconds": forwards, "rows": rows}
+    args.out.write_text(json.dumps(doc, indent=2))
+    return 0
+
+
+def table(args: argparse.Namespace) -> int:
+    doc = json.loads(args.cost.read_text())
+    forwards = statistics.median(doc["bare_100_forwards_seconds"])
+    splits: dict[str, dict[str, dict]] = {}
+    for spec in args.detections:
+        name, rest = spec.split("=", 1)
+        split, path = rest.split(":", 1)
+        klip_z = json.loads(Path(path).read_text())["methods"]["klip_z"]
+        splits.setdefault(split, {})[name] = klip_z
+    names = list(splits)
+    lines = [
+        "# Screening settings: cost per slice against detection AUROC",
+        "",
+        f"Cost: `{doc['command']}`; {doc['threads']} torch threads, prior {doc['prior']} at {doc['size']}²; "
+        f"100 bare forward passes took {', '.join(f'{s:.2f}' for s in doc['bare_100_forwards_seconds'])} s "
+        f"(median {forwards:.2f} s); load average {' '.join(f'{v:.2f}' for v in doc['load_start'])} at the start, "
+        f"{' '.join(f'{v:.2f}' for v in doc['load_end'])} at the end. Seconds are the median over healthy 256² "
+        "phantoms of one whole analysis (measurement, sampling, maps). Network evaluations are per slice.",
+        "",
+        "AUROCs are the KL z-score's (`klip_z`), dataset / localisation, from `klviewer evaluate detect --n-id 20 "
+        "--n-ood 20 --seed S --cache DIR OPTIONS` with its 40-slice healthy reference.",
+        "",
+        "| setting | options | forwards | VJPs | s / slice | × 100 forwards | " + " | ".join(names) + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(names),
+    ]
+    for row in doc["rows"]:
+        cells = []
+        for split in names:
+            z = splits[split].get(row["name"])
+            cells.append("–" if z is None else f"{z['dataset_auroc']:.3f} / {z['localisation_auroc']:.3f}")
+        lines.append(f"| {row['name']}: {row['describe']} | `{row['options']}` | {row['forwards_per_slice']:.0f} | "
+                     f"{row['vjps_per_slice']:.0f} | {row['median_seconds']:.2f} | {row['median_seconds'] / forwards:.2f} | "
+                     + " | ".join(cells) + " |")
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="mode", required=True)
+    c = sub.add_parser("cost")
+    c.add_argument("settings", nargs="+", metavar='NAME="OPTIONS"')
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--slices", type=int, default=4)
+    c.add_argument("--phantom-seed", type=int, default=1)
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--prior", default=DEFAULT_PRIOR)
+    c.set_defaults(func=cost)
+    t = sub.add_parser("table")
+    t.add_argument("detections", nargs="+", metavar="NAME=SPLIT:DETECTION.json")
+    t.add_argument("--cost", type=Path, required=True)
+    t.add_argument("--out", type=Path, required=True)
+    t.set_defaults(func=table)
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

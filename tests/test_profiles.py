@@ -1,0 +1,108 @@
+"""Profiles: named settings (`--profile`), each option given changing its profile, and calibration
+entries that name a branched schedule without breaking the entries written before schedules existed."""
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from klviewer.cli import main
+from klviewer.cli.options import add_measurement_options, add_sampler_options, settings_from_args
+from klviewer.inference.calibration import PriorCalibration, calibration_key
+from klviewer.inference.settings import DEFAULT_PROFILE, PROFILES, AnalysisSettings, sampling_key
+from klviewer.phantoms import make_phantom, save_phantom_npz
+from klviewer.results.reader import checked_settings
+from klviewer.results.slice_file import load_slice_result
+
+
+def _parse(*options: str) -> AnalysisSettings:
+    p = argparse.ArgumentParser()
+    add_measurement_options(p)
+    add_sampler_options(p, flag_help="")
+    return settings_from_args(p.parse_args(list(options)))
+
+
+def test_a_profile_is_changed_only_by_the_options_given() -> None:
+    assert _parse() == replace(PROFILES[DEFAULT_PROFILE], device="auto")
+    screening = _parse("--profile", "screening")
+    assert screening == PROFILES["screening"]
+    assert screening.branch_sigma is not None and screening.samples > 1
+    six = _parse("--profile", "screening", "--samples", "6", "--sigma-window", "0.01", "0.04")
+    assert six == replace(PROFILES["screening"], samples=6, sigma_window=(0.01, 0.04))
+    assert _parse("--profile", "standard", "--branch-sigma", "0.1", "--branch-steps", "5").branch_steps == 5
+
+
+def test_schedule_settings_enter_the_calibration_key_only_when_they_differ() -> None:
+    standard = AnalysisSettings()
+    assert set(calibration_key(standard)) == {"views", "dose_i0", "noise_sigma", "steps", "samples", "patch",
+                                              "sigma_window", "guidance"}, "entries written before schedules match"
+    key = calibration_key(PROFILES["screening"])
+    assert key["branch_sigma"] == 0.05 and key["sigma_min"] == 0.01 and "high_guidance" not in key
+    assert sampling_key(PROFILES["screening"]) != sampling_key(replace(PROFILES["screening"], branch_steps=9))
+
+
+def test_calibration_entries_of_one_schedule_do_not_serve_another(tmp_path: Path) -> None:
+    screening = PROFILES["screening"]
+    unbranched = replace(screening, sigma_min=AnalysisSettings.sigma_min, branch_sigma=None, branch_steps=0)
+    entries = [{"settings": calibration_key(screening), "threshold": 5.0},
+               {"settings": calibration_key(unbranched), "threshold": 7.0}]
+    (tmp_path / "calibration.json").write_text(json.dumps({"calibrations": entries}))
+    calibration = PriorCalibration.read(tmp_path)
+    assert calibration.nats_threshold(screening) == 5.0
+    assert calibration.nats_threshold(unbranched) == 7.0
+    assert calibration.nats_threshold(replace(screening, branch_steps=12)) is None
+
+
+def test_results_read_back_their_schedule_and_refuse_a_bad_one(tmp_path: Path) -> None:
+    doc = PROFILES["screening"].to_dict()
+    assert checked_settings(doc, tmp_path / "summary.json") == PROFILES["screening"]
+    from klviewer.errors import KlviewerInputError
+
+    for field, bad in (("branch_sigma", -1.0), ("branch_steps", "8"), ("high_guidance", 3), ("high_sigma", "x"), ("sigma_min", 0)):
+        with pytest.raises(KlviewerInputError, match=field):
+            checked_settings({**doc, field: bad}, tmp_path / "summary.json")
+
+
+def test_analyze_runs_a_branched_profile_end_to_end(tiny_prior: Path, tmp_path: Path) -> None:
+    from conftest import TINY_PRIOR_SIZE
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    save_phantom_npz(make_phantom("lesion", TINY_PRIOR_SIZE, seed=2), inputs / "lesion.npz")
+    out = tmp_path / "out"
+    assert main(["analyze", str(inputs), "--out", str(out), "--prior", str(tiny_prior), "--profile", "screening",
+                 "--steps", "6", "--branch-steps", "3", "--samples", "3", "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["branch_sigma"] == 0.05 and summary["settings"]["samples"] == 3
+    result = load_slice_result(out / summary["rows"][0]["file"])
+    assert result.settings == replace(PROFILES["screening"], steps=6, branch_steps=3, samples=3, device="auto")
+    assert 0.05 in result.energy.sigma_edges and 0.01 in result.energy.sigma_edges
+    assert any("branch from one chain" in note for note in result.notes)
+    assert result.total_kl == pytest.approx(result.energy.total((0.01, 0.05)), rel=1e-6)
+
+
+def test_bfloat16_runs_the_denoiser_only_in_bfloat16(tiny_prior: Path) -> None:
+    """The denoiser's convolutions in bfloat16, the rest float32: the energy stays float32 and close to
+    a float32 run's, and a bad precision is refused."""
+    import numpy as np
+    from conftest import TINY_PRIOR_SIZE
+
+    from klviewer.errors import KlviewerInputError
+    from klviewer.inference.measurements import ct_measurement_model
+    from klviewer.inference.sampler import SamplerSettings, posterior_sample
+    from klviewer.phantoms import FOV_MM
+    from klviewer.physics.acquisition import simulate_measurement
+    from klviewer.priors import load_prior
+
+    prior = load_prior(tiny_prior)
+    model = ct_measurement_model(simulate_measurement(make_phantom("lesion", TINY_PRIOR_SIZE, seed=0).hu,
+                                                      FOV_MM / TINY_PRIOR_SIZE, 8, seed=0), prior)
+    runs = {p: posterior_sample(prior, model, SamplerSettings(steps=8, samples=2, precision=p)) for p in ("float32", "bfloat16")}
+    full, half = runs["float32"].energy.energy, runs["bfloat16"].energy.energy
+    assert half.dtype == np.float32 and np.isfinite(half).all()
+    assert not np.array_equal(full, half)
+    assert half.sum() == pytest.approx(full.sum(), rel=0.1)
+    with pytest.raises(KlviewerInputError, match="precision"):
+        SamplerSettings(precision="float16").validate()

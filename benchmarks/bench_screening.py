@@ -1,7 +1,7 @@
 """Screening settings: cost per 256² slice against detection AUROC (issue 20).
 
     python benchmarks/bench_screening.py cost --out COST.json [--slices 4] NAME="OPTIONS" ...
-    python benchmarks/bench_screening.py table --cost COST.json --out TABLE.md NAME=SPLIT:DETECTION.json ...
+    python benchmarks/bench_screening.py table --cost COST.json --out TABLE.md NAME=SPLIT:DETECTION.json[@PATCH:LO-HI] ...
 
 `cost` analyses `--slices` healthy phantoms with each named setting (OPTIONS are `klviewer analyze`
 sampler options, e.g. "--profile screening --samples 6") in one process, after timing 100 bare
@@ -99,16 +99,33 @@ def cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def klip_z_of(spec: str) -> tuple[str, dict[str, float]]:
+    """(split, AUROCs) of one `SPLIT:DETECTION.json[@PATCH:LO-HI]`: the run's own `klip_z`, or the
+    z-scores of its sweep at another patch and sigma window of the same runs."""
+    split, rest = spec.split(":", 1)
+    path, _, map_settings = rest.partition("@")
+    doc = json.loads(Path(path).read_text())
+    if not map_settings:
+        z = doc["methods"]["klip_z"]
+        return split, {"dataset": z["dataset_auroc"], "localisation": z["localisation_auroc"]}
+    patch, window = map_settings.split(":")
+    entry = next(e for e in doc["sweep"] if e["patch"] == int(patch) and e["sigma_window"] == window)
+    return split, {"dataset": entry["z_dataset_auroc"], "localisation": entry["z_localisation_auroc"],
+                   "map": f"patch {patch}, sigma {window}"}
+
+
 def table(args: argparse.Namespace) -> int:
+    """Rows: the cost rows, and a row NAME+MAP for each detection spec that re-cuts a cost row's runs
+    at other map settings (same sampling, same cost)."""
     doc = json.loads(args.cost.read_text())
     forwards = statistics.median(doc["bare_100_forwards_seconds"])
-    splits: dict[str, dict[str, dict]] = {}
+    costs = {row["name"]: row for row in doc["rows"]}
+    aurocs: dict[str, dict[str, dict[str, float]]] = {}
     for spec in args.detections:
         name, rest = spec.split("=", 1)
-        split, path = rest.split(":", 1)
-        klip_z = json.loads(Path(path).read_text())["methods"]["klip_z"]
-        splits.setdefault(split, {})[name] = klip_z
-    names = list(splits)
+        split, z = klip_z_of(rest)
+        aurocs.setdefault(name, {})[split] = z
+    splits = list(dict.fromkeys(split for by_split in aurocs.values() for split in by_split))
     lines = [
         "# Screening settings: cost per slice against detection AUROC",
         "",
@@ -119,17 +136,19 @@ def table(args: argparse.Namespace) -> int:
         "phantoms of one whole analysis (measurement, sampling, maps). Network evaluations are per slice.",
         "",
         "AUROCs are the KL z-score's (`klip_z`), dataset / localisation, from `klviewer evaluate detect --n-id 20 "
-        "--n-ood 20 --seed S --cache DIR OPTIONS` with its 40-slice healthy reference.",
+        "--n-ood 20 --seed S --cache DIR OPTIONS` with its 40-slice healthy reference (tune: `--seed 1`, test: "
+        "`--seed 0`). A row `NAME+patch P` re-cuts NAME's runs at another patch and sigma window.",
         "",
-        "| setting | options | forwards | VJPs | s / slice | × 100 forwards | " + " | ".join(names) + " |",
-        "|---|---|---|---|---|---|" + "---|" * len(names),
+        "| setting | forwards | VJPs | s / slice | × 100 forwards | " + " | ".join(splits) + " |",
+        "|---|---|---|---|---|" + "---|" * len(splits),
     ]
-    for row in doc["rows"]:
-        cells = []
-        for split in names:
-            z = splits[split].get(row["name"])
-            cells.append("–" if z is None else f"{z['dataset_auroc']:.3f} / {z['localisation_auroc']:.3f}")
-        lines.append(f"| {row['name']}: {row['describe']} | `{row['options']}` | {row['forwards_per_slice']:.0f} | "
+    for name in list(costs) + [n for n in aurocs if n not in costs]:
+        row = costs[name.split("+")[0]]
+        recut = next((z["map"] for z in aurocs.get(name, {}).values() if "map" in z and name not in costs), None)
+        describe = row["describe"] if recut is None else f"the runs of {name.split('+')[0]}, KL z-scores at {recut}"
+        cells = [f"{aurocs[name][s]['dataset']:.3f} / {aurocs[name][s]['localisation']:.3f}"
+                 if s in aurocs.get(name, {}) else "–" for s in splits]
+        lines.append(f"| {name}: {describe}<br>`{row['options']}` | {row['forwards_per_slice']:.0f} | "
                      f"{row['vjps_per_slice']:.0f} | {row['median_seconds']:.2f} | {row['median_seconds'] / forwards:.2f} | "
                      + " | ".join(cells) + " |")
     args.out.write_text("\n".join(lines) + "\n")
@@ -149,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--prior", default=DEFAULT_PRIOR)
     c.set_defaults(func=cost)
     t = sub.add_parser("table")
-    t.add_argument("detections", nargs="+", metavar="NAME=SPLIT:DETECTION.json")
+    t.add_argument("detections", nargs="+", metavar="NAME=SPLIT:DETECTION.json[@PATCH:LO-HI]")
     t.add_argument("--cost", type=Path, required=True)
     t.add_argument("--out", type=Path, required=True)
     t.set_defaults(func=table)

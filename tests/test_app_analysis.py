@@ -246,21 +246,25 @@ def test_a_profile_sets_the_sampler_and_the_map_and_survives_a_restart(window) -
     from klviewer.inference.settings import PROFILES
 
     panel = window.panel
-    panel.profile_combo.setCurrentIndex(panel.profile_combo.findData("screening"))
-    panel.profile_combo.activated.emit(panel.profile_combo.currentIndex())
-    screening = PROFILES["screening"]
+
+    def pick(name: str) -> None:
+        panel.profile_combo.setCurrentIndex(panel.profile_combo.findData(name))
+        panel.profile_combo.activated.emit(panel.profile_combo.currentIndex())
+
+    pick("detection")
+    detection = PROFILES["detection"]
     settings = panel.settings(window.map_controls.settings())
-    assert (settings.steps, settings.samples, settings.branch_sigma, settings.branch_steps, settings.sigma_min) == \
-        (screening.steps, screening.samples, screening.branch_sigma, screening.branch_steps, screening.sigma_min)
-    assert (settings.patch, settings.sigma_window) == (screening.patch, screening.sigma_window)
-    assert "branches" in panel.schedule_label.text()
+    assert (settings.steps, settings.samples, settings.patch, settings.sigma_window) == \
+        (detection.steps, detection.samples, detection.patch, detection.sigma_window)
+    assert "4 independent" in panel.schedule_label.text()
+    pick("fast")
+    assert panel.settings(window.map_controls.settings()).precision == "bfloat16"
+    assert "bfloat16" in panel.schedule_label.text()
     panel.save()
     panel.samples.setValue(6)
     assert panel.profile() == "custom"
-    assert panel.settings(window.map_controls.settings()).branch_sigma == screening.branch_sigma
+    assert panel.settings(window.map_controls.settings()).precision == "bfloat16", "a custom run keeps its profile's arithmetic"
     panel.restore()
-    assert panel.profile() == "screening" and panel.samples.value() == screening.samples
-    panel.profile_combo.setCurrentIndex(panel.profile_combo.findData("standard"))
-    panel.profile_combo.activated.emit(panel.profile_combo.currentIndex())
-    assert panel.settings(window.map_controls.settings()).branch_sigma is None
-    assert "independent" in panel.schedule_label.text()
+    assert panel.profile() == "fast" and panel.samples.value() == 1
+    pick("standard")
+    assert panel.settings(window.map_controls.settings()).precision == "float32"

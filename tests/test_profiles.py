@@ -24,27 +24,36 @@ def _parse(*options: str) -> AnalysisSettings:
     return settings_from_args(p.parse_args(list(options)))
 
 
+BRANCHED = AnalysisSettings(steps=70, samples=4, patch=4, sigma_window=(0.01, 0.05), sigma_min=0.01, branch_sigma=0.1,
+                            branch_steps=12, precision="bfloat16")
+"""The branched settings measured in docs/screening.md (P2b)."""
+
+
 def test_a_profile_is_changed_only_by_the_options_given() -> None:
     assert _parse() == replace(PROFILES[DEFAULT_PROFILE], device="auto")
-    screening = _parse("--profile", "screening")
-    assert screening == PROFILES["screening"]
-    assert screening.branch_sigma is not None and screening.samples > 1
-    six = _parse("--profile", "screening", "--samples", "6", "--sigma-window", "0.01", "0.04")
-    assert six == replace(PROFILES["screening"], samples=6, sigma_window=(0.01, 0.04))
-    assert _parse("--profile", "standard", "--branch-sigma", "0.1", "--branch-steps", "5").branch_steps == 5
+    assert _parse("--profile", "fast") == replace(PROFILES["fast"], device="auto")
+    assert PROFILES["fast"] == replace(AnalysisSettings(), precision="bfloat16")
+    six = _parse("--profile", "detection", "--samples", "6", "--sigma-window", "0.01", "0.04")
+    assert six == replace(PROFILES["detection"], samples=6, sigma_window=(0.01, 0.04), device="auto")
+    branched = _parse("--profile", "standard", "--samples", "4", "--patch", "4", "--sigma-window", "0.01", "0.05",
+                      "--sigma-min", "0.01", "--branch-sigma", "0.1", "--branch-steps", "12", "--steps", "70",
+                      "--precision", "bfloat16")
+    assert branched == replace(BRANCHED, device="auto")
 
 
 def test_schedule_settings_enter_the_calibration_key_only_when_they_differ() -> None:
     standard = AnalysisSettings()
     assert set(calibration_key(standard)) == {"views", "dose_i0", "noise_sigma", "steps", "samples", "patch",
                                               "sigma_window", "guidance"}, "entries written before schedules match"
-    key = calibration_key(PROFILES["screening"])
-    assert key["branch_sigma"] == 0.05 and key["sigma_min"] == 0.01 and "high_guidance" not in key
-    assert sampling_key(PROFILES["screening"]) != sampling_key(replace(PROFILES["screening"], branch_steps=9))
+    key = calibration_key(BRANCHED)
+    assert (key["branch_sigma"], key["sigma_min"], key["precision"], key["branch_steps"]) == (0.1, 0.01, "bfloat16", 12)
+    assert "high_guidance" not in key and "high_sigma" not in key
+    assert calibration_key(PROFILES["fast"]) == {**calibration_key(AnalysisSettings()), "precision": "bfloat16"}
+    assert sampling_key(BRANCHED) != sampling_key(replace(BRANCHED, branch_steps=9))
 
 
 def test_calibration_entries_of_one_schedule_do_not_serve_another(tmp_path: Path) -> None:
-    screening = PROFILES["screening"]
+    screening = BRANCHED
     unbranched = replace(screening, sigma_min=AnalysisSettings.sigma_min, branch_sigma=None, branch_steps=0)
     entries = [{"settings": calibration_key(screening), "threshold": 5.0},
                {"settings": calibration_key(unbranched), "threshold": 7.0}]
@@ -52,12 +61,13 @@ def test_calibration_entries_of_one_schedule_do_not_serve_another(tmp_path: Path
     calibration = PriorCalibration.read(tmp_path)
     assert calibration.nats_threshold(screening) == 5.0
     assert calibration.nats_threshold(unbranched) == 7.0
-    assert calibration.nats_threshold(replace(screening, branch_steps=12)) is None
+    assert calibration.nats_threshold(replace(screening, branch_steps=screening.branch_steps + 1)) is None
+    assert calibration.nats_threshold(replace(screening, precision="float32")) is None
 
 
 def test_results_read_back_their_schedule_and_refuse_a_bad_one(tmp_path: Path) -> None:
-    doc = PROFILES["screening"].to_dict()
-    assert checked_settings(doc, tmp_path / "summary.json") == PROFILES["screening"]
+    doc = BRANCHED.to_dict()
+    assert checked_settings(doc, tmp_path / "summary.json") == BRANCHED
     from klviewer.errors import KlviewerInputError
 
     for field, bad in (("branch_sigma", -1.0), ("branch_steps", "8"), ("high_guidance", 3), ("high_sigma", "x"), ("sigma_min", 0)):
@@ -72,12 +82,13 @@ def test_analyze_runs_a_branched_profile_end_to_end(tiny_prior: Path, tmp_path: 
     inputs.mkdir()
     save_phantom_npz(make_phantom("lesion", TINY_PRIOR_SIZE, seed=2), inputs / "lesion.npz")
     out = tmp_path / "out"
-    assert main(["analyze", str(inputs), "--out", str(out), "--prior", str(tiny_prior), "--profile", "screening",
-                 "--steps", "6", "--branch-steps", "3", "--samples", "3", "--quiet"]) == 0
+    assert main(["analyze", str(inputs), "--out", str(out), "--prior", str(tiny_prior), "--samples", "3", "--patch", "4",
+                 "--sigma-window", "0.01", "0.05", "--sigma-min", "0.01", "--branch-sigma", "0.05", "--branch-steps", "3",
+                 "--steps", "6", "--precision", "bfloat16", "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["branch_sigma"] == 0.05 and summary["settings"]["samples"] == 3
     result = load_slice_result(out / summary["rows"][0]["file"])
-    assert result.settings == replace(PROFILES["screening"], steps=6, branch_steps=3, samples=3, device="auto")
+    assert result.settings == replace(BRANCHED, steps=6, branch_sigma=0.05, branch_steps=3, samples=3, device="auto")
     assert 0.05 in result.energy.sigma_edges and 0.01 in result.energy.sigma_edges
     assert any("branch from one chain" in note for note in result.notes)
     assert result.total_kl == pytest.approx(result.energy.total((0.01, 0.05)), rel=1e-6)

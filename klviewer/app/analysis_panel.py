@@ -34,9 +34,9 @@ from klviewer.priors.checkpoint import DEFAULT_PRIOR, list_priors, load_prior, p
 NOISE_MODES = {"none": "Noise-free", "dose": "Poisson: photons per ray (I0)", "gaussian": "Gaussian: σ of line integrals"}
 NOISE_DEFAULTS = {"none": 0.0, "dose": 1e5, "gaussian": 0.01}
 PROFILE_LABELS = {
-    "screening": ("Screening", "4 posterior samples branched at the noise levels where lesions show, at about a "
-                               "third of the cost of 4 independent samples (docs/screening.md)"),
     "standard": ("Standard", "1 posterior sample of 100 steps; KL over 8 px patches, noise levels 0.01-0.5"),
+    "fast": ("Fast (bfloat16)", "The standard settings with the denoiser in bfloat16: about 1.25x faster on a CPU "
+                                "with AVX-512 BF16, the same detection on the phantom benchmark"),
     "detection": ("Detection (slow)", "4 independent posterior samples of 100 steps; KL z-scores over 4 px patches"),
 }
 CUSTOM = "custom"
@@ -306,7 +306,8 @@ class AnalysisPanel(QWidget):
         chains = (f"{current.samples} independent sample(s)" if current.branch_sigma is None else
                   f"one chain of {current.steps} steps to σ {current.branch_sigma:g}, then {current.samples} "
                   f"branches of {current.branch_steps} steps to σ {current.sigma_min:g}")
-        self.schedule_label.setText(chains)
+        arithmetic = ", denoiser in bfloat16" if current.precision == "bfloat16" else ""
+        self.schedule_label.setText(chains + arithmetic)
         self.steps.setToolTip("Reverse-diffusion steps " + ("per posterior sample" if current.branch_sigma is None
                                                              else f"of the shared chain down to σ {current.branch_sigma:g}"))
 

@@ -7,9 +7,10 @@ nats per pixel to the EnergyField (Girsanov); with the exact likelihood score th
 KL(p(x|y) || p(x)).
 
 A run either draws every posterior sample as its own chain, or (`branch_sigma`) draws one chain
-down to a noise level and branches it there into the samples: the energy that decides a
-detection is made below sigma 0.05, so the samples are spent where it is made (docs/screening.md).
-Each branch is marginally a chain of its own, so its energy keeps its expectation.
+down to a noise level and branches it there into the samples. Each branch is marginally a chain
+of its own, so its energy keeps its expectation; but the branches share the trunk's randomness,
+and on the phantom benchmark they average out much less of the KL map's noise than independent
+chains do (docs/screening.md).
 
 The likelihood score comes from a guidance object, one class per algorithm, chosen by name
 from a registry (GUIDANCES). Each computes (x0_hat, likelihood score) at x, so the step loop
@@ -87,7 +88,7 @@ class SamplerSettings:
     high_sigma: float | None = None
     precision: str = "float32"
     """The denoiser's arithmetic: "float32", or "bfloat16" (autocast; its convolutions in bfloat16, about
-    1.3x faster on a CPU with AVX-512 BF16; the guidance's linear algebra and the energy stay float32)."""
+    1.25x faster on a CPU with AVX-512 BF16; the guidance's linear algebra and the energy stay float32)."""
 
     def validate(self) -> None:
         if self.steps < 2:

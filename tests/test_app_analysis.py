@@ -256,10 +256,10 @@ def test_a_profile_sets_the_sampler_and_the_map_and_survives_a_restart(window) -
     settings = panel.settings(window.map_controls.settings())
     assert (settings.steps, settings.samples, settings.patch, settings.sigma_window) == \
         (detection.steps, detection.samples, detection.patch, detection.sigma_window)
-    assert "4 independent" in panel.schedule_label.text()
+    assert "4 independent" in panel.profile_combo.toolTip()
     pick("fast")
     assert panel.settings(window.map_controls.settings()).precision == "bfloat16"
-    assert "bfloat16" in panel.schedule_label.text()
+    assert "bfloat16" in panel.profile_combo.toolTip()
     panel.save()
     panel.samples.setValue(6)
     assert panel.profile() == "custom"

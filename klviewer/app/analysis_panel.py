@@ -104,12 +104,7 @@ class AnalysisPanel(QWidget):
             self.profile_combo.setItemData(self.profile_combo.count() - 1, tip, Qt.ItemDataRole.ToolTipRole)
         self.profile_combo.addItem("Custom", CUSTOM)
         self.profile_combo.model().item(self.profile_combo.count() - 1).setEnabled(False)
-        self.profile_combo.setToolTip("Named settings the prior is calibrated for; changing steps, samples or "
-                                      "guidance makes them custom")
         self.profile_combo.activated.connect(self._profile_picked)
-        self.schedule_label = QLabel()
-        self.schedule_label.setWordWrap(True)
-        self.schedule_label.setStyleSheet("color: #a0a0a0;")
         self._schedule = PROFILES[DEFAULT_PROFILE]
         """The profile whose noise-level schedule (branching) the next run uses."""
         for spin in (self.steps, self.samples):
@@ -150,10 +145,13 @@ class AnalysisPanel(QWidget):
         sampler_box = QGroupBox("Sampler")
         sampler_form = QFormLayout(sampler_box)
         sampler_form.addRow("Profile", self.profile_combo)
-        sampler_form.addRow(self.schedule_label)
         sampler_form.addRow("Steps", self.steps)
-        sampler_form.addRow("Samples", self.samples)
-        sampler_form.addRow("Seed", self.seed)
+        # Samples and seed share a row, so the run buttons stay in view at 1366x768.
+        samples_row = QHBoxLayout()
+        samples_row.addWidget(self.samples, 1)
+        samples_row.addWidget(QLabel("Seed"))
+        samples_row.addWidget(self.seed, 1)
+        sampler_form.addRow("Samples", samples_row)
         sampler_form.addRow("Guidance", self.guidance_combo)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_slice_button)
@@ -307,7 +305,8 @@ class AnalysisPanel(QWidget):
                   f"one chain of {current.steps} steps to σ {current.branch_sigma:g}, then {current.samples} "
                   f"branches of {current.branch_steps} steps to σ {current.sigma_min:g}")
         arithmetic = ", denoiser in bfloat16" if current.precision == "bfloat16" else ""
-        self.schedule_label.setText(chains + arithmetic)
+        self.profile_combo.setToolTip(f"{chains}{arithmetic}. Named settings the prior is calibrated for; "
+                                      "changing steps, samples or guidance makes them custom")
         self.steps.setToolTip("Reverse-diffusion steps " + ("per posterior sample" if current.branch_sigma is None
                                                              else f"of the shared chain down to σ {current.branch_sigma:g}"))
 

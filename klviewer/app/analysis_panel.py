@@ -28,7 +28,7 @@ from klviewer.app.display import MapSettings
 from klviewer.app.messages import Notifier
 from klviewer.app.settings import Preferences
 from klviewer.errors import KlviewerError
-from klviewer.inference.settings import DEFAULT_PROFILE, PROFILES, AnalysisSettings
+from klviewer.inference.settings import DEFAULT_PROFILE, EXTRA_SAMPLING_KEYS, PROFILES, AnalysisSettings
 from klviewer.priors.checkpoint import DEFAULT_PRIOR, list_priors, load_prior, priors_dir, read_prior_config
 
 NOISE_MODES = {"none": "Noise-free", "dose": "Poisson: photons per ray (I0)", "gaussian": "Gaussian: σ of line integrals"}
@@ -106,7 +106,8 @@ class AnalysisPanel(QWidget):
         self.profile_combo.model().item(self.profile_combo.count() - 1).setEnabled(False)
         self.profile_combo.activated.connect(self._profile_picked)
         self._schedule = PROFILES[DEFAULT_PROFILE]
-        """The profile whose noise-level schedule (branching) the next run uses."""
+        """The settings under the boxes: the picked profile's precision and noise-level schedule, which the
+        next run keeps while the boxes change steps, samples and guidance."""
         for spin in (self.steps, self.samples):
             spin.valueChanged.connect(self._sampler_edited)
         self.guidance_combo.currentIndexChanged.connect(self._sampler_edited)
@@ -298,7 +299,7 @@ class AnalysisPanel(QWidget):
         """Show the profile the sampler settings match now (custom when none) and what they run."""
         current = replace(self._schedule, steps=self.steps.value(), samples=self.samples.value(),
                           guidance=self.guidance_combo.currentData())
-        keys = ("steps", "samples", "guidance", "sigma_min", "branch_sigma", "branch_steps", "high_guidance", "high_sigma", "precision")
+        keys = ("steps", "samples", "guidance", *EXTRA_SAMPLING_KEYS)
         name = next((n for n, p in PROFILES.items() if all(getattr(p, k) == getattr(current, k) for k in keys)), CUSTOM)
         self.profile_combo.setCurrentIndex(self.profile_combo.findData(name))
         chains = (f"{current.samples} independent sample(s)" if current.branch_sigma is None else

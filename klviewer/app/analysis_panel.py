@@ -302,11 +302,7 @@ class AnalysisPanel(QWidget):
         keys = ("steps", "samples", "guidance", *EXTRA_SAMPLING_KEYS)
         name = next((n for n, p in PROFILES.items() if all(getattr(p, k) == getattr(current, k) for k in keys)), CUSTOM)
         self.profile_combo.setCurrentIndex(self.profile_combo.findData(name))
-        chains = (f"{current.samples} independent sample(s)" if current.branch_sigma is None else
-                  f"one chain of {current.steps} steps to σ {current.branch_sigma:g}, then {current.samples} "
-                  f"branches of {current.branch_steps} steps to σ {current.sigma_min:g}")
-        arithmetic = ", denoiser in bfloat16" if current.precision == "bfloat16" else ""
-        self.profile_combo.setToolTip(f"{chains}{arithmetic}. Named settings the prior is calibrated for; "
+        self.profile_combo.setToolTip(f"{current.describe_chains()}. Named settings the prior is calibrated for; "
                                       "changing steps, samples or guidance makes them custom")
         self.steps.setToolTip("Reverse-diffusion steps " + ("per posterior sample" if current.branch_sigma is None
                                                              else f"of the shared chain down to σ {current.branch_sigma:g}"))

@@ -14,7 +14,7 @@ from klviewer.errors import KlviewerInputError
 from klviewer.inference.calibration import PriorCalibration, calibration_key
 from klviewer.inference.healthy_reference import ZCalibration
 from klviewer.inference.result import SliceResult
-from klviewer.inference.settings import AnalysisSettings, sampling_key
+from klviewer.inference.settings import MAP_ONLY_KEYS, AnalysisSettings, sampling_key
 
 
 @dataclass(frozen=True)
@@ -112,4 +112,4 @@ class FlagThresholds:
 
 def _sampling_part(key: dict) -> dict:
     """A calibration key without its map settings: what one sampling run fixes."""
-    return {k: v for k, v in key.items() if k not in ("patch", "sigma_window")}
+    return {k: v for k, v in key.items() if k not in MAP_ONLY_KEYS}

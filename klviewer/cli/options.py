@@ -6,13 +6,12 @@ import argparse
 from dataclasses import replace
 
 from klviewer.inference.sampler import ANY_PRIOR_GUIDANCES, PRECISIONS
-from klviewer.inference.settings import DEFAULT_PROFILE, PROFILES, AnalysisSettings
+from klviewer.inference.settings import DEFAULT_PROFILE, EXTRA_SAMPLING_KEYS, PROFILES, AnalysisSettings
 from klviewer.priors.checkpoint import DEFAULT_PRIOR
 
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULTS = PROFILES[DEFAULT_PROFILE]
-SAMPLER_OPTIONS = ("steps", "samples", "patch", "sigma_window", "guidance", "sigma_min", "branch_sigma", "branch_steps",
-                   "high_guidance", "high_sigma", "precision")
+SAMPLER_OPTIONS = ("steps", "samples", "patch", "sigma_window", "guidance", *EXTRA_SAMPLING_KEYS)
 """The options a profile sets; each one given on the command line overrides its profile's value."""
 INPUT_HELP = "DICOM file/folder, .npy/.npz HU image, or sinogram sidecar"
 SLICES_HELP = "'all', 'mid', or 0-based indices like 0,3,5-7 (default all)"

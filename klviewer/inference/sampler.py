@@ -156,6 +156,10 @@ class Evaluations:
     """Of those, the steps where some sample's solve ended with a residual above its right-hand side:
     its solution is no better than zero, and the step's score is not the likelihood score."""
 
+    def __add__(self, other: Evaluations) -> Evaluations:
+        return Evaluations(self.denoiser + other.denoiser, self.vjp + other.vjp, self.solves + other.solves,
+                           self.failed_solves + other.failed_solves)
+
 
 class Guidance(Protocol):
     """One approximation of the likelihood score, built for one batch of posterior samples."""
@@ -298,8 +302,7 @@ class SigmaSwitch:
 
     @property
     def evaluations(self) -> Evaluations:  # type: ignore[override]
-        a, b = self.high.evaluations, self.low.evaluations
-        return Evaluations(a.denoiser + b.denoiser, a.vjp + b.vjp, a.solves + b.solves, a.failed_solves + b.failed_solves)
+        return self.high.evaluations + self.low.evaluations
 
     def __call__(self, x: torch.Tensor, sigma: float, dsigma2: float) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.high if sigma > self.sigma else self.low)(x, sigma, dsigma2)
@@ -476,24 +479,18 @@ def _sample_all(prior: Denoiser, model: MeasurementModel, settings: SamplerSetti
 
     shape = (prior.config.channels, *prior.config.image_size)
     energy = torch.zeros((len(schedule.edges) - 1, *shape[1:]), dtype=torch.float32, device=device)
-    work = Evaluations()
+    guidances: list[Guidance] = []
 
-    def run(x: torch.Tensor, sigmas: np.ndarray, bins: np.ndarray, generators: list[torch.Generator],
-            into: torch.Tensor) -> torch.Tensor:
-        guidance = run_guidance(prior, model, settings)
-        x = _run_steps(guidance, x, sigmas, bins, into, generators, tick)
-        for field_name in ("denoiser", "vjp", "solves", "failed_solves"):
-            setattr(work, field_name, getattr(work, field_name) + getattr(guidance.evaluations, field_name))
-        return x
+    def run(x: torch.Tensor, sigmas: np.ndarray, bins: np.ndarray, generators: list[torch.Generator]) -> torch.Tensor:
+        guidances.append(run_guidance(prior, model, settings))
+        return _run_steps(guidances[-1], x, sigmas, bins, energy, generators, tick)
 
     start: torch.Tensor | None = None
     sigmas, bins = schedule.trunk, schedule.trunk_bins
     if settings.branch_sigma is not None:
         trunk = [torch.Generator().manual_seed(sample_seed(settings.seed, -1))]
-        trunk_energy = torch.zeros_like(energy)
-        start = run(_noise(trunk, shape, device) * float(schedule.trunk[0]), schedule.trunk, schedule.trunk_bins,
-                    trunk, trunk_energy)
-        energy += trunk_energy * settings.samples
+        start = run(_noise(trunk, shape, device) * float(schedule.trunk[0]), schedule.trunk, schedule.trunk_bins, trunk)
+        energy *= settings.samples  # the trunk's energy, once per sample before the mean over samples below
         sigmas, bins = schedule.branch, schedule.branch_bins
     finals = []
     for first in range(0, settings.samples, batch):
@@ -501,5 +498,5 @@ def _sample_all(prior: Denoiser, model: MeasurementModel, settings: SamplerSetti
         generators = [torch.Generator().manual_seed(sample_seed(settings.seed, k)) for k in ks]
         x = (_noise(generators, shape, device) * float(sigmas[0]) if start is None
              else start.expand(len(ks), *shape).clone())
-        finals.append(run(x, sigmas, bins, generators, energy))
-    return torch.cat(finals), energy / settings.samples, work
+        finals.append(run(x, sigmas, bins, generators))
+    return torch.cat(finals), energy / settings.samples, sum((g.evaluations for g in guidances), Evaluations())

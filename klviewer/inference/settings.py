@@ -50,17 +50,20 @@ class AnalysisSettings:
         """Sampler steps per slice, every posterior sample's counted (what progress counts)."""
         return self.sampler(0).step_count
 
-    def describe_sampling(self) -> str:
-        """One line: guidance, chains and map settings."""
-        window = "" if self.sigma_window is None else f", sigma {self.sigma_window[0]:g}-{self.sigma_window[1]:g}"
+    def describe_chains(self) -> str:
+        """The posterior chains and the denoiser's arithmetic, e.g. "4 independent sample(s) x 100 steps"."""
         if self.branch_sigma is None:
-            chains = f"{self.samples} sample(s) x {self.steps} steps"
+            chains = f"{self.samples} independent sample(s) x {self.steps} steps"
         else:
             chains = (f"{self.steps} steps to sigma {self.branch_sigma:g}, then {self.samples} branches x "
                       f"{self.branch_steps} steps to {self.sigma_min:g}")
+        return chains + (", bfloat16 denoiser" if self.precision != "float32" else "")
+
+    def describe_sampling(self) -> str:
+        """One line: guidance, chains and map settings."""
+        window = "" if self.sigma_window is None else f", sigma {self.sigma_window[0]:g}-{self.sigma_window[1]:g}"
         high = "" if self.high_sigma is None else f" ({self.high_guidance} above sigma {self.high_sigma:g})"
-        precision = ", bfloat16 denoiser" if self.precision != "float32" else ""
-        return f"{self.guidance}{high}, {chains}{precision}, patch {self.patch}{window}"
+        return f"{self.guidance}{high}, {self.describe_chains()}, patch {self.patch}{window}"
 
     def changed_extras(self) -> dict[str, Any]:
         """The sampling settings added after calibrations were first written (EXTRA_SAMPLING_KEYS) that

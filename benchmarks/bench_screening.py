@@ -2,13 +2,17 @@
 
     python benchmarks/bench_screening.py cost --out COST.json [--slices 4] NAME="OPTIONS" ...
     python benchmarks/bench_screening.py table --cost COST.json --out TABLE.md NAME=SPLIT:DETECTION.json[@PATCH:LO-HI] ...
+    python benchmarks/bench_screening.py series --out SERIES.md [--slices 8] [--batches 1 4] [--device cpu|cuda] NAME="OPTIONS" ...
 
 `cost` analyses `--slices` healthy phantoms with each named setting (OPTIONS are `klviewer analyze`
 sampler options, e.g. "--profile screening --samples 6") in one process, after timing 100 bare
 forward passes of the prior there, and counts the network evaluations of every analysis: denoiser
 forward passes and vector-Jacobian products through the denoiser. The load average is recorded at
 the start and end. `table` joins those costs with the `klip_z` AUROCs of `klviewer evaluate
-detect` runs (their `detection_lesion.json`), one column pair per split.
+detect` runs (their `detection_lesion.json`), one column pair per split. `series` analyses one
+series of `--slices` healthy phantoms with each setting and each slice batch (slices whose chains
+share a forward pass, `analyze_slices(slice_batch=...)`): series throughput, and how far each
+slice's numbers moved from the unbatched run (rounding only, if batching is right).
 """
 
 from __future__ import annotations
@@ -27,18 +31,20 @@ import torch
 from klviewer.cli.options import add_measurement_options, add_sampler_options, settings_from_args
 from klviewer.evaluation.detection import series_from_phantom
 from klviewer.inference.measurements import prepare_slice
-from klviewer.inference.pipeline import LoadedPrior, analyze_prepared
+from klviewer.inference.pipeline import LoadedPrior, analyze_prepared, analyze_slices
+from klviewer.inference.plan import plan_open_series
 from klviewer.inference.settings import AnalysisSettings
+from klviewer.io.study import Series, Slice
 from klviewer.phantoms import make_phantom
 from klviewer.priors.checkpoint import DEFAULT_PRIOR
 
 
-def settings_of(options: str) -> AnalysisSettings:
+def settings_of(options: str, device: str = "cpu") -> AnalysisSettings:
     """The analysis settings that these `klviewer analyze` options give."""
     p = argparse.ArgumentParser()
     add_measurement_options(p)
     add_sampler_options(p, flag_help="")
-    return settings_from_args(p.parse_args(shlex.split(options) + ["--device", "cpu"]))
+    return settings_from_args(p.parse_args(shlex.split(options) + ["--device", device]))
 
 
 class CountingPrior:
@@ -96,6 +102,60 @@ def cost(args: argparse.Namespace) -> int:
            "prior": loaded.name, "size": size, "load_start": load_start, "load_end": os.getloadavg(),
            "bare_100_forwards_seconds": forwards, "rows": rows}
     args.out.write_text(json.dumps(doc, indent=2))
+    return 0
+
+
+def series(args: argparse.Namespace) -> int:
+    """Series throughput per setting and slice batch, with the largest change of any slice's score and
+    total KL against slice batch 1 (the first batch given)."""
+    torch.set_num_threads(args.threads)
+    loaded = LoadedPrior.load(args.prior, args.device)
+    size = loaded.prior.config.image_size[0]
+    phantoms = [make_phantom("healthy", size, seed=args.phantom_seed + i) for i in range(args.slices)]
+    spacing = phantoms[0].pixel_spacing_mm
+    volume = Series(uid="phantom-series", modality="CT", source_kind="array", description="healthy phantoms",
+                    slices=[Slice(hu=p.hu) for p in phantoms], pixel_spacing_mm=(spacing, spacing))
+    plan = plan_open_series([(volume, range(args.slices))])
+    load_start = os.getloadavg()
+    forwards = statistics.median(bare_forwards_seconds(loaded.prior) for _ in range(3)) if loaded.device.type == "cpu" else None
+    rows = []
+    for spec in args.settings:
+        name, options = spec.split("=", 1)
+        settings = settings_of(options, args.device)
+        first: list | None = None
+        for batch in args.batches:
+            if loaded.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            results = [item.result for item in analyze_slices(plan, loaded, settings, slice_batch=batch)]
+            seconds = time.perf_counter() - start
+            first = first or results
+            moved = max(max(abs(r.score - f.score) / abs(f.score), abs(r.total_kl - f.total_kl) / abs(f.total_kl))
+                        for r, f in zip(results, first))
+            rows.append((name, options, batch, seconds, moved))
+            print(f"{name} slice batch {batch}: {seconds:.1f} s for {args.slices} slices, {args.slices / seconds:.2f} slices/s, "
+                  f"numbers moved {moved:.1e}", flush=True)
+    device = torch.cuda.get_device_name(0) if loaded.device.type == "cuda" else f"CPU, {args.threads} torch threads"
+    base = f"; 100 bare forward passes at batch 1 took {forwards:.2f} s (median of 3)" if forwards else ""
+    lines = [
+        "# Series throughput: slices batched into one forward pass",
+        "",
+        f"Command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`; {device}, prior {loaded.name} at {size}²; "
+        f"one series of {args.slices} healthy phantoms{base}; load average {' '.join(f'{v:.2f}' for v in load_start)} "
+        f"at the start, {' '.join(f'{v:.2f}' for v in os.getloadavg())} at the end. Seconds are the whole series "
+        "through `analyze_slices` (measurement, sampling, maps). *Moved* is the largest relative change of any "
+        f"slice's score or total KL against slice batch {args.batches[0]}.",
+        "",
+        "| setting | slice batch | s / series | s / slice | slices / s | " + ("× 100 forwards | " if forwards else "")
+        + "moved |",
+        "|---|---|---|---|---|" + ("---|" if forwards else "") + "---|",
+    ]
+    for name, options, batch, seconds, moved in rows:
+        per = seconds / args.slices
+        ratio = f"{per / forwards:.2f} | " if forwards else ""
+        lines.append(f"| {name} `{options}` | {batch} | {seconds:.1f} | {per:.2f} | {1 / per:.3f} | {ratio}{moved:.1e} |")
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return 0
 
 
@@ -167,6 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--prior", default=DEFAULT_PRIOR)
     c.set_defaults(func=cost)
+    r = sub.add_parser("series")
+    r.add_argument("settings", nargs="+", metavar='NAME="OPTIONS"')
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--slices", type=int, default=8)
+    r.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    r.add_argument("--phantom-seed", type=int, default=1)
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    r.add_argument("--prior", default=DEFAULT_PRIOR)
+    r.set_defaults(func=series)
     t = sub.add_parser("table")
     t.add_argument("detections", nargs="+", metavar="NAME=SPLIT:DETECTION.json[@PATCH:LO-HI]")
     t.add_argument("--cost", type=Path, required=True)

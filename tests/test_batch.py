@@ -31,6 +31,7 @@ from klviewer.batch import BatchObserver, ProcessBackend, discover_studies, run_
 from klviewer.batch.lock import LOCK_FILE
 from klviewer.batch.summary import BatchResult
 from klviewer.errors import KlviewerError, KlviewerInputError
+from klviewer.inference.pipeline import CHAINS_PER_BATCH
 from klviewer.priors import EDMUNetPrior, load_prior, save_prior
 from klviewer.results.analyze import run_analysis
 from klviewer.results.slice_file import load_slice_result
@@ -192,7 +193,9 @@ def test_an_interrupted_batch_resumes_with_every_study_exactly_once(archive: Pat
     assert_same_results(out, local_run)
 
 
-def test_cancel_stops_inside_a_study_and_leaves_it_to_the_next_run(archive: Path, tiny_prior: Path, tmp_path: Path) -> None:
+def test_cancel_stops_inside_a_study_and_leaves_it_to_the_next_run(archive: Path, tiny_prior: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(CHAINS_PER_BATCH, "cpu", 1)  # one slice at a time, so a cancel can land between two slices
     out = tmp_path / "batch"
     cancel = threading.Event()
 

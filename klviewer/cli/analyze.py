@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from klviewer.cli.options import INPUT_HELP, SLICES_HELP, add_analysis_options, add_quiet_option, settings_from_args
+from klviewer.cli.options import (
+    INPUT_HELP,
+    SLICES_HELP,
+    add_analysis_options,
+    add_quiet_option,
+    positive_int,
+    settings_from_args,
+)
 from klviewer.cli.progress import progress_bar
 from klviewer.inference.scoring import CANNOT_FLAG, FLAGGED, MISMATCH, NOT_FLAGGED
 
@@ -15,7 +22,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     with progress_bar("analyze", "step", quiet=args.quiet) as progress:
         run = run_analysis(args.inputs, args.out, settings_from_args(args), prior=args.prior, slices=args.slices,
-                           overwrite=args.overwrite, progress=progress)
+                           overwrite=args.overwrite, slice_batch=args.slice_batch, progress=progress)
     counts = Counter(r["verdict"] for r in run.rows)
     parts = [f"{counts[status]} {status}" for status in (FLAGGED, MISMATCH, NOT_FLAGGED, CANNOT_FLAG) if counts[status]]
     print(f"analysed {len(run.rows)} slice(s): {', '.join(parts)}; results in {run.out}")
@@ -40,6 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="results folder (summary.json, summary.csv, <case>/<slice>.npz)")
     p.add_argument("--slices", default="all", help=SLICES_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.add_argument("--slice-batch", type=positive_int, metavar="N",
+                   help="slices of one series whose posterior chains share each forward pass (default: enough for "
+                        "4 chains per pass on a CPU, 16 on a GPU); the numbers change by rounding only")
     add_quiet_option(p)
     add_analysis_options(p)
     p.set_defaults(func=_cmd_analyze)

@@ -24,18 +24,17 @@ import torch
 
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError, KlviewerInputError
+from klviewer.evaluation.cached_runs import analyze_with_cache
 from klviewer.evaluation.detection import CALIBRATION_SEED_BASE, run_cases
 from klviewer.inference.calibration import calibration_key, write_calibration
 from klviewer.inference.healthy_reference import HealthySlice, cross_fitted_scores, fit_reference
 from klviewer.inference.measurements import collect_measurements
-from klviewer.inference.pipeline import analyze_prepared
 from klviewer.inference.plan import SeriesPlan
 from klviewer.inference.prior_fit import STATISTIC, prior_fit_score
-from klviewer.inference.result import SliceResult, recut
-from klviewer.inference.settings import AnalysisSettings, sampling_key
+from klviewer.inference.result import SliceResult
+from klviewer.inference.settings import AnalysisSettings
 from klviewer.priors.base import Prior
 from klviewer.priors.checkpoint import installed_prior_reason, load_prior, prior_fingerprint, resolve_prior_path
-from klviewer.results.slice_file import load_slice_result, write_slice_npz
 
 
 @dataclass
@@ -152,22 +151,10 @@ def _score_studies(network: Prior, prior_name: str, settings: AnalysisSettings,
                    cache: Path | None) -> tuple[list[SliceResult], dict[str, Any]]:
     """Analyse every picked slice of the healthy studies; returns the results and what the entry records of them."""
     measurements = collect_measurements(inputs, network, settings, slices=slices, device=device)
-    results: list[SliceResult] = []
-    for measured in measurements.slices:
-        cached = None if cache is None else cache / f"{measured.case}_{measured.index:04d}.npz"
-        if cached is not None and cached.is_file():
-            result = load_slice_result(cached)
-            if sampling_key(result.settings) != sampling_key(settings):
-                raise KlviewerInputError(cached, "cached result was made with other settings; use another cache folder")
-            result = recut(result, settings)
-        else:
-            result = analyze_prepared(measured.prepared, network, settings, prior_name=prior_name, flag_threshold=None,
-                                      cancel=cancel)
-            if cached is not None:
-                write_slice_npz(result, cached)
-        results.append(result)
-        if progress is not None:
-            progress(len(results), len(measurements))
+    items = [(None if cache is None else cache / f"{m.case}_{m.index:04d}.npz", lambda m=m: m.prepared)
+             for m in measurements.slices]
+    results = analyze_with_cache(items, network, settings, prior_name=prior_name, device=device, progress=progress,
+                                 cancel=cancel)
     recorded = inputs.sources if isinstance(inputs, SeriesPlan) else [str(Path(p).resolve()) for p in inputs]
     source = {"healthy_inputs": recorded, "healthy_slices": slices, "skipped": measurements.skipped}
     return results, source

@@ -27,17 +27,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from klviewer.errors import KlviewerInputError
+from klviewer.evaluation.cached_runs import CachedSlice, analyze_with_cache
 from klviewer.evaluation.metrics import auroc, psnr_hu, ssim_hu
 from klviewer.inference.energy import KLMap, patch_sums
 from klviewer.inference.healthy_reference import HealthyReference, HealthySlice
 from klviewer.inference.measurements import prepare_slice
-from klviewer.inference.pipeline import analyze_prepared
-from klviewer.inference.result import SliceResult, recut
-from klviewer.inference.settings import AnalysisSettings, sampling_key
+from klviewer.inference.result import SliceResult
+from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.study import Series, Slice
 from klviewer.phantoms import Phantom, make_phantom
-from klviewer.results.slice_file import load_slice_result, write_slice_npz
+from klviewer.results.slice_file import load_slice_result
 
 BASELINES = ("posterior_std", "fbp_minus_mean", "residual_backprojection", "centre_distance")
 METHODS = ("klip", *BASELINES)
@@ -91,24 +90,15 @@ def run_cases(
     size = prior.config.image_size[0]
     plan = [("healthy", seed_base + seed * 10_000 + i) for i in range(n_id)]
     plan += [(ood_kind, seed_base + seed * 10_000 + 5_000 + i) for i in range(n_ood)]
-    cases = []
-    for done, (kind, phantom_seed) in enumerate(plan):
-        phantom = make_phantom(kind, size, phantom_seed)
-        cached = _cache_file(cache, kind, phantom_seed) if cache is not None else None
-        if cached is not None and cached.is_file():
-            result = load_slice_result(cached)
-            if sampling_key(result.settings) != sampling_key(settings) or result.prior_name != prior.config.name:
-                raise KlviewerInputError(cached, "cached result was made with other settings or another prior; use another cache folder")
-            result = recut(result, settings)
-        else:
-            prepared = prepare_slice(series_from_phantom(phantom), 0, prior, settings, device)
-            result = analyze_prepared(prepared, prior, settings, prior_name=prior.config.name, flag_threshold=None, cancel=cancel)
-            if cached is not None:
-                write_slice_npz(result, cached)
-        cases.append(DetectionCase.of(phantom, result))
-        if progress is not None:
-            progress(done + 1, len(plan))
-    return cases
+    phantoms = [make_phantom(kind, size, phantom_seed) for kind, phantom_seed in plan]
+
+    def item(phantom: Phantom) -> CachedSlice:
+        cached = _cache_file(cache, phantom.kind, phantom.seed) if cache is not None else None
+        return cached, lambda: prepare_slice(series_from_phantom(phantom), 0, prior, settings, device)
+
+    results = analyze_with_cache([item(p) for p in phantoms], prior, settings, prior_name=prior.config.name,
+                                 device=device, progress=progress, cancel=cancel)
+    return [DetectionCase.of(phantom, result) for phantom, result in zip(phantoms, results)]
 
 
 def load_cached_cases(cache: Path) -> list[DetectionCase]:

@@ -7,7 +7,7 @@ books 1/2 * dx_lik^2 / (g^2 dt) as KL energy.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +54,28 @@ class MeasurementModel:
     def normal(self, x: torch.Tensor) -> torch.Tensor:
         """K^T W K x with W the noise precision: the Gauss-Newton curvature of the data term."""
         return self.adjoint(self.forward(x) / self.variance)
+
+
+def shares_batch(a: MeasurementModel, b: MeasurementModel) -> bool:
+    """Whether chains of the two models can share one batch: the same gain, and one operator or two with
+    the same geometry (`same_geometry`)."""
+    same = getattr(a.operator, "same_geometry", None)
+    return a.gain == b.gain and (a.operator is b.operator or (same is not None and bool(same(b.operator))))
+
+
+def stack_models(models: Sequence[MeasurementModel], owners: Sequence[int]) -> MeasurementModel:
+    """The model of a batch whose element i is a chain of the slice measured by models[owners[i]].
+
+    One owner gives its model back unchanged (its y broadcasts over the batch). Several get
+    their measurements and noise variances stacked along the batch, with the first's operator.
+    """
+    if len(set(owners)) == 1:
+        return models[owners[0]]
+    first = models[owners[0]]
+    if not all(shares_batch(first, models[j]) and models[j].y.shape[0] == 1 for j in owners):
+        raise ValueError("slices batched together need one measurement each, with one geometry and gain")
+    return MeasurementModel(operator=first.operator, y=torch.cat([models[j].y for j in owners]),
+                            gain=first.gain, variance=torch.cat([models[j].variance for j in owners]))
 
 
 _PHI_ROUNDING = 1e-5

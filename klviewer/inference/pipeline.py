@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -19,8 +19,10 @@ import numpy as np
 import torch
 
 from klviewer.devices import resolve_device
+from klviewer.errors import KlviewerInputError
 from klviewer.inference.calibration import PriorCalibration
 from klviewer.inference.healthy_reference import ZCalibration
+from klviewer.inference.likelihood import MeasurementModel
 from klviewer.inference.measurements import (
     MeasuredSlice,
     MeasurementSet,
@@ -32,7 +34,7 @@ from klviewer.inference.measurements import (
 from klviewer.inference.plan import PlannedSeries, SeriesPlan
 from klviewer.inference.prior_fit import judge, prior_fit_score
 from klviewer.inference.result import SliceResult
-from klviewer.inference.sampler import PosteriorRun, posterior_sample
+from klviewer.inference.sampler import PosteriorRun, posterior_sample_slices
 from klviewer.inference.scoring import score_slice
 from klviewer.inference.settings import AnalysisSettings
 from klviewer.priors.base import Prior
@@ -68,6 +70,38 @@ class LoadedPrior:
         return cls(path, prior, device, PriorCalibration.read(path), prior_fingerprint(path))
 
 
+CHAINS_PER_BATCH = {"cpu": 4, "cuda": 16}
+"""Posterior chains per forward pass when slices are batched. CPU: the cheapest `pigdm` step per image
+(87 ms at batch 4 against 120 ms at batch 1, benchmarks/results/batch_throughput.md). CUDA: not
+measured yet; an out-of-memory error halves it."""
+
+
+def auto_slice_batch(settings: AnalysisSettings, device: torch.device) -> int:
+    """How many slices share a batch when the caller does not say: CHAINS_PER_BATCH over the samples per slice."""
+    return max(1, CHAINS_PER_BATCH.get(device.type, 1) // settings.samples)
+
+
+def can_share_batch(a: PreparedSlice, b: PreparedSlice) -> bool:
+    """Whether two slices' chains can share forward passes: one measurement each, with the same geometry and water attenuation."""
+    qa, qb = a.acquisition, b.acquisition
+    return (qa.y.shape[0] == qb.y.shape[0] == 1 and qa.mu_water_per_mm == qb.mu_water_per_mm
+            and qa.operator.same_geometry(qb.operator))
+
+
+def batch_groups(items: Iterable[tuple[T, PreparedSlice]], size: int) -> Iterator[list[tuple[T, PreparedSlice]]]:
+    """The items in order, in groups of up to `size` consecutive slices that `can_share_batch`."""
+    if size < 1:
+        raise KlviewerInputError(None, f"slice batch must be at least 1, got {size}")
+    group: list[tuple[T, PreparedSlice]] = []
+    for item in items:
+        if group and (len(group) == size or not can_share_batch(group[0][1], item[1])):
+            yield group
+            group = []
+        group.append(item)
+    if group:
+        yield group
+
+
 def analyze_prepared(
     prepared: PreparedSlice,
     prior: Prior,
@@ -82,11 +116,43 @@ def analyze_prepared(
 ) -> SliceResult:
     """Sample the posterior of one prepared slice and cut its maps; `z_calibration` (the prior's healthy
     reference for these settings) adds the KL z-score map, `prior_fit_threshold` the prior-fit verdict."""
+    return analyze_prepared_batch([prepared], prior, settings, prior_name=prior_name, flag_threshold=flag_threshold,
+                                  z_calibration=z_calibration, prior_fit_threshold=prior_fit_threshold,
+                                  progress=progress, cancel=cancel)[0]
+
+
+def analyze_prepared_batch(
+    prepared: Sequence[PreparedSlice],
+    prior: Prior,
+    settings: AnalysisSettings,
+    *,
+    prior_name: str,
+    flag_threshold: float | None,
+    z_calibration: ZCalibration | None = None,
+    prior_fit_threshold: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> list[SliceResult]:
+    """`analyze_prepared` for slices that `can_share_batch`: their posterior chains share every forward
+    pass, and each result differs from the slice's run alone by rounding only. Each result's seconds
+    are its share of the sampling plus its own maps."""
+    start = time.perf_counter()
+    models = [ct_measurement_model(p.acquisition, prior) for p in prepared]
+    runs = posterior_sample_slices(prior, models, settings.sampler(prepared[0].slice_seed),
+                                   [p.slice_seed for p in prepared], device=prepared[0].acquisition.device,
+                                   progress=progress, cancel=cancel)
+    sampling = (time.perf_counter() - start) / len(prepared)
+    return [_slice_result(p, model, run, prior, settings, prior_name, flag_threshold, z_calibration,
+                          prior_fit_threshold, sampling) for p, model, run in zip(prepared, models, runs)]
+
+
+def _slice_result(prepared: PreparedSlice, model: MeasurementModel, run: PosteriorRun, prior: Prior,
+                  settings: AnalysisSettings, prior_name: str, flag_threshold: float | None,
+                  z_calibration: ZCalibration | None, prior_fit_threshold: float | None,
+                  sampling_seconds: float) -> SliceResult:
+    """A slice's maps, scores and verdict from its posterior run."""
     start = time.perf_counter()
     acq = prepared.acquisition
-    model = ct_measurement_model(acq, prior)
-    run: PosteriorRun = posterior_sample(prior, model, settings.sampler(prepared.slice_seed), device=acq.device,
-                                         progress=progress, cancel=cancel)
     mean = torch.from_numpy(run.mean)[None, None].to(acq.device)
     residual = model.adjoint(model.residual(mean) / model.variance).abs().squeeze().cpu().numpy().astype(np.float32)
     fbp = acq.operator.fbp(acq.y, filter="shepp-logan")
@@ -110,7 +176,7 @@ def analyze_prepared(
         pixel_spacing_mm=prepared.pixel_spacing_mm,
         settings=settings,
         prior_name=prior_name,
-        seconds=time.perf_counter() - start,
+        seconds=sampling_seconds + time.perf_counter() - start,
         original_hu=prepared.original_hu,
         notes=prepared.notes + run.notes,
         z_map=scored.z_map,
@@ -130,24 +196,34 @@ class AnalyzedSlice:
 
 
 def _analyze_each(items: Iterable[tuple[T, PreparedSlice]], n: int, loaded: LoadedPrior, settings: AnalysisSettings,
-                  progress: Callable[[int, int], None] | None,
+                  slice_batch: int | None, progress: Callable[[int, int], None] | None,
                   cancel: threading.Event | None) -> Iterator[tuple[T, SliceResult]]:
+    """Analyse the items in order, up to `slice_batch` (None: `auto_slice_batch`) consecutive slices that
+    can share a batch at a time, and yield each group's results as soon as it is done."""
+    size = auto_slice_batch(settings, loaded.device) if slice_batch is None else slice_batch
     nats_threshold = loaded.calibration.nats_threshold(settings)
     z_calibration = loaded.calibration.z_calibration(settings)
     fit_threshold = loaded.calibration.prior_fit_threshold(settings)
     per_slice = settings.step_count
     total = per_slice * n
     done = 0
-    for key, prepared in items:
-        def slice_progress(steps: int, _total: int, base: int = done) -> None:
+
+    def analyze(group: list[tuple[T, PreparedSlice]]) -> list[tuple[T, SliceResult]]:
+        nonlocal done
+        base = done
+
+        def group_progress(steps: int, _total: int) -> None:
             if progress is not None:
                 progress(base + steps, total)
 
-        result = analyze_prepared(prepared, loaded.prior, settings, prior_name=loaded.name,
-                                  flag_threshold=nats_threshold, z_calibration=z_calibration,
-                                  prior_fit_threshold=fit_threshold, progress=slice_progress, cancel=cancel)
-        done += per_slice
-        yield key, result
+        results = analyze_prepared_batch([p for _, p in group], loaded.prior, settings, prior_name=loaded.name,
+                                         flag_threshold=nats_threshold, z_calibration=z_calibration,
+                                         prior_fit_threshold=fit_threshold, progress=group_progress, cancel=cancel)
+        done += per_slice * len(group)
+        return [(key, result) for (key, _), result in zip(group, results)]
+
+    for group in batch_groups(items, size):
+        yield from analyze(group)
 
 
 def analyze_slices(
@@ -155,18 +231,21 @@ def analyze_slices(
     loaded: LoadedPrior,
     settings: AnalysisSettings,
     *,
+    slice_batch: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> Iterator[AnalyzedSlice]:
     """Measure and analyse every planned slice in order, and yield each result as soon as it is done.
 
     Thresholds and the healthy reference come from the prior's calibration for `settings`.
-    `progress(done, total)` counts sampler steps over the whole plan; setting `cancel` stops the
-    run within one step (AnalysisCancelled).
+    Up to `slice_batch` consecutive slices of one geometry share each forward pass (None: as many
+    as fill CHAINS_PER_BATCH on the device); their results come together. `progress(done, total)`
+    counts sampler steps over the whole plan; setting `cancel` stops the run within one step
+    (AnalysisCancelled).
     """
     prepared = (((planned, index), prepare_slice(planned.series, index, loaded.prior, settings, loaded.device))
                 for planned in plan.series for index in planned.indices)
-    for (planned, index), result in _analyze_each(prepared, plan.n_slices, loaded, settings, progress, cancel):
+    for (planned, index), result in _analyze_each(prepared, plan.n_slices, loaded, settings, slice_batch, progress, cancel):
         yield AnalyzedSlice(planned, index, result)
 
 
@@ -175,9 +254,10 @@ def analyze_measurements(
     loaded: LoadedPrior,
     settings: AnalysisSettings,
     *,
+    slice_batch: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> Iterator[tuple[MeasuredSlice, SliceResult]]:
     """As `analyze_slices`, for measurements already prepared (several priors on the same measurements)."""
     items = ((m, m.prepared) for m in measurements.slices)
-    yield from _analyze_each(items, len(measurements), loaded, settings, progress, cancel)
+    yield from _analyze_each(items, len(measurements), loaded, settings, slice_batch, progress, cancel)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -37,6 +37,7 @@ from klviewer.inference.likelihood import (
     dps_score,
     exact_gaussian_score,
     pigdm_score,
+    stack_models,
     tmpd_score,
     tweedie_dc_score,
 )
@@ -370,9 +371,10 @@ def _bins(sigmas: np.ndarray, edges: np.ndarray, lowest: int, highest: int) -> n
 
 
 def _run_steps(guidance: Guidance, x: torch.Tensor, sigmas: np.ndarray, bins: np.ndarray, energy: torch.Tensor,
-               generators: list[torch.Generator], tick: Callable[[int], None]) -> torch.Tensor:
-    """Take one chain per generator from sigmas[0] to sigmas[-1], adding each step's energy summed over
-    the chains to its bin of `energy` (bins, H, W); return the chains' last states."""
+               owners: torch.Tensor, generators: list[torch.Generator], tick: Callable[[int], None]) -> torch.Tensor:
+    """Take one chain per generator from sigmas[0] to sigmas[-1], adding each step's energy to its bin of
+    `energy` (bins, slices, H, W), summed over the chains of each slice (chain i belongs to slice
+    owners[i]); return the chains' last states."""
     shape = tuple(x.shape[1:])
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -380,7 +382,7 @@ def _run_steps(guidance: Guidance, x: torch.Tensor, sigmas: np.ndarray, bins: np
         x0_hat, lik = guidance(x, sigma, dsigma2)
         prior_score = (x0_hat - x) / sigma**2
         dx_lik = dsigma2 * lik
-        energy[bins[i]] += (0.5 * dx_lik**2 / dsigma2).sum(dim=(0, 1))
+        energy[bins[i]].index_add_(0, owners, (0.5 * dx_lik**2 / dsigma2).sum(dim=1))
         x = x + dsigma2 * prior_score + dx_lik
         if sigma_next > 0:
             x = x + np.sqrt(dsigma2) * _noise(generators, shape, x.device)
@@ -404,15 +406,45 @@ def posterior_sample(
     setting `cancel` stops the run within one step. On CUDA out-of-memory the batch is halved
     and the run restarts; the note says so.
     """
+    return posterior_sample_slices(prior, [model], settings, [settings.seed], device=device, progress=progress,
+                                   cancel=cancel)[0]
+
+
+def posterior_sample_slices(
+    prior: Denoiser,
+    models: Sequence[MeasurementModel],
+    settings: SamplerSettings,
+    seeds: Sequence[int],
+    *,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> list[PosteriorRun]:
+    """`posterior_sample` for several slices at once, slice j measured by models[j] and seeded with
+    seeds[j]: the chains of all slices share the forward passes, `settings.max_batch` chains (default
+    all) at a time. The models must share a geometry and gain (`shares_batch`).
+
+    Each chain keeps its own random stream, so a slice's run differs from its run alone by
+    rounding only. Progress counts the steps of every chain of every slice; each run's `seconds`
+    is its share of the whole. `tmpd` notes failed solves per batch, so its slices run one at a time.
+    """
+    if len(models) != len(seeds) or not models:
+        raise ValueError(f"need one seed per model, got {len(models)} model(s) and {len(seeds)} seed(s)")
+    if settings.guidance == "tmpd" and len(models) > 1:
+        total = settings.step_count * len(models)
+        return [posterior_sample(prior, model, replace(settings, seed=seed), device=device, cancel=cancel,
+                                 progress=None if progress is None else _offset(progress, j * settings.step_count, total))
+                for j, (model, seed) in enumerate(zip(models, seeds))]
     settings.validate()
     device = torch.device(device)
     schedule = Schedule.of(settings)
     notes: list[str] = []
-    batch = min(settings.max_batch or settings.samples, settings.samples)
+    chains = settings.samples * len(models)
+    batch = min(settings.max_batch or chains, chains)
     start = time.perf_counter()
     while True:
         try:
-            final, energy, work = _sample_all(prior, model, settings, schedule, batch, device, progress, cancel)
+            final, energy, work = _sample_all(prior, models, seeds, settings, schedule, batch, device, progress, cancel)
             break
         except torch.OutOfMemoryError:
             if batch == 1:
@@ -421,20 +453,28 @@ def posterior_sample(
             notes.append(f"out of GPU memory: retried with {batch} posterior sample(s) per batch")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    final = final.mean(dim=1)  # channels
-    mean = final.mean(dim=0)
-    std = final.std(dim=0, unbiased=False) if final.shape[0] > 1 else torch.zeros_like(mean)
-    return PosteriorRun(
-        mean=mean.cpu().numpy().astype(np.float32),
-        std=std.cpu().numpy().astype(np.float32),
-        energy=EnergyField(energy.cpu().numpy().astype(np.float32), schedule.edges, samples=settings.samples),
-        sigmas=np.concatenate([schedule.trunk, schedule.branch[1:]]),
-        settings=settings,
-        seconds=time.perf_counter() - start,
-        device=str(device),
-        evaluations={"denoiser": work.denoiser / settings.samples, "vjp": work.vjp / settings.samples},
-        notes=notes + _solve_notes(settings.guidance, work) + _branch_notes(settings),
-    )
+    seconds = (time.perf_counter() - start) / len(models)
+    final = final.mean(dim=2)  # channels
+    runs = []
+    for j, seed in enumerate(seeds):
+        mean = final[j].mean(dim=0)
+        std = final[j].std(dim=0, unbiased=False) if settings.samples > 1 else torch.zeros_like(mean)
+        runs.append(PosteriorRun(
+            mean=mean.cpu().numpy().astype(np.float32),
+            std=std.cpu().numpy().astype(np.float32),
+            energy=EnergyField(energy[:, j].cpu().numpy().astype(np.float32), schedule.edges, samples=settings.samples),
+            sigmas=np.concatenate([schedule.trunk, schedule.branch[1:]]),
+            settings=replace(settings, seed=seed),
+            seconds=seconds,
+            device=str(device),
+            evaluations={"denoiser": work.denoiser / chains, "vjp": work.vjp / chains},
+            notes=notes + _solve_notes(settings.guidance, work) + _branch_notes(settings),
+        ))
+    return runs
+
+
+def _offset(progress: Callable[[int, int], None], base: int, total: int) -> Callable[[int, int], None]:
+    return lambda done, _total: progress(base + done, total)
 
 
 def _solve_notes(guidance: str, work: Evaluations) -> list[str]:
@@ -458,15 +498,17 @@ def sample_seed(seed: int, k: int) -> int:
     return seed * 1_000_003 + k
 
 
-def _sample_all(prior: Denoiser, model: MeasurementModel, settings: SamplerSettings, schedule: Schedule,
-                batch: int, device: torch.device, progress: Callable[[int, int], None] | None,
+def _sample_all(prior: Denoiser, models: Sequence[MeasurementModel], seeds: Sequence[int], settings: SamplerSettings,
+                schedule: Schedule, batch: int, device: torch.device, progress: Callable[[int, int], None] | None,
                 cancel: threading.Event | None) -> tuple[torch.Tensor, torch.Tensor, Evaluations]:
-    """The final states of all samples, the run's (bins, H, W) energy per sample, and the work done.
+    """The final states (slices, samples, C, H, W), each slice's (bins, slices, H, W) energy per sample,
+    and the work done.
 
     Branched, the trunk's energy counts once and the branches' is averaged: each branch continues
     the trunk, so trunk plus branch energy is one chain's.
     """
-    total = settings.step_count
+    n_slices, samples = len(models), settings.samples
+    total = settings.step_count * n_slices
     done = 0
 
     def tick(n: int) -> None:
@@ -478,25 +520,29 @@ def _sample_all(prior: Denoiser, model: MeasurementModel, settings: SamplerSetti
             progress(done, total)
 
     shape = (prior.config.channels, *prior.config.image_size)
-    energy = torch.zeros((len(schedule.edges) - 1, *shape[1:]), dtype=torch.float32, device=device)
+    energy = torch.zeros((len(schedule.edges) - 1, n_slices, *shape[1:]), dtype=torch.float32, device=device)
     guidances: list[Guidance] = []
 
-    def run(x: torch.Tensor, sigmas: np.ndarray, bins: np.ndarray, generators: list[torch.Generator]) -> torch.Tensor:
-        guidances.append(run_guidance(prior, model, settings))
-        return _run_steps(guidances[-1], x, sigmas, bins, energy, generators, tick)
+    def run(chains: list[tuple[int, int]], sigmas: np.ndarray, bins: np.ndarray,
+            start: torch.Tensor | None) -> torch.Tensor:
+        """Chains (slice j, stream k) in batches, from `start[j]` or else from noise at sigmas[0]."""
+        finals = []
+        for first in range(0, len(chains), batch):
+            part = chains[first:first + batch]
+            owners = [j for j, _ in part]
+            generators = [torch.Generator().manual_seed(sample_seed(seeds[j], k)) for j, k in part]
+            x = _noise(generators, shape, device) * float(sigmas[0]) if start is None else start[owners]
+            guidances.append(run_guidance(prior, stack_models(models, owners), settings))
+            owner_index = torch.tensor(owners, device=device)
+            finals.append(_run_steps(guidances[-1], x, sigmas, bins, energy, owner_index, generators, tick))
+        return torch.cat(finals)
 
     start: torch.Tensor | None = None
     sigmas, bins = schedule.trunk, schedule.trunk_bins
     if settings.branch_sigma is not None:
-        trunk = [torch.Generator().manual_seed(sample_seed(settings.seed, -1))]
-        start = run(_noise(trunk, shape, device) * float(schedule.trunk[0]), schedule.trunk, schedule.trunk_bins, trunk)
-        energy *= settings.samples  # the trunk's energy, once per sample before the mean over samples below
+        start = run([(j, -1) for j in range(n_slices)], schedule.trunk, schedule.trunk_bins, None)
+        energy *= samples  # the trunk's energy, once per sample before the mean over samples below
         sigmas, bins = schedule.branch, schedule.branch_bins
-    finals = []
-    for first in range(0, settings.samples, batch):
-        ks = range(first, min(first + batch, settings.samples))
-        generators = [torch.Generator().manual_seed(sample_seed(settings.seed, k)) for k in ks]
-        x = (_noise(generators, shape, device) * float(sigmas[0]) if start is None
-             else start.expand(len(ks), *shape).clone())
-        finals.append(run(x, sigmas, bins, generators))
-    return torch.cat(finals), energy / settings.samples, sum((g.evaluations for g in guidances), Evaluations())
+    final = run([(j, k) for j in range(n_slices) for k in range(samples)], sigmas, bins, start)
+    work = sum((g.evaluations for g in guidances), Evaluations())
+    return final.view(n_slices, samples, *shape), energy / samples, work

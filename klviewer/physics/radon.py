@@ -210,6 +210,12 @@ class ParallelBeamCT:
             "detector_spacing_mm": self.detector_spacing_mm,
         }
 
+    def same_geometry(self, other: object) -> bool:
+        """Whether `other` is a parallel-beam operator with this one's grid, angles and detector, so either
+        one serves both (slices of one series share a geometry, and their chains share a batch)."""
+        return other is self or (isinstance(other, ParallelBeamCT) and other.describe() == self.describe()
+                                 and torch.equal(other.angles_rad, self.angles_rad))
+
     def _forward_grid(self, views: slice, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Normalised (x, y) sampling positions, shape (views, n_ray_samples, n_detectors, 2)."""
         h, w = self.image_size

@@ -30,19 +30,20 @@ def run_analysis(
     prior: str | Path = DEFAULT_PRIOR,
     slices: str = "all",
     overwrite: bool = False,
+    slice_batch: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
     on_slice: Callable[[dict[str, Any], SliceResult], None] | None = None,
 ) -> AnalysisRun:
-    """Analyse inputs and write the results folder; returns the summary rows."""
+    """Analyse inputs and write the results folder; returns the summary rows. `slice_batch`: see `analyze_slices`."""
     out = Path(out)
     check_output_folder(out, inputs)
     if (out / "summary.json").exists() and not overwrite:
         raise OutputExistsError(out / "summary.json")
     loaded = LoadedPrior.load(prior, settings.device)
     plan = plan_series(open_images(inputs), slices)
-    return analyze_plan(plan, out, settings, loaded, overwrite=overwrite, progress=progress, cancel=cancel,
-                        on_slice=on_slice)
+    return analyze_plan(plan, out, settings, loaded, overwrite=overwrite, slice_batch=slice_batch, progress=progress,
+                        cancel=cancel, on_slice=on_slice)
 
 
 def analyze_plan(
@@ -52,6 +53,7 @@ def analyze_plan(
     loaded: LoadedPrior,
     *,
     overwrite: bool = False,
+    slice_batch: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
     on_slice: Callable[[dict[str, Any], SliceResult], None] | None = None,
@@ -61,7 +63,7 @@ def analyze_plan(
     `progress(done, total)` counts sampler steps over the whole plan.
     """
     run = AnalysisRun(out=out, skipped=plan.skipped)
-    for item in analyze_slices(plan, loaded, settings, progress=progress, cancel=cancel):
+    for item in analyze_slices(plan, loaded, settings, slice_batch=slice_batch, progress=progress, cancel=cancel):
         target = out / item.planned.case / f"{item.index:04d}.npz"
         write_slice_npz(item.result, target, overwrite=overwrite)
         row = summary_row(item.planned.source, item.planned.case, item.index, item.result, target.relative_to(out))

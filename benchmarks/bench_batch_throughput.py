@@ -8,6 +8,8 @@ For each batch B it times, on the shipped prior at 256²:
 - one `pigdm` guidance step, the default analysis's unit of work: a forward pass with autograd, the
   vector-Jacobian product and the conjugate-gradient data term, on a 24-view phantom measurement.
 Times are medians per call, divided by B for the per-image columns. Writes a markdown table.
+With `--compile` the same rows follow for the network under `torch.compile` (inductor), in the same
+process, each shape compiled during the warm-up calls and the compile time reported.
 """
 
 from __future__ import annotations
@@ -43,11 +45,24 @@ def time_guidance_step(prior, model, batch: int, repeats: int, warmup: int = 2, 
     return statistics.median(times)
 
 
+def time_rows(prior, model, size: int, args: argparse.Namespace, network: str) -> list[tuple]:
+    rows = []
+    for batch in args.batches:
+        first = time_guidance_step(prior, model, batch, 1, warmup=0) / 1000  # compiles this shape's forward and backward
+        forward = time_denoiser(prior, size, batch, args.repeats, threads=args.threads).median_ms
+        step = time_guidance_step(prior, model, batch, args.repeats)
+        rows.append((network, batch, forward, forward / batch, step, step / batch, first))
+        print(f"{network} batch {batch}: forward {forward:.0f} ms ({forward / batch:.0f}/image), pigdm step {step:.0f} ms "
+              f"({step / batch:.0f}/image), first step {first:.1f} s", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="also time the network under torch.compile")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "batch_throughput.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -56,26 +71,26 @@ def main(argv: list[str] | None = None) -> int:
     phantom = make_phantom("healthy", size, seed=1)
     model = ct_measurement_model(simulate_measurement(phantom.hu, FOV_MM / size, 24, seed=0), prior)
     load_start = os.getloadavg()
-    rows = []
-    for batch in args.batches:
-        forward = time_denoiser(prior, size, batch, args.repeats, threads=args.threads).median_ms
-        step = time_guidance_step(prior, model, batch, args.repeats)
-        rows.append((batch, forward, forward / batch, step, step / batch))
-        print(f"batch {batch}: forward {forward:.0f} ms ({forward / batch:.0f}/image), pigdm step {step:.0f} ms "
-              f"({step / batch:.0f}/image)", flush=True)
+    rows = time_rows(prior, model, size, args, "eager")
+    if args.compile:
+        prior.net = torch.compile(prior.net, dynamic=False)
+        rows += time_rows(prior, model, size, args, "torch.compile")
     load_end = os.getloadavg()
-    best = min(rows, key=lambda r: r[4])
+    best = min(rows, key=lambda r: r[5])
+    command = " ".join(["python benchmarks/bench_batch_throughput.py", *sys.argv[1:]]) if argv is None else ""
     lines = [
         "# CPU throughput per image against the batch of posterior samples", "",
-        f"Command: `python benchmarks/bench_batch_throughput.py --threads {args.threads} --batches "
-        f"{' '.join(map(str, args.batches))} --repeats {args.repeats}`; shipped prior, {size}², {args.threads} torch "
+        f"Command: `{command}`; shipped prior, {size}², {args.threads} torch "
         f"threads; load average {' '.join(f'{v:.2f}' for v in load_start)} at the start, "
-        f"{' '.join(f'{v:.2f}' for v in load_end)} at the end. Medians of {args.repeats} calls.", "",
-        "| batch | denoiser forward (ms) | per image (ms) | `pigdm` step: forward + VJP + CG (ms) | per image (ms) | "
-        "step / forward per image |",
-        "|---|---|---|---|---|---|",
-        *[f"| {b} | {f:.0f} | {fi:.0f} | {s:.0f} | {si:.0f} | {si / fi:.2f} |" for b, f, fi, s, si in rows], "",
-        f"Cheapest `pigdm` step per image: batch {best[0]} ({best[4]:.0f} ms, against {rows[0][4]:.0f} ms at batch 1).",
+        f"{' '.join(f'{v:.2f}' for v in load_end)} at the end. Medians of {args.repeats} calls; the first step of each "
+        "shape (with the compile, under torch.compile) is timed apart.", "",
+        "| network | batch | denoiser forward (ms) | per image (ms) | `pigdm` step: forward + VJP + CG (ms) | "
+        "per image (ms) | step / forward per image | first step (s) |",
+        "|---|---|---|---|---|---|---|---|",
+        *[f"| {n} | {b} | {f:.0f} | {fi:.0f} | {st:.0f} | {si:.0f} | {si / fi:.2f} | {first:.1f} |"
+          for n, b, f, fi, st, si, first in rows], "",
+        f"Cheapest `pigdm` step per image: {best[0]}, batch {best[1]} ({best[5]:.0f} ms, against {rows[0][5]:.0f} ms "
+        "eager at batch 1).",
         "",
     ]
     args.out.write_text("\n".join(lines), encoding="utf-8")

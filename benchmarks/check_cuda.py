@@ -10,6 +10,9 @@ Usage: python benchmarks/check_cuda.py [--prior NAME|PATH] [--steps 30] [--sampl
    the batch until it fits, and say so in the result's notes (2 steps only).
 3. A tiny prior trained on CUDA with AMP for 10 steps, against 5 steps plus a resume of 5:
    the weights must be identical.
+4. Four slices analysed as one batch on CUDA (`analyze_prepared_batch`) against each alone: their
+   scores should differ by rounding only. Series throughput at larger batches is
+   `python benchmarks/bench_screening.py series --device cuda --slices 64 --batches 1 16 32 64 -- NAME="OPTIONS"`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from klviewer.evaluation.detection import series_from_phantom
 from klviewer.evaluation.metrics import psnr_hu
 from klviewer.inference.measurements import prepare_slice
-from klviewer.inference.pipeline import analyze_prepared
+from klviewer.inference.pipeline import analyze_prepared, analyze_prepared_batch
 from klviewer.inference.settings import AnalysisSettings
 from klviewer.phantoms import make_phantom
 from klviewer.priors import load_prior
@@ -76,6 +79,21 @@ def amp_resume() -> None:
     print(f"tiny prior on CUDA with AMP, 10 steps vs 5 + resume 5: largest weight difference {worst:.2e}")
 
 
+def batched_slices(prior_name: str, steps: int) -> None:
+    dev = torch.device("cuda")
+    prior = load_prior(prior_name, device=dev)
+    settings = AnalysisSettings(views=24, steps=steps, device="cuda")
+    prepared = [prepare_slice(series_from_phantom(make_phantom(kind, 256, 1_000_200 + i)), 0, prior, settings, dev)
+                for i, kind in enumerate(("healthy", "lesion", "healthy", "lesion"))]
+    start = time.perf_counter()
+    batched = analyze_prepared_batch(prepared, prior, settings, prior_name=prior_name, flag_threshold=None)
+    seconds = time.perf_counter() - start
+    alone = [analyze_prepared(p, prior, settings, prior_name=prior_name, flag_threshold=None) for p in prepared]
+    moved = max(abs(b.score - a.score) / a.score for b, a in zip(batched, alone))
+    print(f"4 slices in one batch: {seconds:.1f} s ({4 / seconds:.2f} slices/s); scores against each alone: "
+          f"largest relative change {moved:.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prior", default="abdomen-phantom-256")
@@ -90,6 +108,7 @@ def main() -> None:
     if args.oom:
         oom_fallback(args.prior)
     amp_resume()
+    batched_slices(args.prior, args.steps)
 
 
 if __name__ == "__main__":

@@ -120,13 +120,12 @@ def test_bfloat16_runs_the_denoiser_only_in_bfloat16(tiny_prior: Path) -> None:
 
 
 def test_the_shipped_prior_is_calibrated_for_every_profile() -> None:
-    """`--profile` promises settings the shipped prior is calibrated for: a nats threshold and a healthy
-    reference with its z threshold for each, and a prior-fit threshold for the one-sample profiles (the
-    detection entry predates the prior-fit verdict)."""
+    """`--profile` promises settings the shipped prior is calibrated for: a nats threshold, a healthy
+    reference with its z threshold, and a prior-fit threshold for each."""
     from klviewer.priors.checkpoint import DEFAULT_PRIOR, resolve_prior_path
 
     calibration = PriorCalibration.read(resolve_prior_path(DEFAULT_PRIOR))
     for name, settings in PROFILES.items():
         assert calibration.nats_threshold(settings) is not None, name
         assert calibration.z_calibration(settings) is not None, name
-        assert (calibration.prior_fit_threshold(settings) is not None) == (name != "detection"), name
+        assert calibration.prior_fit_threshold(settings) is not None, name

@@ -46,7 +46,8 @@ def _assert_same_run(batched: PosteriorRun, alone: PosteriorRun) -> None:
 
 
 @pytest.mark.parametrize("extra", [{}, {"samples": 3, "max_batch": 4},
-                                   {"samples": 2, "branch_sigma": 0.5, "branch_steps": 3, "sigma_min": 0.05}])
+                                   {"samples": 2, "branch_sigma": 0.5, "branch_steps": 3, "sigma_min": 0.05},
+                                   {"guidance": "tmpd", "tmpd_iters": 3}])
 def test_each_batched_slice_is_its_run_alone(tiny_prior: Path, study: Path, extra: dict) -> None:
     loaded = LoadedPrior.load(tiny_prior, "cpu")
     measured = collect_measurements([study], loaded.prior, SETTINGS, slices="0-2").slices

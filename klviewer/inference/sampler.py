@@ -12,6 +12,9 @@ of its own, so its energy keeps its expectation; but the branches share the trun
 and on the phantom benchmark they average out much less of the KL map's noise than independent
 chains do (docs/screening.md).
 
+`posterior_sample_slices` runs several slices measured with one geometry at once: their chains
+share every forward pass, and each slice keeps its own measurement, random streams and energy.
+
 The likelihood score comes from a guidance object, one class per algorithm, chosen by name
 from a registry (GUIDANCES). Each computes (x0_hat, likelihood score) at x, so the step loop
 does not know which approximation it runs.

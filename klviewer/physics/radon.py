@@ -13,7 +13,9 @@ The forward map is one ``grid_sample`` per chunk of views with the views in the 
 because the CPU kernel parallelises over the batch only. The adjoint is the exact transpose of
 that same map (the input-gradient kernel of ``grid_sample``), not a separate back-projector,
 so gradient-based samplers see a consistent pair. On CUDA that kernel accumulates with atomic
-adds, so ``A_adjoint`` there is exact but not bit-for-bit repeatable. FBP uses its own pixel-driven back-projector
+adds, so ``A_adjoint`` there is exact but not bit-for-bit repeatable. On the CPU both run as
+sparse-matrix products of the same map where its matrices fit their budget (`radon_matrix`),
+because the input-gradient kernel scatters serially there. FBP uses its own pixel-driven back-projector
 with linear interpolation on the detector, as analytic FBP expects.
 """
 
@@ -25,6 +27,8 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from klviewer.physics.radon_matrix import projection_matrices
 
 FilterName = Literal["ramp", "shepp-logan", "hann"]
 FILTERS: tuple[str, ...] = ("ramp", "shepp-logan", "hann")
@@ -332,8 +336,15 @@ class ParallelBeamCT:
 
     # ---- the linear map and its transpose (called through the autograd functions) -------
 
+    def _matrices(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return projection_matrices(self, t.dtype) if t.device.type == "cpu" else None
+
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
+        matrices = self._matrices(x)
+        if matrices is not None:
+            sino = (matrices[0] @ x.reshape(b * c, h * w).T).T
+            return sino.reshape(b, c, self.n_angles, self.n_detectors)
         image = x.reshape(1, b * c, h, w)
         chunks = []
         for views in self._view_chunks("forward", b * c * self.n_ray_samples * self.n_detectors, x.dtype, x.device):
@@ -347,6 +358,9 @@ class ParallelBeamCT:
     def _transpose(self, y: torch.Tensor) -> torch.Tensor:
         b, c, n_views, n_det = y.shape
         h, w = self.image_size
+        matrices = self._matrices(y)
+        if matrices is not None:
+            return (matrices[1] @ y.reshape(b * c, n_views * n_det).T).T.reshape(b, c, h, w)
         per_view = (y * self.pixel_spacing_mm).reshape(b * c, n_views, n_det).transpose(0, 1)
         out = y.new_zeros(b * c, h, w)
         for views in self._view_chunks("adjoint", b * c * h * w, y.dtype, y.device):

@@ -33,6 +33,9 @@ def test_a_profile_is_changed_only_by_the_options_given() -> None:
     assert _parse() == replace(PROFILES[DEFAULT_PROFILE], device="auto")
     assert _parse("--profile", "fast") == replace(PROFILES["fast"], device="auto")
     assert PROFILES["fast"] == replace(AnalysisSettings(), precision="bfloat16")
+    # the options its calibration entry was made with
+    assert _parse("--profile", "screening") == _parse("--profile", "fast", "--samples", "2", "--patch", "4",
+                                                      "--sigma-window", "0.01", "0.05")
     six = _parse("--profile", "detection", "--samples", "6", "--sigma-window", "0.01", "0.04")
     assert six == replace(PROFILES["detection"], samples=6, sigma_window=(0.01, 0.04), device="auto")
     branched = _parse("--profile", "standard", "--samples", "4", "--patch", "4", "--sigma-window", "0.01", "0.05",

@@ -37,6 +37,8 @@ PROFILE_LABELS = {
     "standard": ("Standard", "1 posterior sample of 100 steps; KL over 8 px patches, noise levels 0.01-0.5"),
     "fast": ("Fast (bfloat16)", "The standard settings with the denoiser in bfloat16: about 1.25x faster on a CPU "
                                 "with AVX-512 BF16, the same detection on the phantom benchmark"),
+    "screening": ("Screening (2 samples)", "2 independent posterior samples of 100 steps with the denoiser in "
+                                           "bfloat16; KL z-scores over 4 px patches, noise levels 0.01-0.05"),
     "detection": ("Detection (slow)", "4 independent posterior samples of 100 steps; KL z-scores over 4 px patches"),
 }
 CUSTOM = "custom"

@@ -21,6 +21,7 @@ with linear interpolation on the detector, as analytic FBP expects.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -214,11 +215,17 @@ class ParallelBeamCT:
             "detector_spacing_mm": self.detector_spacing_mm,
         }
 
+    @functools.cached_property
+    def geometry_key(self) -> tuple:
+        """The grid, detector and exact angles as one hashable value, computed once (the geometry is fixed
+        at construction): equal keys mean the same linear map."""
+        described = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in self.describe().items()))
+        return described, self.angles_rad.numpy().tobytes()
+
     def same_geometry(self, other: object) -> bool:
         """Whether `other` is a parallel-beam operator with this one's grid, angles and detector, so either
         one serves both (slices of one series share a geometry, and their chains share a batch)."""
-        return other is self or (isinstance(other, ParallelBeamCT) and other.describe() == self.describe()
-                                 and torch.equal(other.angles_rad, self.angles_rad))
+        return other is self or (isinstance(other, ParallelBeamCT) and other.geometry_key == self.geometry_key)
 
     def _forward_grid(self, views: slice, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Normalised (x, y) sampling positions, shape (views, n_ray_samples, n_detectors, 2)."""

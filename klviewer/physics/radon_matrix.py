@@ -36,12 +36,6 @@ _cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 _lock = threading.Lock()
 
 
-def _key(op: ParallelBeamCT, dtype: torch.dtype) -> tuple:
-    d = op.describe()
-    return (tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items())),
-            op.angles_rad.numpy().tobytes(), dtype)
-
-
 def fits_budget(op: ParallelBeamCT) -> bool:
     """Whether building the geometry's matrices stays within MATRIX_BUDGET_BYTES."""
     entries = 4 * op.n_angles * op.n_detectors * op.n_ray_samples
@@ -53,7 +47,7 @@ def projection_matrices(op: ParallelBeamCT, dtype: torch.dtype) -> tuple[torch.T
     None when building them would pass the budget."""
     if not fits_budget(op):
         return None
-    key = _key(op, dtype)
+    key = (op.geometry_key, dtype)
     with _lock:
         if key in _cache:
             _cache.move_to_end(key)

@@ -6,24 +6,16 @@ memory limits. Nothing may crash, hang, run out of memory or write into its inpu
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from benchmark_modules import BENCHMARKS, load_benchmark
 
-FUZZ = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz.py"
+FUZZ = BENCHMARKS / "fuzz.py"
 INPUTS = 300
 SEED = 17
-
-
-def _fuzz_module():
-    spec = importlib.util.spec_from_file_location("klviewer_fuzz", FUZZ)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fuzzer forks children and reads /proc")
@@ -47,7 +39,7 @@ def test_the_fuzzer_tells_each_outcome_apart(tmp_path: Path, monkeypatch: pytest
     memory or write into their input."""
     import klviewer.cli
 
-    fuzz = _fuzz_module()
+    fuzz = load_benchmark(FUZZ.name)
 
     def command(argv: list[str]) -> int:
         action, folder = argv[0], Path(argv[1])

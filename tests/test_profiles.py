@@ -10,7 +10,9 @@ import pytest
 
 from klviewer.cli import main
 from klviewer.cli.options import add_measurement_options, add_sampler_options, settings_from_args
+from klviewer.errors import KlviewerInputError
 from klviewer.inference.calibration import PriorCalibration, calibration_key
+from klviewer.inference.sampler import SamplerSettings
 from klviewer.inference.settings import DEFAULT_PROFILE, PROFILES, AnalysisSettings, sampling_key
 from klviewer.phantoms import make_phantom, save_phantom_npz
 from klviewer.results.reader import checked_settings
@@ -42,6 +44,7 @@ def test_a_profile_is_changed_only_by_the_options_given() -> None:
                       "--sigma-min", "0.01", "--branch-sigma", "0.1", "--branch-steps", "12", "--steps", "70",
                       "--precision", "bfloat16")
     assert branched == replace(BRANCHED, device="auto")
+    assert _parse("--profile", "screening", "--cg-iters", "1") == replace(PROFILES["screening"], cg_iters=1, device="auto")
 
 
 def test_schedule_settings_enter_the_calibration_key_only_when_they_differ() -> None:
@@ -52,6 +55,12 @@ def test_schedule_settings_enter_the_calibration_key_only_when_they_differ() -> 
     assert (key["branch_sigma"], key["sigma_min"], key["precision"], key["branch_steps"]) == (0.1, 0.01, "bfloat16", 12)
     assert "high_guidance" not in key and "high_sigma" not in key
     assert calibration_key(PROFILES["fast"]) == {**calibration_key(AnalysisSettings()), "precision": "bfloat16"}
+    assert calibration_key(replace(PROFILES["fast"], cg_iters=1)) == {**calibration_key(PROFILES["fast"]), "cg_iters": 1}
+    assert AnalysisSettings(cg_iters=1).sampler(0).cg_iters == 1
+    assert "1 CG iteration(s) per step" in AnalysisSettings(cg_iters=1).describe_chains()
+    assert "CG" not in AnalysisSettings().describe_chains()
+    with pytest.raises(KlviewerInputError, match="cg_iters"):
+        SamplerSettings(cg_iters=0).validate()
     assert sampling_key(BRANCHED) != sampling_key(replace(BRANCHED, branch_steps=9))
 
 
@@ -69,11 +78,11 @@ def test_calibration_entries_of_one_schedule_do_not_serve_another(tmp_path: Path
 
 
 def test_results_read_back_their_schedule_and_refuse_a_bad_one(tmp_path: Path) -> None:
-    doc = BRANCHED.to_dict()
-    assert checked_settings(doc, tmp_path / "summary.json") == BRANCHED
-    from klviewer.errors import KlviewerInputError
+    doc = replace(BRANCHED, cg_iters=1).to_dict()
+    assert checked_settings(doc, tmp_path / "summary.json") == replace(BRANCHED, cg_iters=1)
 
-    for field, bad in (("branch_sigma", -1.0), ("branch_steps", "8"), ("high_guidance", 3), ("high_sigma", "x"), ("sigma_min", 0)):
+    for field, bad in (("branch_sigma", -1.0), ("branch_steps", "8"), ("high_guidance", 3), ("high_sigma", "x"), ("sigma_min", 0),
+                       ("cg_iters", 0)):
         with pytest.raises(KlviewerInputError, match=field):
             checked_settings({**doc, field: bad}, tmp_path / "summary.json")
 

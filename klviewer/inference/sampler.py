@@ -99,6 +99,8 @@ class SamplerSettings:
             raise KlviewerInputError(None, f"steps must be at least 2, got {self.steps}")
         if self.samples < 1:
             raise KlviewerInputError(None, f"samples must be at least 1, got {self.samples}")
+        if self.cg_iters < 1:
+            raise KlviewerInputError(None, f"cg_iters must be at least 1, got {self.cg_iters}")
         if self.guidance not in GUIDANCES:
             raise KlviewerInputError(None, f"guidance must be one of {GUIDANCES}, got {self.guidance!r}")
         if self.tmpd_iters < 1 or not self.tmpd_tol >= 0:

@@ -38,12 +38,14 @@ class AnalysisSettings:
     high_sigma: float | None = None
     precision: str = SamplerSettings.precision
     """The denoiser's arithmetic (SamplerSettings.precision)."""
+    cg_iters: int = SamplerSettings.cg_iters
+    """Conjugate-gradient iterations of each step's data-consistency solve (`dc`, `pigdm`)."""
 
     def sampler(self, slice_seed: int) -> SamplerSettings:
         return SamplerSettings(steps=self.steps, samples=self.samples, seed=slice_seed, guidance=self.guidance,  # type: ignore[arg-type]
                                dps_step=self.dps_step, sigma_min=self.sigma_min, branch_sigma=self.branch_sigma,
                                branch_steps=self.branch_steps, high_guidance=self.high_guidance,
-                               high_sigma=self.high_sigma, precision=self.precision)
+                               high_sigma=self.high_sigma, precision=self.precision, cg_iters=self.cg_iters)
 
     @property
     def step_count(self) -> int:
@@ -57,7 +59,8 @@ class AnalysisSettings:
         else:
             chains = (f"{self.steps} steps to sigma {self.branch_sigma:g}, then {self.samples} branches x "
                       f"{self.branch_steps} steps to {self.sigma_min:g}")
-        return chains + (", bfloat16 denoiser" if self.precision != "float32" else "")
+        solve = "" if self.cg_iters == SamplerSettings.cg_iters else f", {self.cg_iters} CG iteration(s) per step"
+        return chains + solve + (", bfloat16 denoiser" if self.precision != "float32" else "")
 
     def describe_sampling(self) -> str:
         """One line: guidance, chains and map settings."""
@@ -88,7 +91,7 @@ class AnalysisSettings:
         return cls(**d)
 
 
-EXTRA_SAMPLING_KEYS = ("sigma_min", "branch_sigma", "branch_steps", "high_guidance", "high_sigma", "precision")
+EXTRA_SAMPLING_KEYS = ("sigma_min", "branch_sigma", "branch_steps", "high_guidance", "high_sigma", "precision", "cg_iters")
 _EXTRA_DEFAULTS = {k: getattr(AnalysisSettings, k) for k in EXTRA_SAMPLING_KEYS}
 MAP_ONLY_KEYS = ("patch", "sigma_window", "flag_threshold")
 

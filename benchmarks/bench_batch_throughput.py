@@ -2,6 +2,7 @@
 CPU throughput per image peaks").
 
     python benchmarks/bench_batch_throughput.py [--threads 2] [--batches 1 2 4 8] [--repeats 5]
+        [--precision float32|bfloat16] [--compile] [--channels-last]
 
 For each batch B it times, on the shipped prior at 256²:
 - the bare denoiser forward pass (no autograd), as `klviewer.priors.timing` does;
@@ -9,12 +10,16 @@ For each batch B it times, on the shipped prior at 256²:
   vector-Jacobian product and the conjugate-gradient data term, on a 24-view phantom measurement.
 Times are medians per call, divided by B for the per-image columns. Writes a markdown table.
 With `--compile` the same rows follow for the network under `torch.compile` (inductor), in the same
-process, each shape compiled during the warm-up calls and the compile time reported.
+process, each shape compiled during the warm-up calls and the compile time reported. With
+`--channels-last` they follow for the network's weights in channels-last memory order (the layout
+oneDNN's convolutions prefer; each convolution's output then keeps it). `--precision bfloat16`
+times both under the sampler's bfloat16 autocast.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -24,16 +29,17 @@ from pathlib import Path
 import torch
 
 from klviewer.inference.measurements import ct_measurement_model
-from klviewer.inference.sampler import SamplerSettings, make_guidance
+from klviewer.inference.sampler import PRECISIONS, SamplerSettings, make_guidance
 from klviewer.phantoms import FOV_MM, make_phantom
 from klviewer.physics.acquisition import simulate_measurement
 from klviewer.priors.checkpoint import DEFAULT_PRIOR, load_prior
 from klviewer.priors.timing import time_denoiser
 
 
-def time_guidance_step(prior, model, batch: int, repeats: int, warmup: int = 2, sigma: float = 0.2) -> float:
+def time_guidance_step(prior, model, batch: int, repeats: int, warmup: int = 2, sigma: float = 0.2,
+                       precision: str = "float32") -> float:
     """Median wall time (ms) of one `pigdm` step on a batch of `batch` posterior samples."""
-    guidance = make_guidance(prior, model, SamplerSettings())
+    guidance = make_guidance(prior, model, SamplerSettings(precision=precision))
     size = prior.config.image_size
     x = torch.randn(batch, prior.config.channels, *size, generator=torch.Generator().manual_seed(0))
     times = []
@@ -48,9 +54,12 @@ def time_guidance_step(prior, model, batch: int, repeats: int, warmup: int = 2, 
 def time_rows(prior, model, size: int, args: argparse.Namespace, network: str) -> list[tuple]:
     rows = []
     for batch in args.batches:
-        first = time_guidance_step(prior, model, batch, 1, warmup=0) / 1000  # compiles this shape's forward and backward
-        forward = time_denoiser(prior, size, batch, args.repeats, threads=args.threads).median_ms
-        step = time_guidance_step(prior, model, batch, args.repeats)
+        first = time_guidance_step(prior, model, batch, 1, warmup=0, precision=args.precision) / 1000  # compiles this shape
+        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bfloat16"
+                    else contextlib.nullcontext())
+        with autocast:
+            forward = time_denoiser(prior, size, batch, args.repeats, threads=args.threads).median_ms
+        step = time_guidance_step(prior, model, batch, args.repeats, precision=args.precision)
         rows.append((network, batch, forward, forward / batch, step, step / batch, first))
         print(f"{network} batch {batch}: forward {forward:.0f} ms ({forward / batch:.0f}/image), pigdm step {step:.0f} ms "
               f"({step / batch:.0f}/image), first step {first:.1f} s", flush=True)
@@ -63,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="also time the network under torch.compile")
+    p.add_argument("--channels-last", action="store_true", help="also time the network with channels-last weights")
+    p.add_argument("--precision", choices=PRECISIONS, default="float32", help="the denoiser's arithmetic, as the sampler's")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "batch_throughput.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -72,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     model = ct_measurement_model(simulate_measurement(phantom.hu, FOV_MM / size, 24, seed=0), prior)
     load_start = os.getloadavg()
     rows = time_rows(prior, model, size, args, "eager")
+    if args.channels_last:
+        eager = prior.net
+        prior.net = eager.to(memory_format=torch.channels_last)
+        rows += time_rows(prior, model, size, args, "channels_last")
+        prior.net = eager.to(memory_format=torch.contiguous_format)
     if args.compile:
         prior.net = torch.compile(prior.net, dynamic=False)
         rows += time_rows(prior, model, size, args, "torch.compile")
@@ -80,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python benchmarks/bench_batch_throughput.py", *sys.argv[1:]]) if argv is None else ""
     lines = [
         "# CPU throughput per image against the batch of posterior samples", "",
-        f"Command: `{command}`; shipped prior, {size}², {args.threads} torch "
+        f"Command: `{command}`; shipped prior, {size}², {args.precision}, {args.threads} torch "
         f"threads; load average {' '.join(f'{v:.2f}' for v in load_start)} at the start, "
         f"{' '.join(f'{v:.2f}' for v in load_end)} at the end. Medians of {args.repeats} calls; the first step of each "
         "shape (with the compile, under torch.compile) is timed apart.", "",

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_screening.py cost --out COST.json [--slices 4] NAME="OPTIONS" ...
     python benchmarks/bench_screening.py table --cost COST.json --out TABLE.md NAME=SPLIT:DETECTION.json[@PATCH:LO-HI] ...
-    python benchmarks/bench_screening.py series --out SERIES.md [--slices 8] [--batches 1 4] [--device cpu|cuda] NAME="OPTIONS" ...
+    python benchmarks/bench_screening.py series --out SERIES.md [--slices 8] [--batches 1 4] [--device cpu|cuda] [--layouts channels_last contiguous] NAME="OPTIONS" ...
 
 `cost` analyses `--slices` healthy phantoms with each named setting (OPTIONS are `klviewer analyze`
 sampler options, e.g. "--profile screening --samples 6") in one process, after timing 100 bare
@@ -37,6 +37,9 @@ from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.study import Series, Slice
 from klviewer.phantoms import make_phantom
 from klviewer.priors.checkpoint import DEFAULT_PRIOR
+
+LAYOUTS = {"loaded": torch.preserve_format, "channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+"""Memory orders `series --layouts` can put the network's weights in."""
 
 
 def settings_of(options: str, device: str = "cpu") -> AnalysisSettings:
@@ -123,18 +126,21 @@ def series(args: argparse.Namespace) -> int:
         name, options = spec.split("=", 1)
         settings = settings_of(options, args.device)
         first: list | None = None
-        for batch in args.batches:
-            if loaded.device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            results = [item.result for item in analyze_slices(plan, loaded, settings, slice_batch=batch)]
-            seconds = time.perf_counter() - start
-            first = first or results
-            moved = max(max(abs(r.score - f.score) / abs(f.score), abs(r.total_kl - f.total_kl) / abs(f.total_kl))
-                        for r, f in zip(results, first))
-            rows.append((name, options, batch, seconds, moved))
-            print(f"{name} slice batch {batch}: {seconds:.1f} s for {args.slices} slices, {args.slices / seconds:.2f} slices/s, "
-                  f"numbers moved {moved:.1e}", flush=True)
+        for layout in args.layouts:
+            loaded.prior.to(memory_format=LAYOUTS[layout])
+            for batch in args.batches:
+                if loaded.device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                results = [item.result for item in analyze_slices(plan, loaded, settings, slice_batch=batch)]
+                seconds = time.perf_counter() - start
+                first = first or results
+                moved = max(max(abs(r.score - f.score) / abs(f.score), abs(r.total_kl - f.total_kl) / abs(f.total_kl))
+                            for r, f in zip(results, first))
+                label = name if args.layouts == ["loaded"] else f"{name} ({layout})"
+                rows.append((label, options, batch, seconds, moved))
+                print(f"{label} slice batch {batch}: {seconds:.1f} s for {args.slices} slices, "
+                      f"{args.slices / seconds:.2f} slices/s, numbers moved {moved:.1e}", flush=True)
     device = torch.cuda.get_device_name(0) if loaded.device.type == "cuda" else f"CPU, {args.threads} torch threads"
     base = f"; 100 bare forward passes at batch 1 took {forwards:.2f} s (median of 3)" if forwards else ""
     lines = [
@@ -144,7 +150,8 @@ def series(args: argparse.Namespace) -> int:
         f"one series of {args.slices} healthy phantoms{base}; load average {' '.join(f'{v:.2f}' for v in load_start)} "
         f"at the start, {' '.join(f'{v:.2f}' for v in os.getloadavg())} at the end. Seconds are the whole series "
         "through `analyze_slices` (measurement, sampling, maps). *Moved* is the largest relative change of any "
-        f"slice's score or total KL against slice batch {args.batches[0]}.",
+        f"slice's score or total KL against slice batch {args.batches[0]}"
+        + ("." if args.layouts == ["loaded"] else f" with the network's weights {args.layouts[0]}."),
         "",
         "| setting | slice batch | s / series | s / slice | slices / s | " + ("× 100 forwards | " if forwards else "")
         + "moved |",
@@ -235,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--phantom-seed", type=int, default=1)
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    r.add_argument("--layouts", nargs="+", choices=tuple(LAYOUTS), default=["loaded"],
+                   help="memory orders of the network's weights to time (loaded: as load_prior leaves them)")
     r.add_argument("--prior", default=DEFAULT_PRIOR)
     r.set_defaults(func=series)
     t = sub.add_parser("table")

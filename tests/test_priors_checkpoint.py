@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_priors_base import tiny_unet
 
 from klviewer.errors import KlviewerInputError
 from klviewer.io.safe_write import OutputExistsError
 from klviewer.priors import GaussianMixturePrior, GaussianPrior, list_priors, load_prior, save_prior
 from klviewer.priors.checkpoint import CONFIG_FILE, WEIGHTS_FILE, resources_dir
-from test_priors_base import tiny_unet
 
 
 @pytest.fixture
@@ -21,15 +21,31 @@ def unet_folder(tmp_path: Path) -> Path:
     return save_prior(tiny_unet(seed=3), tmp_path / "unet")
 
 
-def test_unet_round_trip_gives_identical_outputs(unet_folder: Path) -> None:
+def _same_prior(a, b, x: torch.Tensor, sigma) -> None:
+    """Identical weights, and outputs equal to float32 rounding (a loaded prior's convolutions run
+    channels-last on the CPU, which sums in another order)."""
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    with torch.no_grad():
+        torch.testing.assert_close(a.denoise(x, sigma), b.denoise(x, sigma), rtol=1e-5, atol=1e-5)
+
+
+def test_unet_round_trip_gives_the_same_prior(unet_folder: Path) -> None:
     original = tiny_unet(seed=3)
     loaded = load_prior(unet_folder)
     assert loaded.config == original.config
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
-    x = torch.randn(2, 1, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(loaded.denoise(x, torch.tensor([0.1, 3.0])), original.denoise(x, torch.tensor([0.1, 3.0])))
+    _same_prior(loaded, original, torch.randn(2, 1, 32, 32), torch.tensor([0.1, 3.0]))
     assert not (unet_folder / WEIGHTS_FILE).read_bytes().startswith(b"\x80")  # no pickle
+
+
+def test_a_prior_loaded_on_the_cpu_keeps_its_convolutions_channels_last_and_saves_them_contiguous(
+        unet_folder: Path, tmp_path: Path) -> None:
+    loaded = load_prior(unet_folder, device="cpu")
+    kernels = [p for p in loaded.parameters() if p.dim() == 4]
+    assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+    assert any(not p.is_contiguous() for p in kernels)
+    again = save_prior(loaded, tmp_path / "again")
+    assert (again / WEIGHTS_FILE).read_bytes() == (unet_folder / WEIGHTS_FILE).read_bytes()
 
 
 def test_gaussian_and_mixture_round_trip(tmp_path: Path) -> None:
@@ -50,9 +66,7 @@ def test_save_refuses_to_overwrite_unless_asked(unet_folder: Path) -> None:
     with pytest.raises(OutputExistsError):
         save_prior(tiny_unet(seed=4), unet_folder)
     save_prior(tiny_unet(seed=4), unet_folder, overwrite=True)
-    x = torch.randn(1, 1, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(load_prior(unet_folder).denoise(x, 0.5), tiny_unet(seed=4).denoise(x, 0.5))
+    _same_prior(load_prior(unet_folder), tiny_unet(seed=4), torch.randn(1, 1, 32, 32), 0.5)
     assert sorted(p.name for p in unet_folder.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]  # no temp files left
 
 

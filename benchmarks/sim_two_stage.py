@@ -31,7 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from klviewer.evaluation.calibrate import threshold_at_fpr
-from klviewer.evaluation.detection import CALIBRATION_SEED_BASE, EVAL_SEED_BASE, DetectionCase, load_cached_cases
+from klviewer.evaluation.detection import (
+    CALIBRATION_SEED_BASE,
+    EVAL_SEED_BASE,
+    DetectionCase,
+    load_cached_cases,
+    localisation_auroc,
+)
 from klviewer.evaluation.metrics import auroc
 from klviewer.inference.healthy_reference import HealthySlice, cross_fitted_scores, fit_reference
 
@@ -72,11 +78,7 @@ def load_stage(cache: Path, split: int, patch: int, window: tuple[float, float])
     for case in scored:
         z_map = reference.z_map(case.result.energy, case.result.recon_hu)
         z.append(z_map.score)
-        value = np.nan
-        if case.kind != "healthy":
-            inside = z_map.sums_of(case.body_mask) > 0
-            value = auroc(z_map.values[inside], (z_map.sums_of(case.ood_mask) > 0)[inside])
-        localisation.append(value)
+        localisation.append(np.nan if case.kind == "healthy" else localisation_auroc(z_map, case))
     chains = int(scored[0].result.settings.samples)
     return scored, Stage(chains, np.array(z), np.array(localisation), threshold_at_fpr(healthy_z, FPR), healthy_z)
 

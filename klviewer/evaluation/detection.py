@@ -166,6 +166,13 @@ def healthy_slices(cases: list[DetectionCase]) -> list[HealthySlice]:
     return [HealthySlice(c.result.energy, c.result.recon_hu) for c in cases if c.kind == "healthy"]
 
 
+def localisation_auroc(patches: KLMap, case: DetectionCase) -> float:
+    """One OOD slice's localisation AUROC: over the patches that touch the body, those that touch the OOD
+    mask are the positives (NaN when there are no positives or no negatives)."""
+    inside = patches.sums_of(case.body_mask) > 0
+    return auroc(patches.values[inside], (patches.sums_of(case.ood_mask) > 0)[inside])
+
+
 def score_patches(cases: list[DetectionCase], method: str,
                   patch_map: Callable[[DetectionCase], KLMap]) -> MethodScores:
     """Dataset AUROC of the largest patch value, and per-image localisation AUROC over body patches."""
@@ -176,9 +183,7 @@ def score_patches(cases: list[DetectionCase], method: str,
         is_ood = case.kind != "healthy"
         labels.append(is_ood)
         if is_ood:
-            inside = patches.sums_of(case.body_mask) > 0
-            positive = (patches.sums_of(case.ood_mask) > 0)[inside]
-            value = auroc(patches.values[inside], positive)
+            value = localisation_auroc(patches, case)
             if np.isfinite(value):
                 per_image.append(value)
     scores_a, labels_a = np.array(scores), np.array(labels)

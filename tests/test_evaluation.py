@@ -114,5 +114,6 @@ def test_report_sweeps_klip_and_gives_every_baseline_per_patch_size() -> None:
                                   [control[r["patch"]] for r in report.sweep])  # NaN where a patch covers everything
     meta = {"command": "test", "prior": "x", "n_id": 1, "n_ood": 1, "ood_kind": "lesion", "size": 32, "device": "cpu"}
     text = markdown(report, AnalysisSettings(patch=4, sigma_window=None), meta)
+    assert "; pigdm, 1 independent sample(s) x 100 steps, patch 4. Mean" in text, "the header names the chains"
     table = text.split("## Baselines over patch size")[1]
     assert "| 4 | " in table and all(m in table for m in BASELINES)

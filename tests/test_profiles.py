@@ -45,6 +45,8 @@ def test_a_profile_is_changed_only_by_the_options_given() -> None:
                       "--precision", "bfloat16")
     assert branched == replace(BRANCHED, device="auto")
     assert _parse("--profile", "screening", "--cg-iters", "1") == replace(PROFILES["screening"], cg_iters=1, device="auto")
+    assert _parse("--profile", "screening", "--samples", "4", "--trunks", "2", "--steps", "70", "--sigma-min", "0.01",
+                  "--branch-sigma", "0.1", "--branch-steps", "16") == replace(BRANCHED, trunks=2, branch_steps=16, device="auto")
 
 
 def test_schedule_settings_enter_the_calibration_key_only_when_they_differ() -> None:
@@ -62,6 +64,10 @@ def test_schedule_settings_enter_the_calibration_key_only_when_they_differ() -> 
     with pytest.raises(KlviewerInputError, match="cg_iters"):
         SamplerSettings(cg_iters=0).validate()
     assert sampling_key(BRANCHED) != sampling_key(replace(BRANCHED, branch_steps=9))
+    two = replace(BRANCHED, trunks=2)
+    assert calibration_key(two) == {**calibration_key(BRANCHED), "trunks": 2}
+    assert two.sampler(0).trunks == 2 and two.step_count == 2 * 69 + 4 * 12
+    assert two.describe_chains().startswith("2 chains x 70 steps to sigma 0.1, then 4 branches x 12 steps")
 
 
 def test_calibration_entries_of_one_schedule_do_not_serve_another(tmp_path: Path) -> None:
@@ -78,11 +84,11 @@ def test_calibration_entries_of_one_schedule_do_not_serve_another(tmp_path: Path
 
 
 def test_results_read_back_their_schedule_and_refuse_a_bad_one(tmp_path: Path) -> None:
-    doc = replace(BRANCHED, cg_iters=1).to_dict()
-    assert checked_settings(doc, tmp_path / "summary.json") == replace(BRANCHED, cg_iters=1)
+    doc = replace(BRANCHED, cg_iters=1, trunks=2).to_dict()
+    assert checked_settings(doc, tmp_path / "summary.json") == replace(BRANCHED, cg_iters=1, trunks=2)
 
     for field, bad in (("branch_sigma", -1.0), ("branch_steps", "8"), ("high_guidance", 3), ("high_sigma", "x"), ("sigma_min", 0),
-                       ("cg_iters", 0)):
+                       ("cg_iters", 0), ("trunks", 0), ("trunks", 2.5)):
         with pytest.raises(KlviewerInputError, match=field):
             checked_settings({**doc, field: bad}, tmp_path / "summary.json")
 

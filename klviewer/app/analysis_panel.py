@@ -306,8 +306,9 @@ class AnalysisPanel(QWidget):
         self.profile_combo.setCurrentIndex(self.profile_combo.findData(name))
         self.profile_combo.setToolTip(f"{current.describe_chains()}. Named settings the prior is calibrated for; "
                                       "changing steps, samples or guidance makes them custom")
+        shared = "the shared chain" if current.trunks == 1 else "each shared chain"
         self.steps.setToolTip("Reverse-diffusion steps " + ("per posterior sample" if current.branch_sigma is None
-                                                             else f"of the shared chain down to σ {current.branch_sigma:g}"))
+                                                             else f"of {shared} down to σ {current.branch_sigma:g}"))
 
     def apply(self, settings: AnalysisSettings) -> None:
         self.views.setValue(settings.views)

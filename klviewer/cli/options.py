@@ -68,6 +68,8 @@ def add_sampler_options(p: argparse.ArgumentParser, *, flag_help: str) -> None:
     p.add_argument("--branch-sigma", type=positive_float, metavar="SIGMA",
                    help="samples share one chain down to this noise level and branch there")
     p.add_argument("--branch-steps", type=positive_int, help="noise levels of each branch, down to --sigma-min")
+    p.add_argument("--trunks", type=positive_int, metavar="N",
+                   help="chains down to --branch-sigma, each branching into samples / N (default 1)")
     p.add_argument("--high-guidance", choices=ANY_PRIOR_GUIDANCES, help="guidance of the steps above --high-sigma")
     p.add_argument("--high-sigma", type=positive_float, metavar="SIGMA", help="noise level above which --high-guidance runs")
     p.add_argument("--cg-iters", type=positive_int, metavar="N",

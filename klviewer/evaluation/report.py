@@ -87,8 +87,7 @@ def markdown(report: DetectionReport, settings: AnalysisSettings, meta: dict[str
         "",
         f"Prior `{meta['prior']}`; {meta['n_id']} healthy and {meta['n_ood']} {meta['ood_kind']} phantoms at "
         f"{meta['size']}²; {settings.views} views, noise {settings.noise_sigma or settings.dose_i0 or 'none'}; "
-        f"{settings.steps} steps, {settings.samples} sample(s), guidance `{settings.guidance}`; patch {settings.patch} px, "
-        f"sigma window {_fmt_window(settings.sigma_window)}. Mean {report.seconds_per_slice:.1f} s per slice on {meta['device']}.",
+        f"{settings.describe_sampling()}. Mean {report.seconds_per_slice:.1f} s per slice on {meta['device']}.",
         "",
         "| method | dataset-level AUROC | image-level localisation AUROC |",
         "|---|---|---|",

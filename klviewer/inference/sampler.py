@@ -7,7 +7,7 @@ nats per pixel to the EnergyField (Girsanov); with the exact likelihood score th
 KL(p(x|y) || p(x)).
 
 A run either draws every posterior sample as its own chain, or (`branch_sigma`) draws one chain
-down to a noise level and branches it there into the samples. Each branch is marginally a chain
+(or `trunks` chains) down to a noise level and branches it there into the samples. Each branch is marginally a chain
 of its own, so its energy keeps its expectation; but the branches share the trunk's randomness,
 and on the phantom benchmark they average out much less of the KL map's noise than independent
 chains do (docs/screening.md).
@@ -86,6 +86,9 @@ class SamplerSettings:
     and branch there into `samples` chains of `branch_steps` log-spaced
     levels down to sigma_min, then a last step to 0."""
     branch_steps: int = 0
+    trunks: int = 1
+    """Branched: the chains down to branch_sigma; sample k branches from trunk k % trunks. More trunks
+    share less of the samples' randomness, so their mean energy varies less, at the cost of the trunk steps."""
     high_guidance: str | None = None
     """With `high_sigma`: the guidance of the steps that start above `high_sigma` (a cheaper one, e.g. `dc`,
     where the prior dominates); None = `guidance` throughout."""
@@ -113,6 +116,9 @@ class SamplerSettings:
                                                f"{self.branch_sigma}, {self.sigma_max}")
             if self.branch_steps < 2:
                 raise KlviewerInputError(None, f"branch_steps must be at least 2, got {self.branch_steps}")
+        if self.trunks < 1 or (self.trunks > 1 and (self.branch_sigma is None or self.samples % self.trunks)):
+            raise KlviewerInputError(None, f"trunks must be at least 1, and above 1 only with branch_sigma and a number of "
+                                           f"samples it divides; got {self.trunks} trunk(s) for {self.samples} sample(s)")
         if self.precision not in PRECISIONS:
             raise KlviewerInputError(None, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if (self.high_guidance is None) != (self.high_sigma is None):
@@ -125,7 +131,7 @@ class SamplerSettings:
         """Sampler steps of the whole run, every sample's counted (what progress counts)."""
         if self.branch_sigma is None:
             return self.steps * self.samples
-        return self.steps - 1 + self.samples * self.branch_steps
+        return self.trunks * (self.steps - 1) + self.samples * self.branch_steps
 
 
 @dataclass
@@ -494,8 +500,11 @@ def _solve_notes(guidance: str, work: Evaluations) -> list[str]:
 def _branch_notes(settings: SamplerSettings) -> list[str]:
     if settings.branch_sigma is None or settings.samples < 2:
         return []
-    return [f"the {settings.samples} posterior samples branch from one chain at sigma {settings.branch_sigma:g}: "
-            f"their spread is the posterior's below that noise level only"]
+    if settings.trunks == 1:
+        return [f"the {settings.samples} posterior samples branch from one chain at sigma {settings.branch_sigma:g}: "
+                f"their spread is the posterior's below that noise level only"]
+    return [f"the {settings.samples} posterior samples branch from {settings.trunks} chains at sigma "
+            f"{settings.branch_sigma:g}: their spread is partly the posterior's below that noise level only"]
 
 
 def sample_seed(seed: int, k: int) -> int:
@@ -509,8 +518,8 @@ def _sample_all(prior: Denoiser, models: Sequence[MeasurementModel], seeds: Sequ
     """The final states (slices, samples, C, H, W), each slice's (bins, slices, H, W) energy per sample,
     and the work done.
 
-    Branched, the trunk's energy counts once and the branches' is averaged: each branch continues
-    the trunk, so trunk plus branch energy is one chain's.
+    Branched, each trunk's energy counts once per branch of it and the sum is averaged over the
+    samples: each branch continues its trunk, so trunk plus branch energy is one chain's.
     """
     n_slices, samples = len(models), settings.samples
     total = settings.step_count * n_slices
@@ -529,25 +538,29 @@ def _sample_all(prior: Denoiser, models: Sequence[MeasurementModel], seeds: Sequ
     guidances: list[Guidance] = []
 
     def run(chains: list[tuple[int, int]], sigmas: np.ndarray, bins: np.ndarray,
-            start: torch.Tensor | None) -> torch.Tensor:
-        """Chains (slice j, stream k) in batches, from `start[j]` or else from noise at sigmas[0]."""
+            starts: torch.Tensor | None) -> torch.Tensor:
+        """Chains (slice j, stream k) in batches, chain i from `starts[i]` or else from noise at sigmas[0]."""
         finals = []
         for first in range(0, len(chains), batch):
             part = chains[first:first + batch]
             owners = [j for j, _ in part]
             generators = [torch.Generator().manual_seed(sample_seed(seeds[j], k)) for j, k in part]
-            x = _noise(generators, shape, device) * float(sigmas[0]) if start is None else start[owners]
+            x = _noise(generators, shape, device) * float(sigmas[0]) if starts is None else starts[first:first + batch]
             guidances.append(run_guidance(prior, stack_models(models, owners), settings))
             owner_index = torch.tensor(owners, device=device)
             finals.append(_run_steps(guidances[-1], x, sigmas, bins, energy, owner_index, generators, tick))
         return torch.cat(finals)
 
-    start: torch.Tensor | None = None
+    chains = [(j, k) for j in range(n_slices) for k in range(samples)]
+    starts: torch.Tensor | None = None
     sigmas, bins = schedule.trunk, schedule.trunk_bins
     if settings.branch_sigma is not None:
-        start = run([(j, -1) for j in range(n_slices)], schedule.trunk, schedule.trunk_bins, None)
-        energy *= samples  # the trunk's energy, once per sample before the mean over samples below
+        trunks = settings.trunks
+        # Trunk t follows stream -1 - t, so a run's first trunk is the same whatever the number of trunks.
+        ends = run([(j, -1 - t) for j in range(n_slices) for t in range(trunks)], schedule.trunk, schedule.trunk_bins, None)
+        starts = ends[[j * trunks + k % trunks for j, k in chains]]
+        energy *= samples // trunks  # each trunk's energy, once per branch of it before the mean over samples below
         sigmas, bins = schedule.branch, schedule.branch_bins
-    final = run([(j, k) for j in range(n_slices) for k in range(samples)], sigmas, bins, start)
+    final = run(chains, sigmas, bins, starts)
     work = sum((g.evaluations for g in guidances), Evaluations())
     return final.view(n_slices, samples, *shape), energy / samples, work

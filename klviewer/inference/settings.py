@@ -33,6 +33,8 @@ class AnalysisSettings:
     """None: every posterior sample is its own chain. A noise level: the samples share one chain of
     `steps` levels down to it and branch there (SamplerSettings.branch_sigma)."""
     branch_steps: int = 0
+    trunks: int = 1
+    """Branched: how many chains run down to `branch_sigma`, each branching into samples / trunks (SamplerSettings.trunks)."""
     high_guidance: str | None = None
     """With `high_sigma`: the guidance of the steps above that noise level (SamplerSettings.high_guidance)."""
     high_sigma: float | None = None
@@ -44,7 +46,7 @@ class AnalysisSettings:
     def sampler(self, slice_seed: int) -> SamplerSettings:
         return SamplerSettings(steps=self.steps, samples=self.samples, seed=slice_seed, guidance=self.guidance,  # type: ignore[arg-type]
                                dps_step=self.dps_step, sigma_min=self.sigma_min, branch_sigma=self.branch_sigma,
-                               branch_steps=self.branch_steps, high_guidance=self.high_guidance,
+                               branch_steps=self.branch_steps, trunks=self.trunks, high_guidance=self.high_guidance,
                                high_sigma=self.high_sigma, precision=self.precision, cg_iters=self.cg_iters)
 
     @property
@@ -57,7 +59,8 @@ class AnalysisSettings:
         if self.branch_sigma is None:
             chains = f"{self.samples} independent sample(s) x {self.steps} steps"
         else:
-            chains = (f"{self.steps} steps to sigma {self.branch_sigma:g}, then {self.samples} branches x "
+            trunk = f"{self.steps} steps" if self.trunks == 1 else f"{self.trunks} chains x {self.steps} steps"
+            chains = (f"{trunk} to sigma {self.branch_sigma:g}, then {self.samples} branches x "
                       f"{self.branch_steps} steps to {self.sigma_min:g}")
         solve = "" if self.cg_iters == SamplerSettings.cg_iters else f", {self.cg_iters} CG iteration(s) per step"
         return chains + solve + (", bfloat16 denoiser" if self.precision != "float32" else "")
@@ -91,7 +94,8 @@ class AnalysisSettings:
         return cls(**d)
 
 
-EXTRA_SAMPLING_KEYS = ("sigma_min", "branch_sigma", "branch_steps", "high_guidance", "high_sigma", "precision", "cg_iters")
+EXTRA_SAMPLING_KEYS = ("sigma_min", "branch_sigma", "branch_steps", "trunks", "high_guidance", "high_sigma", "precision",
+                       "cg_iters")
 _EXTRA_DEFAULTS = {k: getattr(AnalysisSettings, k) for k in EXTRA_SAMPLING_KEYS}
 MAP_ONLY_KEYS = ("patch", "sigma_window", "flag_threshold")
 

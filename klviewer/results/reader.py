@@ -151,7 +151,8 @@ def checked_settings(doc: Any, source: Path, prefix: str = "settings.") -> Analy
         raise KlviewerInputError(source, f"'{prefix.rstrip('.')}' has unknown field(s) {brief(unknown)}")
     values: dict[str, Any] = {}
     for key, lo, hi in (("views", 1, 100_000), ("steps", 1, 1_000_000), ("samples", 1, 100_000), ("patch", 1, 8192),
-                        ("seed", -2**63, 2**63), ("branch_steps", 0, 1_000_000), ("cg_iters", 1, 10_000)):
+                        ("seed", -2**63, 2**63), ("branch_steps", 0, 1_000_000), ("trunks", 1, 100_000),
+                        ("cg_iters", 1, 10_000)):
         if key in record:
             values[key] = record.integer(key, lo=lo, hi=hi)
     for key in ("dose_i0", "noise_sigma", "flag_threshold"):

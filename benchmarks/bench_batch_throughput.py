@@ -2,7 +2,7 @@
 CPU throughput per image peaks").
 
     python benchmarks/bench_batch_throughput.py [--threads 2] [--batches 1 2 4 8] [--repeats 5]
-        [--precision float32|bfloat16] [--compile] [--channels-last]
+        [--precision float32|bfloat16] [--compile] [--channels-last] [--plain-norm]
 
 For each batch B it times, on the shipped prior at 256²:
 - the bare denoiser forward pass (no autograd), as `klviewer.priors.timing` does;
@@ -14,7 +14,9 @@ process, each shape compiled during the warm-up calls and the compile time repor
 and compiled rows run the network's weights contiguous; with `--channels-last` the same rows follow
 for them in channels-last memory order (the layout
 oneDNN's convolutions prefer; each convolution's output then keeps it). `--precision bfloat16`
-times both under the sampler's bfloat16 autocast.
+times both under the sampler's bfloat16 autocast. `--plain-norm` adds the `pigdm` step with the
+network's group norms left to autocast (bfloat16 on the CPU) against the shipped float32 ones
+(`FloatGroupNorm`), weights as loaded, the two timed call by call in turn.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from klviewer.inference.measurements import ct_measurement_model
 from klviewer.inference.sampler import PRECISIONS, SamplerSettings, make_guidance
 from klviewer.phantoms import FOV_MM, make_phantom
 from klviewer.physics.acquisition import simulate_measurement
-from klviewer.priors.checkpoint import DEFAULT_PRIOR, load_prior
+from klviewer.priors.checkpoint import CPU_MEMORY_FORMAT, DEFAULT_PRIOR, load_prior
 from klviewer.priors.timing import time_denoiser
+from klviewer.priors.unet import FloatGroupNorm
 
 
 def time_guidance_step(prior, model, batch: int, repeats: int, warmup: int = 2, sigma: float = 0.2,
@@ -50,6 +53,33 @@ def time_guidance_step(prior, model, batch: int, repeats: int, warmup: int = 2, 
         if i >= warmup:
             times.append(1000 * (time.perf_counter() - start))
     return statistics.median(times)
+
+
+def set_norms(prior, kind: type) -> None:
+    """Give every group norm of the network the class `kind` (FloatGroupNorm or nn.GroupNorm; same parameters)."""
+    for module in prior.net.modules():
+        if isinstance(module, torch.nn.GroupNorm):
+            module.__class__ = kind
+
+
+def time_norm_pairs(prior, model, args: argparse.Namespace) -> list[tuple]:
+    """`pigdm` steps with the group norms in bfloat16 (nn.GroupNorm under CPU autocast) and in float32
+    (FloatGroupNorm), interleaved call by call so that the machine's drift falls on both alike."""
+    rows = []
+    for batch in args.batches:
+        times: dict[type, list[float]] = {torch.nn.GroupNorm: [], FloatGroupNorm: []}
+        for i in range(2 + args.repeats):
+            for kind, kept in times.items():
+                set_norms(prior, kind)
+                step = time_guidance_step(prior, model, batch, 1, warmup=0, precision=args.precision)
+                if i >= 2:
+                    kept.append(step)
+        plain, floated = (statistics.median(t) for t in times.values())
+        rows.append((batch, plain, floated))
+        print(f"batch {batch}: pigdm step {plain:.0f} ms with the norms in {args.precision}, {floated:.0f} ms in float32",
+              flush=True)
+    set_norms(prior, FloatGroupNorm)
+    return rows
 
 
 def time_rows(prior, model, size: int, args: argparse.Namespace, network: str) -> list[tuple]:
@@ -74,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="also time the network under torch.compile")
     p.add_argument("--channels-last", action="store_true", help="also time the network with channels-last weights")
+    p.add_argument("--plain-norm", action="store_true",
+                   help="also time the step with the group norms in the autocast's precision, interleaved with float32 ones")
     p.add_argument("--precision", choices=PRECISIONS, default="float32", help="the denoiser's arithmetic, as the sampler's")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "batch_throughput.md")
     args = p.parse_args(argv)
@@ -89,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.channels_last:
         prior.net.to(memory_format=torch.channels_last)
         rows += time_rows(prior, model, size, args, "channels_last")
+        prior.net.to(memory_format=torch.contiguous_format)
+    norm_pairs = []
+    if args.plain_norm:
+        prior.net.to(memory_format=CPU_MEMORY_FORMAT)
+        norm_pairs = time_norm_pairs(prior, model, args)
         prior.net.to(memory_format=torch.contiguous_format)
     if args.compile:
         prior.net = torch.compile(prior.net, dynamic=False)
@@ -111,6 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         "eager at batch 1).",
         "",
     ]
+    if norm_pairs:
+        lines += [
+            f"The `pigdm` step with the group norms in {args.precision} (nn.GroupNorm under autocast) and in float32 "
+            f"(FloatGroupNorm, as shipped), weights as loaded on the CPU, the two timed call by call in turn; medians of {args.repeats}:",
+            "", f"| batch | norms in {args.precision} (ms) | norms in float32 (ms) | float32 / {args.precision} |",
+            "|---|---|---|---|",
+            *[f"| {b} | {plain:.0f} | {floated:.0f} | {floated / plain:.2f} |" for b, plain, floated in norm_pairs], "",
+        ]
     args.out.write_text("\n".join(lines), encoding="utf-8")
     return 0
 

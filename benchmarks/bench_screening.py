@@ -36,7 +36,7 @@ from klviewer.inference.plan import plan_open_series
 from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.study import Series, Slice
 from klviewer.phantoms import make_phantom
-from klviewer.priors.checkpoint import DEFAULT_PRIOR
+from klviewer.priors.checkpoint import CPU_MEMORY_FORMAT, DEFAULT_PRIOR
 
 LAYOUTS = {"loaded": torch.preserve_format, "channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 """Memory orders `series --layouts` can put the network's weights in."""
@@ -120,7 +120,10 @@ def series(args: argparse.Namespace) -> int:
                     slices=[Slice(hu=p.hu) for p in phantoms], pixel_spacing_mm=(spacing, spacing))
     plan = plan_open_series([(volume, range(args.slices))])
     load_start = os.getloadavg()
-    forwards = statistics.median(bare_forwards_seconds(loaded.prior) for _ in range(3)) if loaded.device.type == "cpu" else None
+    cpu = loaded.device.type == "cpu"
+    # 100 forward passes drift by 10-25 % within one process on this machine, so they are timed before and
+    # after the series and the ratio is to the median of all six.
+    before = [bare_forwards_seconds(loaded.prior) for _ in range(3)] if cpu else []
     rows = []
     for spec in args.settings:
         name, options = spec.split("=", 1)
@@ -141,8 +144,14 @@ def series(args: argparse.Namespace) -> int:
                 rows.append((label, options, batch, seconds, moved))
                 print(f"{label} slice batch {batch}: {seconds:.1f} s for {args.slices} slices, "
                       f"{args.slices / seconds:.2f} slices/s, numbers moved {moved:.1e}", flush=True)
+    if cpu:
+        loaded.prior.to(memory_format=CPU_MEMORY_FORMAT)
+    after = [bare_forwards_seconds(loaded.prior) for _ in range(3)] if cpu else []
+    forwards = statistics.median(before + after) if cpu else None
     device = torch.cuda.get_device_name(0) if loaded.device.type == "cuda" else f"CPU, {args.threads} torch threads"
-    base = f"; 100 bare forward passes at batch 1 took {forwards:.2f} s (median of 3)" if forwards else ""
+    base = (f"; 100 bare forward passes at batch 1 (weights as loaded) took {forwards:.2f} s (median of 3 before the "
+            f"series, {', '.join(f'{t:.2f}' for t in before)} s, and 3 after, {', '.join(f'{t:.2f}' for t in after)} s)"
+            if forwards else "")
     lines = [
         "# Series throughput: slices batched into one forward pass",
         "",

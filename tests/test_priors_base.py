@@ -152,3 +152,25 @@ def test_optional_attention_and_no_position_channels() -> None:
         with torch.no_grad():
             out = prior.denoise(x, 0.5)
         assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_group_norm_runs_in_float32_under_autocast() -> None:
+    """Under the CPU's bfloat16 autocast the norm is computed in float32 and handed back in bfloat16;
+    outside autocast it is nn.GroupNorm; its parameters keep nn.GroupNorm's names, so checkpoints load."""
+    from klviewer.priors.unet import FloatGroupNorm
+
+    torch.manual_seed(0)
+    norm, plain = FloatGroupNorm(4, 8), torch.nn.GroupNorm(4, 8)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    plain.load_state_dict(norm.state_dict())
+    x = torch.randn(2, 8, 6, 6) * 3 + 1
+    torch.testing.assert_close(norm(x), plain(x), rtol=0, atol=0)
+    low = x.bfloat16().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(low)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, plain(low.detach().float()).bfloat16(), rtol=0, atol=0)
+    out.float().square().sum().backward()
+    assert low.grad is not None and low.grad.dtype == torch.bfloat16 and norm.weight.grad.dtype == torch.float32
+    assert all(isinstance(m, FloatGroupNorm) for m in tiny_unet().modules() if isinstance(m, torch.nn.GroupNorm))

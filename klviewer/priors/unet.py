@@ -87,15 +87,30 @@ class FourierEmbedding(nn.Module):
         return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
 
 
+class FloatGroupNorm(nn.GroupNorm):
+    """GroupNorm computed in float32 under autocast, its output in the input's dtype.
+
+    CUDA's autocast already runs group_norm in float32; the CPU's runs it in bfloat16, where its
+    backward took 29 % of a bfloat16 `pigdm` step (3.2x its float32 time per call). In float32 the step is
+    8 % faster (docs/screening.md). The parameters are nn.GroupNorm's, so checkpoints load unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice; the noise embedding modulates the second norm (scale, shift)."""
 
     def __init__(self, cin: int, cout: int, emb_dim: int, groups: int) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(min(groups, cin), cin)
+        self.norm1 = FloatGroupNorm(min(groups, cin), cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.affine = nn.Linear(emb_dim, 2 * cout)
-        self.norm2 = nn.GroupNorm(min(groups, cout), cout)
+        self.norm2 = FloatGroupNorm(min(groups, cout), cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
         # Each block starts as (nearly) the identity, which keeps early training stable.
@@ -112,7 +127,7 @@ class ResBlock(nn.Module):
 class SelfAttention(nn.Module):
     def __init__(self, channels: int, groups: int, heads: int = 4) -> None:
         super().__init__()
-        self.norm = nn.GroupNorm(min(groups, channels), channels)
+        self.norm = FloatGroupNorm(min(groups, channels), channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
         self.heads = heads
@@ -153,7 +168,7 @@ class UNet(nn.Module):
         for c in reversed(channels):
             self.up.append(ResBlock(prev + c, c, emb_dim, groups))
             prev = c
-        self.norm_out = nn.GroupNorm(min(groups, prev), prev)
+        self.norm_out = FloatGroupNorm(min(groups, prev), prev)
         self.conv_out = nn.Conv2d(prev, out_channels * stem**2, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)

@@ -121,7 +121,7 @@ def series(args: argparse.Namespace) -> int:
     plan = plan_open_series([(volume, range(args.slices))])
     load_start = os.getloadavg()
     cpu = loaded.device.type == "cpu"
-    # 100 forward passes drift by 10-25 % within one process on this machine, so they are timed before and
+    # 100 forward passes drifted by up to 40 % within one process on this machine, so they are timed before and
     # after the series and the ratio is to the median of all six.
     before = [bare_forwards_seconds(loaded.prior) for _ in range(3)] if cpu else []
     rows = []

@@ -28,8 +28,15 @@ from pathlib import Path
 
 import torch
 
-from klviewer.cli.options import add_measurement_options, add_sampler_options, settings_from_args
+from klviewer.cli.options import (
+    add_escalation_options,
+    add_measurement_options,
+    add_sampler_options,
+    escalation_from_args,
+    settings_from_args,
+)
 from klviewer.evaluation.detection import series_from_phantom
+from klviewer.inference.escalation import Escalation
 from klviewer.inference.measurements import prepare_slice
 from klviewer.inference.pipeline import LoadedPrior, analyze_prepared, analyze_slices
 from klviewer.inference.plan import plan_open_series
@@ -42,12 +49,19 @@ LAYOUTS = {"loaded": torch.preserve_format, "channels_last": torch.channels_last
 """Memory orders `series --layouts` can put the network's weights in."""
 
 
-def settings_of(options: str, device: str = "cpu") -> AnalysisSettings:
-    """The analysis settings that these `klviewer analyze` options give."""
+def options_of(options: str, device: str = "cpu") -> tuple[AnalysisSettings, Escalation | None]:
+    """The analysis settings and escalation (two stages, or None) that these `klviewer analyze` options give."""
     p = argparse.ArgumentParser()
     add_measurement_options(p)
     add_sampler_options(p, flag_help="")
-    return settings_from_args(p.parse_args(shlex.split(options) + ["--device", device]))
+    add_escalation_options(p)
+    args = p.parse_args(shlex.split(options) + ["--device", device])
+    return settings_from_args(args), escalation_from_args(args)
+
+
+def settings_of(options: str, device: str = "cpu") -> AnalysisSettings:
+    """The analysis settings that these `klviewer analyze` options give."""
+    return options_of(options, device)[0]
 
 
 class CountingPrior:
@@ -127,7 +141,7 @@ def series(args: argparse.Namespace) -> int:
     rows = []
     for spec in args.settings:
         name, options = spec.split("=", 1)
-        settings = settings_of(options, args.device)
+        settings, escalation = options_of(options, args.device)
         first: list | None = None
         for layout in args.layouts:
             loaded.prior.to(memory_format=LAYOUTS[layout])
@@ -135,15 +149,19 @@ def series(args: argparse.Namespace) -> int:
                 if loaded.device.type == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-                results = [item.result for item in analyze_slices(plan, loaded, settings, slice_batch=batch)]
+                results = [item.result for item in analyze_slices(plan, loaded, settings, slice_batch=batch,
+                                                                  escalation=escalation)]
                 seconds = time.perf_counter() - start
+                escalated = (f"{sum(r.settings.samples > settings.samples for r in results)} of {len(results)}"
+                             if escalation else "–")
                 first = first or results
                 moved = max(max(abs(r.score - f.score) / abs(f.score), abs(r.total_kl - f.total_kl) / abs(f.total_kl))
                             for r, f in zip(results, first))
                 label = name if args.layouts == ["loaded"] else f"{name} ({layout})"
-                rows.append((label, options, batch, seconds, moved))
+                rows.append((label, options, batch, seconds, moved, escalated))
                 print(f"{label} slice batch {batch}: {seconds:.1f} s for {args.slices} slices, "
-                      f"{args.slices / seconds:.2f} slices/s, numbers moved {moved:.1e}", flush=True)
+                      f"{args.slices / seconds:.2f} slices/s, numbers moved {moved:.1e}, escalated {escalated}",
+                      flush=True)
     if cpu:
         loaded.prior.to(memory_format=CPU_MEMORY_FORMAT)
     after = [bare_forwards_seconds(loaded.prior) for _ in range(3)] if cpu else []
@@ -159,17 +177,19 @@ def series(args: argparse.Namespace) -> int:
         f"one series of {args.slices} healthy phantoms{base}; load average {' '.join(f'{v:.2f}' for v in load_start)} "
         f"at the start, {' '.join(f'{v:.2f}' for v in os.getloadavg())} at the end. Seconds are the whole series "
         "through `analyze_slices` (measurement, sampling, maps). *Moved* is the largest relative change of any "
-        f"slice's score or total KL against slice batch {args.batches[0]}"
+        f"slice's score or total KL against slice batch {args.batches[0]}; *escalated*: the slices that a two-stage "
+        "setting (`--escalate`) gave more chains"
         + ("." if args.layouts == ["loaded"] else f" with the network's weights {args.layouts[0]}."),
         "",
         "| setting | slice batch | s / series | s / slice | slices / s | " + ("× 100 forwards | " if forwards else "")
-        + "moved |",
-        "|---|---|---|---|---|" + ("---|" if forwards else "") + "---|",
+        + "moved | escalated |",
+        "|---|---|---|---|---|" + ("---|" if forwards else "") + "---|---|",
     ]
-    for name, options, batch, seconds, moved in rows:
+    for name, options, batch, seconds, moved, escalated in rows:
         per = seconds / args.slices
         ratio = f"{per / forwards:.2f} | " if forwards else ""
-        lines.append(f"| {name} `{options}` | {batch} | {seconds:.1f} | {per:.2f} | {1 / per:.3f} | {ratio}{moved:.1e} |")
+        lines.append(f"| {name} `{options}` | {batch} | {seconds:.1f} | {per:.2f} | {1 / per:.3f} | {ratio}{moved:.1e} "
+                     f"| {escalated} |")
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -28,6 +28,7 @@ from klviewer.app.display import MapSettings
 from klviewer.app.messages import Notifier
 from klviewer.app.settings import Preferences
 from klviewer.errors import KlviewerError
+from klviewer.inference.escalation import Escalation
 from klviewer.inference.settings import DEFAULT_PROFILE, EXTRA_SAMPLING_KEYS, PROFILES, AnalysisSettings
 from klviewer.priors.checkpoint import DEFAULT_PRIOR, list_priors, load_prior, priors_dir, read_prior_config
 
@@ -38,7 +39,8 @@ PROFILE_LABELS = {
     "fast": ("Fast (bfloat16)", "The standard settings with the denoiser in bfloat16: about 1.25x faster on a CPU "
                                 "with AVX-512 BF16, the same detection on the phantom benchmark"),
     "screening": ("Screening (2 samples)", "2 independent posterior samples of 100 steps with the denoiser in "
-                                           "bfloat16; KL z-scores over 4 px patches, noise levels 0.01-0.05"),
+                                           "bfloat16; KL z-scores over 4 px patches, noise levels 0.01-0.05. With "
+                                           "Escalate to 4: two stages, as calibrated for the shipped prior"),
     "detection": ("Detection (slow)", "4 independent posterior samples of 100 steps; KL z-scores over 4 px patches"),
 }
 CUSTOM = "custom"
@@ -112,6 +114,12 @@ class AnalysisPanel(QWidget):
         next run keeps while the boxes change steps, samples and guidance."""
         for spin in (self.steps, self.samples):
             spin.valueChanged.connect(self._sampler_edited)
+        self.escalate = _spin(0, 64, 0, "Two stages: every slice gets the samples above; the slices whose KL z-score "
+                                        "passes the escalation threshold (passed by half of the prior's healthy "
+                                        "calibration slices) get more chains, this many in all, and their verdict. "
+                                        "The others are not flagged. Needs the prior calibrated for both sample "
+                                        "counts (e.g. Screening, then 4)")
+        self.escalate.setSpecialValueText("Off")
         self.guidance_combo.currentIndexChanged.connect(self._sampler_edited)
 
         self.run_slice_button = QPushButton("Run slice")
@@ -148,12 +156,17 @@ class AnalysisPanel(QWidget):
         sampler_box = QGroupBox("Sampler")
         sampler_form = QFormLayout(sampler_box)
         sampler_form.addRow("Profile", self.profile_combo)
-        sampler_form.addRow("Steps", self.steps)
-        # Samples and seed share a row, so the run buttons stay in view at 1366x768.
+        # Two boxes per row (steps and seed; samples and the escalation's chains), so the run buttons stay in
+        # view at 1366x768.
+        steps_row = QHBoxLayout()
+        steps_row.addWidget(self.steps, 1)
+        steps_row.addWidget(QLabel("Seed"))
+        steps_row.addWidget(self.seed, 1)
+        sampler_form.addRow("Steps", steps_row)
         samples_row = QHBoxLayout()
         samples_row.addWidget(self.samples, 1)
-        samples_row.addWidget(QLabel("Seed"))
-        samples_row.addWidget(self.seed, 1)
+        samples_row.addWidget(QLabel("Escalate to"))
+        samples_row.addWidget(self.escalate, 1)
         sampler_form.addRow("Samples", samples_row)
         sampler_form.addRow("Guidance", self.guidance_combo)
         buttons = QHBoxLayout()
@@ -274,6 +287,11 @@ class AnalysisPanel(QWidget):
             seed=self.seed.value(), device=self.device_combo.currentData(), guidance=self.guidance_combo.currentData(),
         )
 
+    def escalation(self) -> Escalation | None:
+        """Two stages when the Escalate box is on: the slices whose KL z-score passes the escalation threshold get
+        that many chains in all."""
+        return Escalation(self.escalate.value()) if self.escalate.value() else None
+
     def profile(self) -> str:
         """The profile the sampler settings match, or "custom"."""
         return str(self.profile_combo.currentData())
@@ -334,6 +352,7 @@ class AnalysisPanel(QWidget):
                         guidance=p.get("analysis/guidance", d.guidance))
         mode = p.get("analysis/noise_mode", "none")
         value = p.get("analysis/noise_value", NOISE_DEFAULTS.get(mode, 0.0))
+        self.escalate.setValue(p.get("analysis/escalate", 0))
         self.apply(replace(
             d, views=p.get("analysis/views", d.views), seed=p.get("analysis/seed", d.seed),
             device=p.get("analysis/device", d.device),
@@ -352,6 +371,7 @@ class AnalysisPanel(QWidget):
         p.set("analysis/steps", self.steps.value())
         p.set("analysis/samples", self.samples.value())
         p.set("analysis/seed", self.seed.value())
+        p.set("analysis/escalate", self.escalate.value())
         p.set("analysis/device", self.device_combo.currentData())
         p.set("analysis/guidance", self.guidance_combo.currentData())
 

@@ -279,19 +279,20 @@ class MainWindow(OpeningMixin, QMainWindow):
             return False
         prior_path = self.panel.prior_path()
         settings = self.panel.settings(self.map_controls.settings())
-        refusal = self.model.run_refusal(prior_path, settings)
+        escalation = self.panel.escalation()
+        refusal = self.model.run_refusal(prior_path, settings, escalation)
         if refusal is not None:
             self.notifier.error(*refusal)
             return False
         self.panel.save()
         series = self.current.series
-        todo = self.model.unanalysed(series.uid, indices, prior_path, settings)
+        todo = self.model.unanalysed(series.uid, indices, prior_path, settings, escalation)
         if not todo:
             self._show_current()
             self.statusBar().showMessage("Shown from the results of this session (same settings).", 5_000)
             self.analysis_finished.emit(True)
             return True
-        self.runs.start(RunRequest(series, tuple(todo), prior_path, settings), what)
+        self.runs.start(RunRequest(series, tuple(todo), prior_path, settings, escalation), what)
         return True
 
     def cancel_run(self) -> None:
@@ -299,7 +300,7 @@ class MainWindow(OpeningMixin, QMainWindow):
 
     def _slice_done(self, request: RunRequest, index: int, result: SliceResult) -> None:
         self.model.add_result(request.series.uid, index, request.prior_path, request.settings, result,
-                              self.map_controls.settings())
+                              self.map_controls.settings(), request.escalation)
         if request.series.uid == self.current_uid and index == self.index:
             self._show_current()
         self._show_summary(result)

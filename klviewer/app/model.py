@@ -7,17 +7,18 @@ Verdicts come from `klviewer.inference.scoring.score_slice`, as in `klviewer ana
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from klviewer.app.cases import CaseEntry, CaseList
-from klviewer.app.measurements import Measurement
 from klviewer.app.display import MapSettings, patient_label, series_label
+from klviewer.app.measurements import Measurement
 from klviewer.app.session import CachedResult, FlagThresholds, ResultCache, ResultKey
 from klviewer.app.session_results import SessionSlice
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError
 from klviewer.evaluation.adapt import patient_key
+from klviewer.inference.escalation import Escalation, escalation_rule
 from klviewer.inference.result import SliceResult
 from klviewer.inference.scoring import FLAGGED, SliceScore, score_slice
 from klviewer.inference.settings import AnalysisSettings
@@ -92,7 +93,8 @@ class SessionModel:
     def current_result(self) -> CachedResult | None:
         return self.results.latest(self.current_uid, self.index) if self.current_uid else None
 
-    def run_refusal(self, prior_path: Path | None, settings: AnalysisSettings) -> tuple[str, str] | None:
+    def run_refusal(self, prior_path: Path | None, settings: AnalysisSettings,
+                    escalation: Escalation | None = None) -> tuple[str, str] | None:
         """Why the shown slice cannot be analysed with this prior and settings (a title and a message), or None."""
         entry = self.current
         if entry is None:
@@ -106,15 +108,21 @@ class SessionModel:
             resolve_device(settings.device)
         except KlviewerError as exc:
             return "Device not available", str(exc)
+        if escalation is not None:
+            try:
+                escalation_rule(self.calibrations.calibration(prior_path), settings, escalation)
+            except KlviewerError as exc:
+                return "Cannot run two stages", str(exc)
         return None
 
     # ----- results and verdicts --------------------------------------------------------------------
 
-    def unanalysed(self, uid: str, indices: list[int], prior_path: Path, settings: AnalysisSettings) -> list[int]:
+    def unanalysed(self, uid: str, indices: list[int], prior_path: Path, settings: AnalysisSettings,
+                   escalation: Escalation | None = None) -> list[int]:
         """The slices among `indices` without a result for these settings; the others become their slice's latest again."""
         todo = []
         for index in indices:
-            key = ResultKey.of(uid, index, prior_path, settings)
+            key = ResultKey.of(uid, index, prior_path, settings, escalation)
             hit = self.results.get(key)
             if hit is None:
                 todo.append(index)
@@ -127,11 +135,15 @@ class SessionModel:
         result = cached.result
         m = map_settings.clamped(result.energy.image_shape)
         s = result.settings
+        z_calibration = self.calibrations.z_calibration(cached.prior_path, s, m.patch, m.sigma_window)
+        if (z_calibration is not None and result.escalation_threshold is not None
+                and (m.patch, m.sigma_window) == (s.patch, s.sigma_window)):
+            # a two-stage run's slice that stayed at stage 1: the escalation threshold decided it
+            z_calibration = replace(z_calibration, threshold=result.escalation_threshold)
         return score_slice(
             result.energy, result.recon_hu, m.patch, m.sigma_window,
             nats_threshold=self.calibrations.threshold(cached.prior_path, s, m.patch, m.sigma_window),
-            z_calibration=self.calibrations.z_calibration(cached.prior_path, s, m.patch, m.sigma_window),
-            forced_nats=s.flag_threshold,
+            z_calibration=z_calibration, forced_nats=s.flag_threshold,
         )
 
     def calibrated_maps(self, cached: CachedResult) -> list[tuple[int, tuple[float, float]]]:
@@ -139,9 +151,10 @@ class SessionModel:
         return self.calibrations.calibrated_maps(cached.prior_path, cached.result.settings)
 
     def add_result(self, series_uid: str, index: int, prior_path: Path, settings: AnalysisSettings,
-                   result: SliceResult, map_settings: MapSettings) -> None:
-        """Keep a finished slice and list it with its verdict under the map sliders."""
-        self.results.put(ResultKey.of(series_uid, index, prior_path, settings), result, prior_path)
+                   result: SliceResult, map_settings: MapSettings, escalation: Escalation | None = None) -> None:
+        """Keep a finished slice (of a run with `settings` and `escalation`) and list it with its verdict under the
+        map sliders."""
+        self.results.put(ResultKey.of(series_uid, index, prior_path, settings, escalation), result, prior_path)
         scored = self.score(CachedResult(result, prior_path), map_settings)
         verdict = score_verdict(scored, result.prior_fit)
         entry = self.series.get(series_uid)

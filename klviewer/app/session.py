@@ -12,6 +12,7 @@ from typing import Any
 
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.calibration import PriorCalibration, calibration_key
+from klviewer.inference.escalation import Escalation
 from klviewer.inference.healthy_reference import ZCalibration
 from klviewer.inference.result import SliceResult
 from klviewer.inference.settings import MAP_ONLY_KEYS, AnalysisSettings, sampling_key
@@ -25,8 +26,11 @@ class ResultKey:
     sampling: tuple[tuple[str, Any], ...]
 
     @classmethod
-    def of(cls, series_uid: str, slice_index: int, prior_path: Path, settings: AnalysisSettings) -> ResultKey:
-        return cls(series_uid, slice_index, str(prior_path), sampling_key(settings))
+    def of(cls, series_uid: str, slice_index: int, prior_path: Path, settings: AnalysisSettings,
+           escalation: Escalation | None = None) -> ResultKey:
+        """A run's key; a two-stage run (`escalation`) is another run than its stage 1 alone."""
+        stages = () if escalation is None else (("escalation", (escalation.samples, escalation.rate)),)
+        return cls(series_uid, slice_index, str(prior_path), sampling_key(settings) + stages)
 
 
 @dataclass

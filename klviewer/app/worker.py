@@ -20,6 +20,7 @@ from PySide6.QtCore import QObject, QThread, Signal, SignalInstance
 
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerError
+from klviewer.inference.escalation import Escalation
 from klviewer.inference.pipeline import LoadedPrior, analyze_slices
 from klviewer.inference.plan import plan_open_series
 from klviewer.inference.sampler import AnalysisCancelled
@@ -91,6 +92,8 @@ class RunRequest:
     indices: tuple[int, ...]
     prior_path: Path
     settings: AnalysisSettings
+    escalation: Escalation | None = None
+    """Two stages (`klviewer.inference.escalation`); None: one."""
 
 
 class AnalysisThread(CancellableThread):
@@ -123,9 +126,11 @@ class AnalysisThread(CancellableThread):
         req = self.request
         loaded = self._priors.get(req.prior_path, resolve_device(req.settings.device))
         plan = plan_open_series([(req.series, req.indices)])
-        for item in analyze_slices(plan, loaded, req.settings, progress=self._report, cancel=self._cancel):
-            self.slice_done.emit(req, item.index, item.result)
         total = req.settings.step_count * len(req.indices)
+        for item in analyze_slices(plan, loaded, req.settings, escalation=req.escalation, progress=self._report,
+                                   cancel=self._cancel):
+            self.slice_done.emit(req, item.index, item.result)
+            total += item.result.settings.step_count - req.settings.step_count  # an escalated slice's added chains
         self.progress.emit(total, total)
 
     def _report(self, done: int, total: int) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from klviewer import __version__
 from klviewer.batch.discover import StudyJob
 from klviewer.errors import KlviewerInputError, brief
+from klviewer.inference.escalation import Escalation
 from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.json_input import Fields, read_json
 from klviewer.io.safe_write import atomic_write_text
@@ -36,9 +37,12 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def batch_config(settings: AnalysisSettings, slices: str, prior_name: str, prior_sha256: str) -> dict[str, Any]:
+def batch_config(settings: AnalysisSettings, slices: str, prior_name: str, prior_sha256: str,
+                 escalation: Escalation | None = None) -> dict[str, Any]:
     """What every study of one batch must share for its results to be comparable."""
     analysis = {k: v for k, v in settings.to_dict().items() if k not in EXECUTION_ONLY}
+    if escalation is not None:  # absent otherwise, so manifests written before two stages still match
+        analysis["escalation"] = {"samples": escalation.samples, "rate": escalation.rate}
     return {"settings": analysis, "slices": slices, "prior": {"name": prior_name, "sha256": prior_sha256}}
 
 

@@ -35,6 +35,8 @@ from klviewer.batch.manifest import (
 from klviewer.batch.study import CANCELLED, BatchSpec, SliceProgress, StudyOutcome, partial_folders
 from klviewer.batch.summary import BatchResult, study_rows, write_batch_summary
 from klviewer.errors import KlviewerInputError
+from klviewer.inference.calibration import PriorCalibration
+from klviewer.inference.escalation import Escalation, escalation_rule
 from klviewer.inference.plan import parse_slices
 from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.safe_write import check_output_folder
@@ -150,8 +152,10 @@ def run_batch(
     export: ExportOptions | None = None,
     observer: BatchObserver | None = None,
     cancel: threading.Event | None = None,
+    escalation: Escalation | None = None,
 ) -> BatchResult:
     """Analyse every study under `inputs` into `out`, skipping studies an earlier run finished.
+    `escalation` runs each study in two stages (`klviewer.inference.escalation`).
 
     A study that fails is recorded with its reason and the others go on. Setting `cancel` stops
     the batch after (in this process: within) the running studies; they stay pending.
@@ -170,7 +174,9 @@ def run_batch(
     _require_batch_folder(out)
     prior_path = resolve_prior_path(prior)
     load_prior(prior_path)  # refuse a broken prior here, before any worker starts
-    config = batch_config(settings, slices, prior_path.name, prior_fingerprint(prior_path))
+    if escalation is not None:  # refuse a prior not calibrated for both stages here, before any worker starts
+        escalation_rule(PriorCalibration.read(prior_path), settings, escalation)
+    config = batch_config(settings, slices, prior_path.name, prior_fingerprint(prior_path), escalation)
     observer = observer or BatchObserver()
     cancel = cancel or threading.Event()
     backend = backend or InProcessBackend()
@@ -199,7 +205,7 @@ def run_batch(
         ran: list[str] = []
         ran_on = "nothing (no study left to analyse)"
         if jobs:
-            spec = BatchSpec(settings, str(prior_path), slices, str(out / STUDIES_DIR))
+            spec = BatchSpec(settings, str(prior_path), slices, str(out / STUDIES_DIR), escalation=escalation)
             try:
                 backend.start(spec, observer.on_slice, cancel, len(jobs))
                 ran_on = backend.describe()

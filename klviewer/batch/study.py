@@ -26,6 +26,7 @@ from klviewer import __version__
 from klviewer.batch.discover import StudyJob
 from klviewer.batch.manifest import DONE, FAILED
 from klviewer.errors import KlviewerError
+from klviewer.inference.escalation import Escalation
 from klviewer.inference.pipeline import LoadedPrior
 from klviewer.inference.plan import plan_series
 from klviewer.inference.sampler import AnalysisCancelled
@@ -48,6 +49,8 @@ class BatchSpec:
     studies_dir: str
     threads: int | None = None
     """torch CPU threads for the worker; None leaves the process's setting alone."""
+    escalation: Escalation | None = None
+    """Two-stage screening (`klviewer.inference.escalation`); None: one stage."""
 
 
 @dataclass(frozen=True)
@@ -133,5 +136,6 @@ class StudyWorker:
             done += 1
             emit(SliceProgress(job.id, done, plan.n_slices))
 
-        run = analyze_plan(plan, folder, self.spec.settings, self.loaded, cancel=cancel, on_slice=slice_done)
+        run = analyze_plan(plan, folder, self.spec.settings, self.loaded, escalation=self.spec.escalation, cancel=cancel,
+                           on_slice=slice_done)
         return run

@@ -9,7 +9,9 @@ from klviewer.cli.options import (
     INPUT_HELP,
     SLICES_HELP,
     add_analysis_options,
+    add_escalation_options,
     add_quiet_option,
+    escalation_from_args,
     positive_int,
     settings_from_args,
 )
@@ -22,10 +24,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     with progress_bar("analyze", "step", quiet=args.quiet) as progress:
         run = run_analysis(args.inputs, args.out, settings_from_args(args), prior=args.prior, slices=args.slices,
-                           overwrite=args.overwrite, slice_batch=args.slice_batch, progress=progress)
+                           overwrite=args.overwrite, slice_batch=args.slice_batch,
+                           escalation=escalation_from_args(args), progress=progress)
     counts = Counter(r["verdict"] for r in run.rows)
     parts = [f"{counts[status]} {status}" for status in (FLAGGED, MISMATCH, NOT_FLAGGED, CANNOT_FLAG) if counts[status]]
     print(f"analysed {len(run.rows)} slice(s): {', '.join(parts)}; results in {run.out}")
+    if args.escalate is not None:
+        escalated = sum(1 for r in run.rows if r["escalated"])
+        print(f"two stages: {escalated} of {len(run.rows)} slice(s) escalated to {args.escalate} chains")
     if counts[MISMATCH]:
         print(f"prior mismatch: {args.prior} does not describe {counts[MISMATCH]} slice(s), so their KL maps and flags "
               "are not meaningful; adapt a prior to your site's healthy studies (klviewer adapt)")
@@ -52,4 +58,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "4 chains per pass on a CPU, 16 on a GPU); the numbers change by rounding only")
     add_quiet_option(p)
     add_analysis_options(p)
+    add_escalation_options(p)
     p.set_defaults(func=_cmd_analyze)

@@ -10,7 +10,14 @@ from klviewer.batch.discover import StudyJob
 from klviewer.batch.manifest import DONE, StudyRecord
 from klviewer.batch.runner import BatchObserver
 from klviewer.batch.study import SliceProgress
-from klviewer.cli.options import SLICES_HELP, add_analysis_options, positive_int, settings_from_args
+from klviewer.cli.options import (
+    SLICES_HELP,
+    add_analysis_options,
+    add_escalation_options,
+    escalation_from_args,
+    positive_int,
+    settings_from_args,
+)
 from klviewer.errors import KlviewerInputError
 
 
@@ -84,7 +91,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         export = ExportOptions(formats=formats, flagged_only=not args.export_all)
     with ProgressBars(args.quiet) as bars:
         result = run_batch(args.inputs, args.out, settings_from_args(args), prior=args.prior, slices=args.slices,
-                           backend=_backend(args), export=export, observer=bars)
+                           backend=_backend(args), export=export, observer=bars,
+                           escalation=escalation_from_args(args))
     print(result.report())
     return 1 if result.failed else 0
 
@@ -112,4 +120,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--export-all", action="store_true", help="with --export: every analysed case, not only flagged ones")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_analysis_options(p)
+    add_escalation_options(p)
     p.set_defaults(func=_cmd_batch)

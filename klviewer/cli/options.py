@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
+from klviewer.errors import KlviewerInputError
+from klviewer.inference.escalation import DEFAULT_RATE, Escalation
 from klviewer.inference.sampler import ANY_PRIOR_GUIDANCES, PRECISIONS
 from klviewer.inference.settings import DEFAULT_PROFILE, EXTRA_SAMPLING_KEYS, PROFILES, AnalysisSettings
 from klviewer.priors.checkpoint import DEFAULT_PRIOR
@@ -83,6 +85,25 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prior", default=DEFAULT_PRIOR, help=f"shipped prior name or prior folder (default {DEFAULT_PRIOR})")
     add_measurement_options(p)
     add_sampler_options(p, flag_help="flag slices whose score exceeds this (default: the prior's calibration for these settings)")
+
+
+def add_escalation_options(p: argparse.ArgumentParser) -> None:
+    """Two-stage screening (`escalation_from_args`)."""
+    p.add_argument("--escalate", type=positive_int, metavar="SAMPLES",
+                   help="two stages: the slices whose KL z-score passes the escalation threshold get more posterior "
+                        "chains, SAMPLES in all, and their verdict; the others are not flagged (e.g. --profile "
+                        "screening --escalate 4). The prior must be calibrated for both sample counts")
+    p.add_argument("--escalate-rate", type=float, metavar="RATE",
+                   help="with --escalate: the fraction of the prior's healthy calibration slices whose stage-1 KL "
+                        f"z-score passes the escalation threshold (default {DEFAULT_RATE})")
+
+
+def escalation_from_args(args: argparse.Namespace) -> Escalation | None:
+    if args.escalate is None:
+        if args.escalate_rate is not None:
+            raise KlviewerInputError(None, "--escalate-rate goes with --escalate")
+        return None
+    return Escalation(args.escalate, DEFAULT_RATE if args.escalate_rate is None else args.escalate_rate)
 
 
 def add_slices_option(p: argparse.ArgumentParser) -> None:

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from klviewer.devices import resolve_device
-from klviewer.errors import KlviewerError, KlviewerInputError
+from klviewer.errors import KlviewerInputError
 from klviewer.evaluation.cached_runs import analyze_with_cache
 from klviewer.evaluation.detection import CALIBRATION_SEED_BASE, run_cases
-from klviewer.inference.calibration import calibration_key, write_calibration
+from klviewer.inference.calibration import calibration_key, threshold_at_fpr, write_calibration
 from klviewer.inference.healthy_reference import HealthySlice, cross_fitted_scores, fit_reference
 from klviewer.inference.measurements import collect_measurements
 from klviewer.inference.plan import SeriesPlan
@@ -58,17 +58,6 @@ adds several times the healthy KL (docs/prior_fit.md)."""
 
 MIN_REFERENCE_SLICES = 4
 """Fewer healthy slices than this leave each cross-fitting fold too thin for a spread per bin."""
-
-
-def threshold_at_fpr(healthy_scores: np.ndarray, fpr: float) -> float:
-    """The smallest observed score that at most `fpr` of the healthy scores exceed (flag: score > threshold)."""
-    if not 0 <= fpr < 1:
-        raise KlviewerError(f"false-positive rate must be in [0, 1), got {fpr}")
-    if healthy_scores.size == 0 or not np.isfinite(healthy_scores).all():
-        raise KlviewerError("calibration needs finite scores from at least one healthy slice")
-    ordered = np.sort(healthy_scores)
-    allowed = int(np.floor(fpr * ordered.size))
-    return float(ordered[ordered.size - 1 - allowed])
 
 
 def calibrate_prior(
@@ -132,6 +121,8 @@ def calibrate_prior(
             "healthy_exceeding": int((z_scores > z_threshold).sum()),
             "healthy_z_scores": {"min": float(z_scores.min()), "median": float(np.median(z_scores)),
                                  "max": float(z_scores.max())},
+            # Every slice's, so that two-stage screening can set its escalation threshold at any rate.
+            "cross_fitted_z_scores": [round(float(z), 6) for z in z_scores],
         }
     fit_scores = np.array([prior_fit_score(r.energy, r.recon_hu, settings.sigma_window) for r in results])
     fit_threshold = PRIOR_FIT_MARGIN * threshold_at_fpr(fit_scores, fpr)

@@ -357,8 +357,15 @@ def _verdict(job: _Job, entry: SliceEntry, flagged: bool) -> VerdictText:
     """A slice's verdict as the export decides it, with the rule (the same words as the app's): a prior-fit
     mismatch first."""
     z = entry.row.get("z_score")
-    return table_verdict(flagged, entry.score, None if z is None else float(z), job.threshold, job.z_threshold,
+    return table_verdict(flagged, entry.score, None if z is None else float(z), job.threshold, _row_z_threshold(job, entry),
                          job.selection_threshold, _mismatch(job, entry.row))
+
+
+def _row_z_threshold(job: _Job, entry: SliceEntry) -> float | None:
+    """The z threshold that decided the slice: its row's where the run recorded one (a two-stage run's slices that
+    stayed at stage 1 were decided by the escalation threshold), else the run's."""
+    own = entry.row.get("z_threshold")
+    return float(own) if job.z_threshold is not None and own is not None else job.z_threshold
 
 
 def _mismatch(job: _Job, row: dict[str, Any]) -> str | None:
@@ -566,6 +573,7 @@ def _report_context(job: _Job, case: CaseEntry, patient: str, flagged: set[int])
         analysis_date=WITHHELD if deidentified else str(summary.get("created", "unknown")),
         export_date=WITHHELD if deidentified else job.date, z_threshold=job.z_threshold, name=job.names[case.name],
         rule_forced=job.selection_threshold is not None, measurements=job.measurements.get(case.name, []),
+        escalation=(summary.get("escalation") or {}).get("rule", ""),
     )
 
 

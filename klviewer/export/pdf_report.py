@@ -52,6 +52,8 @@ class ReportContext:
     """Measurements drawn in the app (distance, ROI statistics), one line each."""
     name: str = ""
     """The case's name in the export (case-0001 under de-identification); the results' name by default."""
+    escalation: str = ""
+    """A two-stage run's rule in words (the results summary's escalation); empty for one stage."""
 
     @property
     def title(self) -> str:
@@ -106,6 +108,7 @@ def report_sections(ctx: ReportContext) -> list[tuple[str, list[str]]]:
         ]),
         ("Slices", [f"slice {x.slice_index:>4}   score {x.score:>10.4g} nats   total {x.total_kl:>10.4g} nats   "
                     f"{_z(x.row.get('z_score'))}   {_verdict(ctx, x.slice_index in flagged_indices, x.score, x.row.get('z_score')).status}"
+                    f"{'   escalated' if x.row.get('escalated') else ''}"
                     for x in ctx.case.slices[:MAX_SLICE_ROWS]]
          + ([f"... and {len(ctx.case.slices) - MAX_SLICE_ROWS} more (see cases.json)"]
             if len(ctx.case.slices) > MAX_SLICE_ROWS else [])),
@@ -116,6 +119,7 @@ def report_sections(ctx: ReportContext) -> list[tuple[str, list[str]]]:
         ("Sampler", [f"guidance {s.get('guidance')}, {s.get('steps')} steps, {s.get('samples')} sample(s), seed {s.get('seed')}",
                      f"patch {s.get('patch')} px, sigma window {window[0]:g}-{window[1]:g}" if window else
                      f"patch {s.get('patch')} px, all noise levels",
+                     *textwrap.wrap(ctx.escalation, 100),
                      *textwrap.wrap(nats_meaning(s.get("guidance")), 100)]),
         ("Provenance", [f"prior: {ctx.prior.get('name')}",
                         f"prior SHA-256: {ctx.prior.get('sha256')}",

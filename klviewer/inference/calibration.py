@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from klviewer.errors import OVERWRITE_HINT, KlviewerError, KlviewerInputError
 from klviewer.inference.healthy_reference import HealthyReference, ZCalibration
 from klviewer.inference.settings import AnalysisSettings
@@ -25,6 +27,17 @@ SCALE_KEYS = ("views", "dose_i0", "noise_sigma", "steps", "samples", "patch", "s
 def calibration_key(settings: AnalysisSettings) -> dict[str, Any]:
     d = settings.to_dict()
     return {**{k: d[k] for k in SCALE_KEYS}, **settings.changed_extras()}
+
+
+def threshold_at_fpr(healthy_scores: np.ndarray, fpr: float) -> float:
+    """The smallest observed score that at most `fpr` of the healthy scores exceed (flag: score > threshold)."""
+    if not 0 <= fpr < 1:
+        raise KlviewerError(f"false-positive rate must be in [0, 1), got {fpr}")
+    if healthy_scores.size == 0 or not np.isfinite(healthy_scores).all():
+        raise KlviewerError("calibration needs finite scores from at least one healthy slice")
+    ordered = np.sort(healthy_scores)
+    allowed = int(np.floor(fpr * ordered.size))
+    return float(ordered[ordered.size - 1 - allowed])
 
 
 MAX_CALIBRATION_BYTES = 16 << 20
@@ -93,6 +106,19 @@ class PriorCalibration:
         """The healthy reference and z threshold for these settings, or None when they were not calibrated."""
         entry = self.entry(settings)
         return None if entry is None else z_calibration_of(entry, self.path / CALIBRATION_FILE)
+
+    def healthy_z_scores(self, settings: AnalysisSettings) -> np.ndarray | None:
+        """The healthy calibration slices' cross-fitted KL z-scores for these settings, or None when the
+        entry has none (calibrated before klviewer kept them, or without a healthy reference)."""
+        entry = self.entry(settings)
+        if entry is None or "cross_fitted_z_scores" not in entry.get("healthy_reference", {}):
+            return None
+        fields = Fields(entry["healthy_reference"], self.path / CALIBRATION_FILE, "healthy_reference.",
+                        what="calibration field")
+        scores = np.asarray(fields.numbers("cross_fitted_z_scores", max_items=100_000), np.float64)
+        if scores.size == 0:
+            raise KlviewerInputError(self.path / CALIBRATION_FILE, "healthy_reference.cross_fitted_z_scores lists no score")
+        return scores
 
     def prior_fit_threshold(self, settings: AnalysisSettings) -> float | None:
         """The prior-fit threshold (KL per body pixel) for these settings, or None when it was not calibrated."""

@@ -8,6 +8,7 @@ gets the same numbers for the same settings.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -21,6 +22,7 @@ import torch
 from klviewer.devices import resolve_device
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.calibration import PriorCalibration
+from klviewer.inference.escalation import Escalation, EscalationRule, escalation_rule
 from klviewer.inference.healthy_reference import ZCalibration
 from klviewer.inference.likelihood import MeasurementModel
 from klviewer.inference.measurements import (
@@ -34,7 +36,7 @@ from klviewer.inference.measurements import (
 from klviewer.inference.plan import PlannedSeries, SeriesPlan
 from klviewer.inference.prior_fit import judge, prior_fit_score
 from klviewer.inference.result import SliceResult
-from klviewer.inference.sampler import PosteriorRun, posterior_sample_slices
+from klviewer.inference.sampler import PosteriorRun, merge_runs, posterior_sample_slices
 from klviewer.inference.scoring import score_slice
 from klviewer.inference.settings import AnalysisSettings
 from klviewer.priors.base import Prior
@@ -130,20 +132,58 @@ def analyze_prepared_batch(
     flag_threshold: float | None,
     z_calibration: ZCalibration | None = None,
     prior_fit_threshold: float | None = None,
+    escalation: EscalationRule | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> list[SliceResult]:
     """`analyze_prepared` for slices that `can_share_batch`: their posterior chains share every forward
     pass, and each result differs from the slice's run alone by rounding only. Each result's seconds
-    are its share of the sampling plus its own maps."""
+    are its share of the sampling plus its own maps.
+
+    With `escalation` (two stages, `klviewer.inference.escalation`), `settings` are stage 1's and its
+    thresholds replace `z_calibration` for the slices that stay at stage 1; the escalated slices get
+    the rest of their chains, and stage 2's settings, thresholds and verdict."""
     start = time.perf_counter()
     models = [ct_measurement_model(p.acquisition, prior) for p in prepared]
-    runs = posterior_sample_slices(prior, models, settings.sampler(prepared[0].slice_seed),
-                                   [p.slice_seed for p in prepared], device=prepared[0].acquisition.device,
+    seeds = [p.slice_seed for p in prepared]
+    device = prepared[0].acquisition.device
+    stage1_steps = settings.step_count * len(prepared)
+    runs = posterior_sample_slices(prior, models, settings.sampler(seeds[0]), seeds, device=device,
                                    progress=progress, cancel=cancel)
     sampling = (time.perf_counter() - start) / len(prepared)
-    return [_slice_result(p, model, run, prior, settings, prior_name, flag_threshold, z_calibration,
-                          prior_fit_threshold, sampling) for p, model, run in zip(prepared, models, runs)]
+    if escalation is not None:
+        z_calibration = escalation.stage1_z
+    results = [_slice_result(p, model, run, prior, settings, prior_name, flag_threshold, z_calibration,
+                             prior_fit_threshold, sampling) for p, model, run in zip(prepared, models, runs)]
+    if escalation is None:
+        return results
+    up = [i for i, r in enumerate(results) if r.z_score is not None and r.z_score > escalation.threshold]
+    for i, result in enumerate(results):
+        if i not in up:
+            result.notes.append(escalation.stayed_note(result.z_score))
+            result.escalation_threshold = escalation.threshold
+    if not up:
+        return results
+    stage2 = escalation.stage2
+    more_settings = dataclasses.replace(stage2.sampler(seeds[0]), samples=stage2.samples - settings.samples,
+                                        first_sample=settings.samples)
+    more_steps = more_settings.step_count * len(up)
+
+    def stage2_progress(steps: int, _total: int) -> None:
+        if progress is not None:
+            progress(stage1_steps + steps, stage1_steps + more_steps)
+
+    start = time.perf_counter()
+    more = posterior_sample_slices(prior, [models[i] for i in up], more_settings, [seeds[i] for i in up],
+                                   device=device, progress=stage2_progress, cancel=cancel)
+    added = (time.perf_counter() - start) / len(up)
+    for i, run in zip(up, more):
+        escalated = _slice_result(prepared[i], models[i], merge_runs(runs[i], run), prior, stage2, prior_name,
+                                  escalation.stage2_nats, escalation.stage2_z, escalation.stage2_prior_fit,
+                                  sampling + added)
+        escalated.notes.append(escalation.escalated_note(results[i].z_score))
+        results[i] = escalated
+    return results
 
 
 def _slice_result(prepared: PreparedSlice, model: MeasurementModel, run: PosteriorRun, prior: Prior,
@@ -197,9 +237,11 @@ class AnalyzedSlice:
 
 def _analyze_each(items: Iterable[tuple[T, PreparedSlice]], n: int, loaded: LoadedPrior, settings: AnalysisSettings,
                   slice_batch: int | None, progress: Callable[[int, int], None] | None,
-                  cancel: threading.Event | None) -> Iterator[tuple[T, SliceResult]]:
+                  cancel: threading.Event | None, escalation: Escalation | None) -> Iterator[tuple[T, SliceResult]]:
     """Analyse the items in order, up to `slice_batch` (None: `auto_slice_batch`) consecutive slices that
-    can share a batch at a time, and yield each group's results as soon as it is done."""
+    can share a batch at a time, and yield each group's results as soon as it is done. Progress counts
+    stage 1's steps for every slice, and adds the escalated slices' steps as they become known."""
+    rule = None if escalation is None else escalation_rule(loaded.calibration, settings, escalation)
     size = auto_slice_batch(settings, loaded.device) if slice_batch is None else slice_batch
     nats_threshold = loaded.calibration.nats_threshold(settings)
     z_calibration = loaded.calibration.z_calibration(settings)
@@ -209,17 +251,20 @@ def _analyze_each(items: Iterable[tuple[T, PreparedSlice]], n: int, loaded: Load
     done = 0
 
     def analyze(group: list[tuple[T, PreparedSlice]]) -> list[tuple[T, SliceResult]]:
-        nonlocal done
-        base = done
+        nonlocal done, total
+        base, stage1 = done, per_slice * len(group)
 
-        def group_progress(steps: int, _total: int) -> None:
+        def group_progress(steps: int, group_total: int) -> None:
             if progress is not None:
-                progress(base + steps, total)
+                progress(base + steps, total + max(0, group_total - stage1))
 
         results = analyze_prepared_batch([p for _, p in group], loaded.prior, settings, prior_name=loaded.name,
                                          flag_threshold=nats_threshold, z_calibration=z_calibration,
-                                         prior_fit_threshold=fit_threshold, progress=group_progress, cancel=cancel)
-        done += per_slice * len(group)
+                                         prior_fit_threshold=fit_threshold, escalation=rule, progress=group_progress,
+                                         cancel=cancel)
+        added = sum(r.settings.step_count - per_slice for r in results)
+        done += stage1 + added
+        total += added
         return [(key, result) for (key, _), result in zip(group, results)]
 
     for group in batch_groups(items, size):
@@ -232,6 +277,7 @@ def analyze_slices(
     settings: AnalysisSettings,
     *,
     slice_batch: int | None = None,
+    escalation: Escalation | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> Iterator[AnalyzedSlice]:
@@ -241,11 +287,13 @@ def analyze_slices(
     Up to `slice_batch` consecutive slices of one geometry share each forward pass (None: as many
     as fill CHAINS_PER_BATCH on the device); their results come together. `progress(done, total)`
     counts sampler steps over the whole plan; setting `cancel` stops the run within one step
-    (AnalysisCancelled).
+    (AnalysisCancelled). `escalation` runs two stages (`klviewer.inference.escalation`): `settings`
+    are stage 1's, and its thresholds must be calibrated for both stages.
     """
     prepared = (((planned, index), prepare_slice(planned.series, index, loaded.prior, settings, loaded.device))
                 for planned in plan.series for index in planned.indices)
-    for (planned, index), result in _analyze_each(prepared, plan.n_slices, loaded, settings, slice_batch, progress, cancel):
+    for (planned, index), result in _analyze_each(prepared, plan.n_slices, loaded, settings, slice_batch, progress, cancel,
+                                                      escalation):
         yield AnalyzedSlice(planned, index, result)
 
 
@@ -255,9 +303,10 @@ def analyze_measurements(
     settings: AnalysisSettings,
     *,
     slice_batch: int | None = None,
+    escalation: Escalation | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> Iterator[tuple[MeasuredSlice, SliceResult]]:
     """As `analyze_slices`, for measurements already prepared (several priors on the same measurements)."""
     items = ((m, m.prepared) for m in measurements.slices)
-    yield from _analyze_each(items, len(measurements), loaded, settings, slice_batch, progress, cancel)
+    yield from _analyze_each(items, len(measurements), loaded, settings, slice_batch, progress, cancel, escalation)

@@ -51,6 +51,10 @@ class SliceResult:
     """KL per body pixel in the run's sigma window (`klviewer.inference.prior_fit`); None in older results."""
     prior_fit: PriorFit | None = None
     """The prior-fit verdict; None when the prior has no prior-fit threshold for these settings."""
+    escalation_threshold: float | None = None
+    """Set on the slices of a two-stage run that stayed at stage 1 (`klviewer.inference.escalation`): the KL
+    z-score above which they would have been escalated, which decided their verdict (`z_threshold` holds it too).
+    Views that rescore at the run's own map settings judge them by it, not by stage 1's flag threshold."""
 
     @property
     def z_score(self) -> float | None:

@@ -96,6 +96,9 @@ class SamplerSettings:
     precision: str = "float32"
     """The denoiser's arithmetic: "float32", or "bfloat16" (autocast; its convolutions in bfloat16, about
     1.25x faster on a CPU with AVX-512 BF16; the guidance's linear algebra and the energy stay float32)."""
+    first_sample: int = 0
+    """The stream of the run's first posterior sample: a run with `first_sample` k draws samples k, k+1, ...
+    of the seed, so it adds chains to an earlier run of k samples (`merge_runs`). Independent chains only."""
 
     def validate(self) -> None:
         if self.steps < 2:
@@ -119,6 +122,8 @@ class SamplerSettings:
         if self.trunks < 1 or (self.trunks > 1 and (self.branch_sigma is None or self.samples % self.trunks)):
             raise KlviewerInputError(None, f"trunks must be at least 1, and above 1 only with branch_sigma and a number of "
                                            f"samples it divides; got {self.trunks} trunk(s) for {self.samples} sample(s)")
+        if self.first_sample < 0 or (self.first_sample and self.branch_sigma is not None):
+            raise KlviewerInputError(None, f"first_sample must be at least 0, and 0 for branched samples; got {self.first_sample}")
         if self.precision not in PRECISIONS:
             raise KlviewerInputError(None, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if (self.high_guidance is None) != (self.high_sigma is None):
@@ -484,6 +489,32 @@ def posterior_sample_slices(
     return runs
 
 
+def merge_runs(first: PosteriorRun, more: PosteriorRun) -> PosteriorRun:
+    """One run of the two runs' chains together: `more` continues `first` (its `first_sample` is the
+    samples of `first`, same seed and schedule), so the result is the run of all their samples at once,
+    up to rounding. Mean, spread and energy are pooled by chain count; seconds add up."""
+    a, b = first.settings, more.settings
+    if (b.first_sample != a.first_sample + a.samples or replace(a, samples=0, first_sample=0)
+            != replace(b, samples=0, first_sample=0)):
+        raise ValueError(f"run of samples {b.first_sample}.. with {b} does not continue samples "
+                         f"{a.first_sample}..{a.first_sample + a.samples - 1} with {a}")
+    na, nb = a.samples, b.samples
+    n = na + nb
+    mean = (na * first.mean.astype(np.float64) + nb * more.mean) / n
+    # Pool the second moments about zero, then subtract the pooled mean's square (population spread, as each run's).
+    second = (na * (first.std.astype(np.float64) ** 2 + first.mean.astype(np.float64) ** 2)
+              + nb * (more.std.astype(np.float64) ** 2 + more.mean.astype(np.float64) ** 2)) / n
+    std = np.sqrt(np.maximum(second - mean ** 2, 0.0))
+    energy = (na * first.energy.energy.astype(np.float64) + nb * more.energy.energy) / n
+    evaluations = {k: (na * first.evaluations.get(k, 0.0) + nb * more.evaluations.get(k, 0.0)) / n
+                   for k in {*first.evaluations, *more.evaluations}}
+    return PosteriorRun(
+        mean=mean.astype(np.float32), std=std.astype(np.float32),
+        energy=EnergyField(energy.astype(np.float32), first.energy.sigma_edges, samples=n),
+        sigmas=first.sigmas, settings=replace(a, samples=n), seconds=first.seconds + more.seconds,
+        device=first.device, notes=list(dict.fromkeys(first.notes + more.notes)), evaluations=evaluations)
+
+
 def _offset(progress: Callable[[int, int], None], base: int, total: int) -> Callable[[int, int], None]:
     return lambda done, _total: progress(base + done, total)
 
@@ -551,7 +582,7 @@ def _sample_all(prior: Denoiser, models: Sequence[MeasurementModel], seeds: Sequ
             finals.append(_run_steps(guidances[-1], x, sigmas, bins, energy, owner_index, generators, tick))
         return torch.cat(finals)
 
-    chains = [(j, k) for j in range(n_slices) for k in range(samples)]
+    chains = [(j, k) for j in range(n_slices) for k in range(settings.first_sample, settings.first_sample + samples)]
     starts: torch.Tensor | None = None
     sigmas, bins = schedule.trunk, schedule.trunk_bins
     if settings.branch_sigma is not None:

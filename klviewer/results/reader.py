@@ -193,6 +193,12 @@ def read_summary(path: Path) -> dict[str, Any]:
     for key in ("flag_rule", "klviewer_version", "created"):
         doc.text(key, "", max_chars=256, optional=True)
     doc.number("prior_fit_threshold", None, optional=True)
+    if summary.get("escalation") is not None:  # a two-stage run (inference.escalation.EscalationRule.to_dict)
+        escalation = doc.section("escalation")
+        escalation.integer("samples", lo=2, hi=100_000)
+        for key in ("rate", "z_threshold", "stage2_z_threshold"):
+            escalation.number(key)
+        escalation.text("rule", max_chars=1000)
     if "cases" in summary:  # each case's prior-fit verdict (results.summary.case_prior_fits)
         cases = doc.section("cases")
         for name in cases.doc:
@@ -217,6 +223,9 @@ def _slice_entry(folder: Path, summary_path: Path, number: int, row: Any) -> Sli
     score, total = fields_.number("score"), fields_.number("total_kl")
     flagged = fields_.boolean("flagged")
     fields_.number("z_score", None, optional=True)
+    fields_.number("z_threshold", None, optional=True)
+    if row.get("escalated") is not None:
+        fields_.boolean("escalated")
     fields_.integer("patch", None, lo=1, hi=8192, optional=True)
     source_kind = fields_.get("source_kind", None)
     if source_kind is not None and source_kind not in SOURCE_KINDS:

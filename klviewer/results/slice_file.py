@@ -95,6 +95,7 @@ def slice_metadata(result: SliceResult) -> dict[str, Any]:
         "geometry_warnings": result.geometry_warnings,
         "prior_fit_score": result.prior_fit_score,
         "prior_fit": None if result.prior_fit is None else result.prior_fit.to_dict(),
+        "escalation_threshold": result.escalation_threshold,
     }
 
 
@@ -142,6 +143,7 @@ def load_slice_result(path: Path) -> SliceResult:
             geometry_warnings=[str(w) for w in meta.items("geometry_warnings", [], max_items=100)],
             prior_fit_score=meta.number("prior_fit_score", None, lo=0, optional=True),
             prior_fit=None if meta.get("prior_fit", None) is None else PriorFit.from_dict(meta.get("prior_fit"), path),
+            escalation_threshold=meta.number("escalation_threshold", None, optional=True),
         )
     except KlviewerInputError:
         raise

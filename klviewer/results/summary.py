@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from klviewer import __version__
+from klviewer.inference.escalation import EscalationRule
 from klviewer.inference.prior_fit import judge, study_prior_fit
 from klviewer.inference.result import SliceResult
 from klviewer.inference.scoring import flag_rule
@@ -28,7 +29,7 @@ CSV_COLUMNS = [
     "input", "case", "slice_index", "score", "total_kl", "flagged", "z_score", "views", "dose_i0", "noise_sigma",
     "steps", "samples", "guidance", "patch", "sigma_lo", "sigma_hi", "seed", "prior", "seconds", "file",
     "source_kind", "series_uid", "source_file", "sop_instance_uid", "verdict", "prior_fit", "prior_fit_score",
-    "geometry_warnings",
+    "geometry_warnings", "escalated", "z_threshold",
 ]
 
 
@@ -43,7 +44,9 @@ class AnalysisRun:
     """That rule in words, with its threshold (klviewer.inference.verdict_text.rule_text)."""
 
 
-def summary_row(source: str, case: str, index: int, result: SliceResult, file: Path) -> dict[str, Any]:
+def summary_row(source: str, case: str, index: int, result: SliceResult, file: Path,
+                escalated: bool | None = None) -> dict[str, Any]:
+    """One slice's row; `escalated` says whether a two-stage run gave it stage 2's chains (None: one stage)."""
     s = result.settings
     lo, hi = result.kl_map.sigma_window
     return {
@@ -58,6 +61,8 @@ def summary_row(source: str, case: str, index: int, result: SliceResult, file: P
         "prior_fit": "uncalibrated" if result.prior_fit is None else result.prior_fit.verdict,
         "prior_fit_score": None if result.prior_fit_score is None else round(result.prior_fit_score, 6),
         "geometry_warnings": "; ".join(result.geometry_warnings),
+        "escalated": escalated,
+        "z_threshold": result.z_threshold,
     }
 
 
@@ -74,9 +79,12 @@ def case_prior_fits(rows: list[dict[str, Any]], threshold: float | None) -> dict
 
 def write_summary(run: AnalysisRun, settings: AnalysisSettings, prior_path: Path, fingerprint: str,
                   threshold: float | None, overwrite: bool, z_threshold: float | None = None,
-                  prior_fit_threshold: float | None = None) -> None:
+                  prior_fit_threshold: float | None = None, escalation: EscalationRule | None = None) -> None:
+    """Write summary.json and summary.csv. With `escalation` the thresholds given are stage 2's, and the rule
+    names both stages."""
     run.flag_rule = flag_rule(threshold, z_threshold, settings.flag_threshold)
-    run.rule_text = rule_text(run.flag_rule, threshold, z_threshold, settings.flag_threshold is not None)
+    run.rule_text = (rule_text(run.flag_rule, threshold, z_threshold, settings.flag_threshold is not None)
+                     if escalation is None else escalation.describe())
     summary = {
         "klviewer_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -86,6 +94,7 @@ def write_summary(run: AnalysisRun, settings: AnalysisSettings, prior_path: Path
         "z_threshold": z_threshold,
         "flag_rule": run.flag_rule,
         "prior_fit_threshold": prior_fit_threshold,
+        "escalation": None if escalation is None else escalation.to_dict(),
         "cases": case_prior_fits(run.rows, prior_fit_threshold),
         "rows": run.rows,
         "skipped": run.skipped,

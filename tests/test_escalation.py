@@ -18,8 +18,9 @@ from klviewer.cli import main
 from klviewer.errors import KlviewerInputError
 from klviewer.evaluation.calibrate import calibrate_prior
 from klviewer.export.exporter import export_results
+from klviewer.export.pdf_report import ReportContext, report_sections
 from klviewer.inference.calibration import CALIBRATION_FILE, threshold_at_fpr
-from klviewer.inference.escalation import Escalation, escalation_rule
+from klviewer.inference.escalation import Escalation, Stage, escalation_rule
 from klviewer.inference.measurements import collect_measurements, ct_measurement_model
 from klviewer.inference.pipeline import LoadedPrior, analyze_measurements
 from klviewer.inference.sampler import SamplerSettings, merge_runs, posterior_sample_slices
@@ -76,7 +77,7 @@ def test_added_chains_make_the_run_of_all_chains(tiny_prior: Path, study: Path) 
 
 def test_escalation_threshold_is_the_rate_capped_by_both_flag_thresholds(calibrated: Path) -> None:
     calibration = LoadedPrior.load(calibrated, "cpu").calibration
-    healthy = calibration.healthy_z_scores(STAGE1)
+    healthy = calibration.cross_fitted_z_scores(STAGE1)
     assert healthy is not None and healthy.size == 8
     stage1, stage2 = calibration.z_calibration(STAGE1), calibration.z_calibration(ESCALATION.settings(STAGE1))
     for rate in (0.05, 0.5, 0.9):
@@ -161,6 +162,7 @@ def test_analyze_and_batch_run_two_stages_and_record_them(calibrated: Path, stud
         assert row["samples"] == stored.settings.samples == (3 if row["escalated"] else 1)
         assert row["z_threshold"] == stored.z_threshold == (rule.stage2_z.threshold if row["escalated"] else rule.threshold)
         assert row["verdict"] == stored.verdict().status
+        assert stored.stage == rule.stage(escalated=row["escalated"])
     csv_rows = list(csv.DictReader((tmp_path / "two" / "summary.csv").open()))
     assert [r["escalated"] for r in csv_rows] == [str(r["escalated"]) for r in rows]
     # the export's verdict of a slice names the threshold that decided it
@@ -169,6 +171,14 @@ def test_analyze_and_batch_run_two_stages_and_record_them(calibrated: Path, stud
     stayed = next(r for r in rows if not r["escalated"])
     exported = next(s for c in cases["cases"] for s in c["slices"] if s["slice_index"] == stayed["slice_index"])
     assert exported["verdict"] == "not flagged"
+    case = results.cases[0]
+    ctx = ReportContext(case=case, patient="", flagged_slices={s.slice_index for s in case.slices if s.flagged},
+                        threshold=None, threshold_source="", note="", settings=results.settings, prior=results.prior,
+                        analysis_version="", analysis_date="", export_date="", z_threshold=results.z_threshold,
+                        escalation=summary["escalation"]["rule"])
+    sections = dict(report_sections(ctx))
+    assert " ".join(sections["Sampler"]).count("two stages: slices with a 1-chain KL z-score above") == 1
+    assert [line.endswith("escalated") for line in sections["Slices"]] == [r["escalated"] for r in rows]
     # one stage: no escalation recorded, and the rows say so
     assert main(["analyze", str(study), "--out", str(tmp_path / "one"), *options]) == 0
     one = read_results(tmp_path / "one")
@@ -217,3 +227,16 @@ def test_the_series_benchmark_times_two_stages(calibrated: Path, tmp_path: Path)
     settings, escalation = bench.options_of(f"{stage1} --escalate 3")
     assert escalation == Escalation(3) and settings == STAGE1
     assert rows[1].endswith(f"| {escalated} of 4 |") and 0 <= escalated <= 4
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"samples": 1}, "samples"), ({"stage1_samples": 4}, "stage1_samples"), ({"rate": "0.5"}, "rate"),
+    ({"threshold": float("nan")}, "threshold"), ({"escalated": 1}, "escalated"), ({"patch": 0}, "patch"),
+    ({"sigma_window": [0.01]}, "sigma_window"), ("two stages", "stage"),
+])
+def test_a_hostile_stage_record_is_refused_naming_the_field(bad: object, match: str, tmp_path: Path) -> None:
+    good = Stage(Escalation(4), 2, 5.41, 4, (0.01, 0.05), False)
+    assert Stage.from_dict(good.to_dict(), tmp_path) == good
+    doc = {**good.to_dict(), **bad} if isinstance(bad, dict) else bad
+    with pytest.raises(KlviewerInputError, match=match):
+        Stage.from_dict(doc, tmp_path)

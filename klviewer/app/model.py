@@ -136,10 +136,9 @@ class SessionModel:
         m = map_settings.clamped(result.energy.image_shape)
         s = result.settings
         z_calibration = self.calibrations.z_calibration(cached.prior_path, s, m.patch, m.sigma_window)
-        if (z_calibration is not None and result.escalation_threshold is not None
-                and (m.patch, m.sigma_window) == (s.patch, s.sigma_window)):
+        if z_calibration is not None and result.stage is not None and result.stage.decides(m.patch, m.sigma_window):
             # a two-stage run's slice that stayed at stage 1: the escalation threshold decided it
-            z_calibration = replace(z_calibration, threshold=result.escalation_threshold)
+            z_calibration = replace(z_calibration, threshold=result.stage.threshold)
         return score_slice(
             result.energy, result.recon_hu, m.patch, m.sigma_window,
             nats_threshold=self.calibrations.threshold(cached.prior_path, s, m.patch, m.sigma_window),

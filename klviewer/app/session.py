@@ -28,8 +28,11 @@ class ResultKey:
     @classmethod
     def of(cls, series_uid: str, slice_index: int, prior_path: Path, settings: AnalysisSettings,
            escalation: Escalation | None = None) -> ResultKey:
-        """A run's key; a two-stage run (`escalation`) is another run than its stage 1 alone."""
-        stages = () if escalation is None else (("escalation", (escalation.samples, escalation.rate)),)
+        """A run's key; a two-stage run (`escalation`) is another run than its stage 1 alone, and which slices it
+        escalates depends on the map settings too."""
+        stages = () if escalation is None else (
+            ("escalation", (escalation.samples, escalation.rate, settings.patch,
+                            None if settings.sigma_window is None else tuple(settings.sigma_window))),)
         return cls(series_uid, slice_index, str(prior_path), sampling_key(settings) + stages)
 
 

@@ -149,7 +149,10 @@ def _load_results(w: MainWindow, results: Path) -> None:
             for entry in case.slices:
                 if entry.series_uid in w.series:
                     result = load_slice_result(entry.file)
-                    w.model.add_result(entry.series_uid, entry.slice_index, prior_path, result.settings, result, settings)
+                    stage = result.stage  # a two-stage run's slice: keyed by that run, as when it was made
+                    run_settings = result.settings if stage is None else stage.stage1(result.settings)
+                    w.model.add_result(entry.series_uid, entry.slice_index, prior_path, run_settings, result, settings,
+                                       None if stage is None else stage.escalation)
 
 
 def _restore_cases(w: MainWindow, doc: dict[str, Any]) -> None:

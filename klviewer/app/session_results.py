@@ -5,7 +5,7 @@ layout (summary.json, summary.csv, <case>/<slice>.npz). Each slice is written as
 sees it: its KL map re-cut with the map sliders' patch and sigma window, and its flag as the
 case list has it (automatic or set by hand). Slices analysed with different priors or
 sampling settings go to separate folders, because a summary records one prior and one set
-of settings.
+of settings; the slices of one two-stage run go to one folder, which records the escalation.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 
 from klviewer.app.display import MapSettings
 from klviewer.errors import KlviewerError
+from klviewer.inference.calibration import PriorCalibration
+from klviewer.inference.escalation import escalation_rule
 from klviewer.inference.plan import PlannedSeries, case_name
 from klviewer.inference.result import SliceResult, recut
 from klviewer.inference.settings import sampling_key
@@ -67,13 +69,22 @@ def write_session_results(slices: list[SessionSlice], out: Path, settings: MapSe
         raise KlviewerError("no analysed slices in this session: run the analysis first")
     groups: dict[tuple, list[SessionSlice]] = {}
     for item in slices:
-        groups.setdefault((str(item.prior_path), sampling_key(item.result.settings)), []).append(item)
+        groups.setdefault((str(item.prior_path), *run_key(item.result)), []).append(item)
     folders = []
     for n, members in enumerate(groups.values(), start=1):
         prior = members[0].prior_path.name
         target = out if len(groups) == 1 else out / f"{n:02d}-{_safe(prior)}"
         folders.append(_write_group(members, target, settings))
     return folders
+
+
+def run_key(result: SliceResult) -> tuple:
+    """What the run that made `result` is known by: its sampling settings, and for two stages stage 1's with the
+    escalation (the slices of one two-stage run have either stage's settings)."""
+    stage = result.stage
+    if stage is None:
+        return (sampling_key(result.settings),)
+    return (sampling_key(stage.stage1(result.settings)), stage.escalation, stage.patch, stage.sigma_window)
 
 
 def _write_group(members: list[SessionSlice], out: Path, settings: MapSettings) -> SessionFolder:
@@ -96,7 +107,8 @@ def _write_group(members: list[SessionSlice], out: Path, settings: MapSettings) 
         z_thresholds.add(shown.z_threshold)
         target = out / plan.case / f"{item.index:04d}.npz"
         write_slice_npz(shown, target)
-        row = summary_row(plan.source, plan.case, item.index, shown, target.relative_to(out))
+        row = summary_row(plan.source, plan.case, item.index, shown, target.relative_to(out),
+                          None if shown.stage is None else shown.stage.escalated)
         row.update(plan.slice_source(item.index))
         run.rows.append(row)
         if item.note.strip():
@@ -105,9 +117,17 @@ def _write_group(members: list[SessionSlice], out: Path, settings: MapSettings) 
             folder.measurements.setdefault(plan.case, []).append(f"{slice_label(item.index)}: {line}")
     z_thresholds.discard(None)
     fit_threshold = next((m.result.prior_fit.threshold for m in members if m.result.prior_fit is not None), None)
-    write_summary(run, summary_settings, prior_path, prior_fingerprint(prior_path), members[0].flag_threshold, False,
-                  z_thresholds.pop() if len(z_thresholds) == 1 else None,
-                  fit_threshold)
+    stage = members[0].result.stage
+    if stage is not None and z_thresholds:
+        # Two stages, shown at the map they were judged at: stage 2's thresholds decide the flags, as in `analyze`.
+        rule = escalation_rule(PriorCalibration.read(prior_path), stage.stage1(members[0].result.settings),
+                               stage.escalation)
+        write_summary(run, replace(summary_settings, samples=stage.stage1_samples), prior_path,
+                      prior_fingerprint(prior_path), rule.stage2_nats, False, rule.stage2_z.threshold,
+                      rule.stage2_prior_fit, rule)
+    else:
+        write_summary(run, summary_settings, prior_path, prior_fingerprint(prior_path), members[0].flag_threshold,
+                      False, z_thresholds.pop() if len(z_thresholds) == 1 else None, fit_threshold)
     folder.notes = {case: "; ".join(lines) for case, lines in case_notes.items()}
     return folder
 

@@ -122,7 +122,7 @@ def calibrate_prior(
             "healthy_z_scores": {"min": float(z_scores.min()), "median": float(np.median(z_scores)),
                                  "max": float(z_scores.max())},
             # Every slice's, so that two-stage screening can set its escalation threshold at any rate.
-            "cross_fitted_z_scores": [round(float(z), 6) for z in z_scores],
+            "cross_fitted_z_scores": [float(z) for z in z_scores],
         }
     fit_scores = np.array([prior_fit_score(r.energy, r.recon_hu, settings.sigma_window) for r in results])
     fit_threshold = PRIOR_FIT_MARGIN * threshold_at_fpr(fit_scores, fpr)

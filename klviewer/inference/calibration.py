@@ -107,7 +107,7 @@ class PriorCalibration:
         entry = self.entry(settings)
         return None if entry is None else z_calibration_of(entry, self.path / CALIBRATION_FILE)
 
-    def healthy_z_scores(self, settings: AnalysisSettings) -> np.ndarray | None:
+    def cross_fitted_z_scores(self, settings: AnalysisSettings) -> np.ndarray | None:
         """The healthy calibration slices' cross-fitted KL z-scores for these settings, or None when the
         entry has none (calibrated before klviewer kept them, or without a healthy reference)."""
         entry = self.entry(settings)

@@ -9,19 +9,23 @@ The other slices stay at stage 1 and are not flagged.
 The escalation threshold is the KL z-score that a fraction `rate` of the prior's healthy calibration
 slices pass (their cross-fitted stage-1 scores, kept in calibration.json), but never above either
 stage's flag threshold: a slice that either stage would flag is escalated. So a slice that stays at
-stage 1 has a z-score at or below every threshold, and its verdict reads "not flagged" against the
-escalation threshold, which is the rule that decided it (docs/screening.md).
+stage 1 has a z-score at or below every threshold, and its verdict compares it with the escalation
+threshold, the rule that decided it; its notes say it stayed (docs/screening.md). Every slice of the
+run carries a `Stage` record, so the run and the slice's stage are known from its result alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.calibration import PriorCalibration, threshold_at_fpr
 from klviewer.inference.healthy_reference import ZCalibration
 from klviewer.inference.settings import AnalysisSettings
+from klviewer.io.json_input import Fields
 
 DEFAULT_RATE = 0.5
 """The smallest rate at which two stages (2 then 4 bfloat16 chains) reached a dataset AUROC of 0.90 on the
@@ -50,6 +54,49 @@ class Escalation:
     def settings(self, settings: AnalysisSettings) -> AnalysisSettings:
         """The escalated slices' settings: stage 1's with all the chains."""
         return dataclasses.replace(settings, samples=self.samples)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Which stage of a two-stage run decided a slice, carried by its result (`SliceResult.stage`): the run is
+    known from any one of its slices, and a slice that stayed is judged by the escalation threshold."""
+
+    escalation: Escalation
+    stage1_samples: int
+    threshold: float
+    """The escalation threshold (KL z-score)."""
+    patch: int
+    sigma_window: tuple[float, float] | None
+    """The map settings the slice was escalated (or not) at: the threshold holds for them alone."""
+    escalated: bool
+
+    def stage1(self, settings: AnalysisSettings) -> AnalysisSettings:
+        """The run's stage-1 settings, from a result's own (`settings`, of either stage)."""
+        return dataclasses.replace(settings, samples=self.stage1_samples, patch=self.patch,
+                                   sigma_window=self.sigma_window)
+
+    def decides(self, patch: int, sigma_window: tuple[float, float] | None) -> bool:
+        """Whether the escalation threshold judges this slice under these map settings: it stayed at stage 1 and
+        the map is the one it was judged at."""
+        window = None if sigma_window is None else tuple(sigma_window)
+        return not self.escalated and (patch, window) == (self.patch, self.sigma_window)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"samples": self.escalation.samples, "rate": self.escalation.rate, "stage1_samples": self.stage1_samples,
+                "threshold": self.threshold, "patch": self.patch,
+                "sigma_window": None if self.sigma_window is None else list(self.sigma_window),
+                "escalated": self.escalated}
+
+    @classmethod
+    def from_dict(cls, doc: Any, source: Path | None, prefix: str = "stage.") -> Stage:
+        """Checked, because it is read from a results file anyone may have edited."""
+        fields = Fields(doc, source, prefix, what="field")
+        samples = fields.integer("samples", lo=2, hi=100_000)
+        rate = fields.number("rate", lo=0, hi=1)
+        window = None if fields.get("sigma_window") is None else fields.numbers("sigma_window", length=2, positive=True)
+        return cls(Escalation(samples, rate), fields.integer("stage1_samples", lo=1, hi=samples - 1),
+                   fields.number("threshold"), fields.integer("patch", lo=1, hi=8192),
+                   None if window is None else (window[0], window[1]), fields.boolean("escalated"))
 
 
 @dataclass(frozen=True)
@@ -87,6 +134,11 @@ class EscalationRule:
         return (f"two stages: stage-1 KL z-score {shown} > {self.threshold:.3g} (escalation threshold), so this slice "
                 f"got {self.escalation.samples} chains; its verdict is theirs")
 
+    def stage(self, escalated: bool) -> Stage:
+        """The record a slice of this run carries."""
+        return Stage(self.escalation, self.stage1.samples, self.threshold, self.stage1.patch, self.stage1.sigma_window,
+                     escalated)
+
     def to_dict(self) -> dict[str, object]:
         """What a results summary records about the escalation."""
         return {"samples": self.escalation.samples, "rate": self.escalation.rate, "z_threshold": self.threshold,
@@ -101,7 +153,7 @@ def escalation_rule(calibration: PriorCalibration, settings: AnalysisSettings, e
     stage2 = escalation.settings(settings)
     source = calibration.path / "calibration.json"
     stage1_z, stage2_z = calibration.z_calibration(settings), calibration.z_calibration(stage2)
-    healthy = calibration.healthy_z_scores(settings)
+    healthy = calibration.cross_fitted_z_scores(settings)
     if stage1_z is None or healthy is None:
         raise KlviewerInputError(source, f"no healthy reference with every calibration slice's z-score for stage 1 "
                                          f"({settings.describe_sampling()}); run `klviewer calibrate` with these "

@@ -151,8 +151,8 @@ def analyze_prepared_batch(
     runs = posterior_sample_slices(prior, models, settings.sampler(seeds[0]), seeds, device=device,
                                    progress=progress, cancel=cancel)
     sampling = (time.perf_counter() - start) / len(prepared)
-    if escalation is not None:
-        z_calibration = escalation.stage1_z
+    if escalation is not None:  # one prior-fit threshold for the run: the summary's, stage 2's
+        z_calibration, prior_fit_threshold = escalation.stage1_z, escalation.stage2_prior_fit
     results = [_slice_result(p, model, run, prior, settings, prior_name, flag_threshold, z_calibration,
                              prior_fit_threshold, sampling) for p, model, run in zip(prepared, models, runs)]
     if escalation is None:
@@ -161,12 +161,13 @@ def analyze_prepared_batch(
     for i, result in enumerate(results):
         if i not in up:
             result.notes.append(escalation.stayed_note(result.z_score))
-            result.escalation_threshold = escalation.threshold
+            result.stage = escalation.stage(escalated=False)
     if not up:
         return results
     stage2 = escalation.stage2
+    # No more chains per forward pass than stage 1 ran (CHAINS_PER_BATCH, or the caller's slice batch).
     more_settings = dataclasses.replace(stage2.sampler(seeds[0]), samples=stage2.samples - settings.samples,
-                                        first_sample=settings.samples)
+                                        first_sample=settings.samples, max_batch=settings.samples * len(prepared))
     more_steps = more_settings.step_count * len(up)
 
     def stage2_progress(steps: int, _total: int) -> None:
@@ -182,6 +183,7 @@ def analyze_prepared_batch(
                                   escalation.stage2_nats, escalation.stage2_z, escalation.stage2_prior_fit,
                                   sampling + added)
         escalated.notes.append(escalation.escalated_note(results[i].z_score))
+        escalated.stage = escalation.stage(escalated=True)
         results[i] = escalated
     return results
 

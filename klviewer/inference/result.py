@@ -9,6 +9,7 @@ import numpy as np
 
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.energy import EnergyField, KLMap
+from klviewer.inference.escalation import Stage
 from klviewer.inference.healthy_reference import slice_z_score, z_map_fits
 from klviewer.inference.prior_fit import PriorFit
 from klviewer.inference.scoring import SliceScore, Verdict, flag_rule, verdict_of
@@ -51,10 +52,10 @@ class SliceResult:
     """KL per body pixel in the run's sigma window (`klviewer.inference.prior_fit`); None in older results."""
     prior_fit: PriorFit | None = None
     """The prior-fit verdict; None when the prior has no prior-fit threshold for these settings."""
-    escalation_threshold: float | None = None
-    """Set on the slices of a two-stage run that stayed at stage 1 (`klviewer.inference.escalation`): the KL
-    z-score above which they would have been escalated, which decided their verdict (`z_threshold` holds it too).
-    Views that rescore at the run's own map settings judge them by it, not by stage 1's flag threshold."""
+    stage: Stage | None = None
+    """In a two-stage run (`klviewer.inference.escalation`): the run's escalation and whether this slice was
+    escalated. A slice that stayed at stage 1 was judged by the escalation threshold (`z_threshold` holds it), and
+    views that rescore it at the map it was judged at judge it by that threshold too; None for one stage."""
 
     @property
     def z_score(self) -> float | None:

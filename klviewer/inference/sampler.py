@@ -494,8 +494,11 @@ def merge_runs(first: PosteriorRun, more: PosteriorRun) -> PosteriorRun:
     samples of `first`, same seed and schedule), so the result is the run of all their samples at once,
     up to rounding. Mean, spread and energy are pooled by chain count; seconds add up."""
     a, b = first.settings, more.settings
-    if (b.first_sample != a.first_sample + a.samples or replace(a, samples=0, first_sample=0)
-            != replace(b, samples=0, first_sample=0)):
+
+    def run_of(s: SamplerSettings) -> SamplerSettings:  # what makes chains of one run, whatever their batching
+        return replace(s, samples=0, first_sample=0, max_batch=None)
+
+    if b.first_sample != a.first_sample + a.samples or run_of(a) != run_of(b):
         raise ValueError(f"run of samples {b.first_sample}.. with {b} does not continue samples "
                          f"{a.first_sample}..{a.first_sample + a.samples - 1} with {a}")
     na, nb = a.samples, b.samples

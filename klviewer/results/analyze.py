@@ -74,9 +74,9 @@ def analyze_plan(
                                progress=progress, cancel=cancel):
         target = out / item.planned.case / f"{item.index:04d}.npz"
         write_slice_npz(item.result, target, overwrite=overwrite)
-        escalated = None if rule is None else item.result.settings.samples > settings.samples
+        stage = item.result.stage
         row = summary_row(item.planned.source, item.planned.case, item.index, item.result, target.relative_to(out),
-                          escalated)
+                          None if stage is None else stage.escalated)
         row.update(item.planned.slice_source(item.index))
         run.rows.append(row)
         if on_slice is not None:

@@ -195,7 +195,7 @@ def read_summary(path: Path) -> dict[str, Any]:
     doc.number("prior_fit_threshold", None, optional=True)
     if summary.get("escalation") is not None:  # a two-stage run (inference.escalation.EscalationRule.to_dict)
         escalation = doc.section("escalation")
-        escalation.integer("samples", lo=2, hi=100_000)
+        escalation.integer("stage1_samples", lo=1, hi=escalation.integer("samples", lo=2, hi=100_000) - 1)
         for key in ("rate", "z_threshold", "stage2_z_threshold"):
             escalation.number(key)
         escalation.text("rule", max_chars=1000)

@@ -19,6 +19,7 @@ import numpy as np
 from klviewer import __version__
 from klviewer.errors import KlviewerError, KlviewerInputError, brief, shorten
 from klviewer.inference.energy import EnergyField, KLMap, patch_starts
+from klviewer.inference.escalation import Stage
 from klviewer.inference.prior_fit import PriorFit
 from klviewer.inference.result import SliceResult
 from klviewer.io.arrays import load_npz_arrays
@@ -95,7 +96,7 @@ def slice_metadata(result: SliceResult) -> dict[str, Any]:
         "geometry_warnings": result.geometry_warnings,
         "prior_fit_score": result.prior_fit_score,
         "prior_fit": None if result.prior_fit is None else result.prior_fit.to_dict(),
-        "escalation_threshold": result.escalation_threshold,
+        "stage": None if result.stage is None else result.stage.to_dict(),
     }
 
 
@@ -143,7 +144,7 @@ def load_slice_result(path: Path) -> SliceResult:
             geometry_warnings=[str(w) for w in meta.items("geometry_warnings", [], max_items=100)],
             prior_fit_score=meta.number("prior_fit_score", None, lo=0, optional=True),
             prior_fit=None if meta.get("prior_fit", None) is None else PriorFit.from_dict(meta.get("prior_fit"), path),
-            escalation_threshold=meta.number("escalation_threshold", None, optional=True),
+            stage=None if meta.get("stage", None) is None else Stage.from_dict(meta.get("stage"), path, "metadata.stage."),
         )
     except KlviewerInputError:
         raise

@@ -19,6 +19,7 @@ from klviewer.errors import KlviewerInputError
 from klviewer.evaluation.calibrate import calibrate_prior
 from klviewer.export.exporter import export_results
 from klviewer.export.pdf_report import ReportContext, report_sections
+from klviewer.inference import pipeline
 from klviewer.inference.calibration import CALIBRATION_FILE, threshold_at_fpr
 from klviewer.inference.escalation import Escalation, Stage, escalation_rule
 from klviewer.inference.measurements import collect_measurements, ct_measurement_model
@@ -240,3 +241,30 @@ def test_a_hostile_stage_record_is_refused_naming_the_field(bad: object, match: 
     doc = {**good.to_dict(), **bad} if isinstance(bad, dict) else bad
     with pytest.raises(KlviewerInputError, match=match):
         Stage.from_dict(doc, tmp_path)
+
+
+def test_stage_two_pools_escalated_slices_to_fill_its_passes(calibrated: Path, study: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    loaded = LoadedPrior.load(calibrated, "cpu")
+    measurements = collect_measurements([study], loaded.prior, STAGE1)
+    pooled_sizes: list[int] = []
+    add_chains = pipeline._add_chains
+
+    def recording(waiting, *args, **kwargs):
+        pooled_sizes.append(len(waiting))
+        return add_chains(waiting, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_add_chains", recording)
+    # one chain per pass: each escalated slice's two added chains fill a pass at once
+    alone = [r for _m, r in analyze_measurements(measurements, loaded, STAGE1, slice_batch=1, escalation=ESCALATION)]
+    escalated = sum(r.stage.escalated for r in alone)
+    assert pooled_sizes == [1] * escalated and 0 < escalated < len(alone)
+    # four chains per pass (batches of 4 + 2 slices): escalated slices wait for a second one across batches
+    pooled_sizes.clear()
+    pooled = [(m.index, r) for m, r in analyze_measurements(measurements, loaded, STAGE1, slice_batch=4,
+                                                             escalation=ESCALATION)]
+    assert [i for i, _ in pooled] == list(range(6)), "results come in order"
+    assert sum(pooled_sizes) == escalated and all(size >= 2 for size in pooled_sizes[:-1])
+    for a, (_i, b) in zip(alone, pooled):
+        assert a.settings == b.settings and a.stage == b.stage
+        assert b.z_score == pytest.approx(a.z_score, rel=1e-3, abs=1e-3)

@@ -117,6 +117,11 @@ class EscalationRule:
     def stage2(self) -> AnalysisSettings:
         return self.escalation.settings(self.stage1)
 
+    @property
+    def added_steps(self) -> int:
+        """Sampler steps that escalating one slice adds (its added chains')."""
+        return dataclasses.replace(self.stage1, samples=self.escalation.samples - self.stage1.samples).step_count
+
     def describe(self) -> str:
         """The rule in words, as results and reports give it."""
         return (f"two stages: slices with a {self.stage1.samples}-chain KL z-score above {self.threshold:.3g} "

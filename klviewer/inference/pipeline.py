@@ -143,49 +143,85 @@ def analyze_prepared_batch(
     With `escalation` (two stages, `klviewer.inference.escalation`), `settings` are stage 1's and its
     thresholds replace `z_calibration` for the slices that stay at stage 1; the escalated slices get
     the rest of their chains, and stage 2's settings, thresholds and verdict."""
+    stage1_steps = settings.step_count * len(prepared)
+    results, waiting = _stage1(prepared, prior, settings, prior_name, flag_threshold, z_calibration,
+                               prior_fit_threshold, escalation, progress, cancel)
+    if waiting:
+        assert escalation is not None
+        more_steps = escalation.added_steps * len(waiting)
+
+        def stage2_progress(steps: int, _total: int) -> None:
+            if progress is not None:
+                progress(stage1_steps + steps, stage1_steps + more_steps)
+
+        for slice_, final in zip(waiting, _add_chains(waiting, prior, escalation, prior_name,
+                                                      settings.samples * len(prepared), stage2_progress, cancel)):
+            results[slice_.index] = final
+    return results
+
+
+@dataclass
+class _Escalating:
+    """A slice that stage 1 escalates, waiting for its added chains."""
+
+    index: int
+    """Its place among the slices it was sampled with."""
+    prepared: PreparedSlice
+    model: MeasurementModel
+    run: PosteriorRun
+    stage1: SliceResult
+
+
+def _stage1(prepared: Sequence[PreparedSlice], prior: Prior, settings: AnalysisSettings, prior_name: str,
+            flag_threshold: float | None, z_calibration: ZCalibration | None, prior_fit_threshold: float | None,
+            escalation: EscalationRule | None, progress: Callable[[int, int], None] | None,
+            cancel: threading.Event | None) -> tuple[list[SliceResult], list[_Escalating]]:
+    """Sample the slices together; every result, and with `escalation` the slices it escalates (their results
+    are stage 1's until `_add_chains` replaces them)."""
     start = time.perf_counter()
     models = [ct_measurement_model(p.acquisition, prior) for p in prepared]
     seeds = [p.slice_seed for p in prepared]
-    device = prepared[0].acquisition.device
-    stage1_steps = settings.step_count * len(prepared)
-    runs = posterior_sample_slices(prior, models, settings.sampler(seeds[0]), seeds, device=device,
-                                   progress=progress, cancel=cancel)
+    runs = posterior_sample_slices(prior, models, settings.sampler(seeds[0]), seeds,
+                                   device=prepared[0].acquisition.device, progress=progress, cancel=cancel)
     sampling = (time.perf_counter() - start) / len(prepared)
     if escalation is not None:  # one prior-fit threshold for the run: the summary's, stage 2's
         z_calibration, prior_fit_threshold = escalation.stage1_z, escalation.stage2_prior_fit
     results = [_slice_result(p, model, run, prior, settings, prior_name, flag_threshold, z_calibration,
                              prior_fit_threshold, sampling) for p, model, run in zip(prepared, models, runs)]
     if escalation is None:
-        return results
-    up = [i for i, r in enumerate(results) if r.z_score is not None and r.z_score > escalation.threshold]
+        return results, []
+    waiting = []
     for i, result in enumerate(results):
-        if i not in up:
+        if result.z_score is not None and result.z_score > escalation.threshold:
+            waiting.append(_Escalating(i, prepared[i], models[i], runs[i], result))
+        else:
             result.notes.append(escalation.stayed_note(result.z_score))
             result.stage = escalation.stage(escalated=False)
-    if not up:
-        return results
-    stage2 = escalation.stage2
-    # No more chains per forward pass than stage 1 ran (CHAINS_PER_BATCH, or the caller's slice batch).
-    more_settings = dataclasses.replace(stage2.sampler(seeds[0]), samples=stage2.samples - settings.samples,
-                                        first_sample=settings.samples, max_batch=settings.samples * len(prepared))
-    more_steps = more_settings.step_count * len(up)
+    return results, waiting
 
-    def stage2_progress(steps: int, _total: int) -> None:
-        if progress is not None:
-            progress(stage1_steps + steps, stage1_steps + more_steps)
 
+def _add_chains(waiting: Sequence[_Escalating], prior: Prior, escalation: EscalationRule, prior_name: str,
+                max_batch: int, progress: Callable[[int, int], None] | None,
+                cancel: threading.Event | None) -> list[SliceResult]:
+    """Stage 2 of slices that `can_share_batch`: the rest of their chains, at most `max_batch` per forward pass,
+    merged with their stage-1 runs, and each slice's result under stage 2's settings and thresholds."""
+    stage1, stage2 = escalation.stage1, escalation.stage2
+    seeds = [w.prepared.slice_seed for w in waiting]
+    more_settings = dataclasses.replace(stage2.sampler(seeds[0]), samples=stage2.samples - stage1.samples,
+                                        first_sample=stage1.samples, max_batch=max_batch)
     start = time.perf_counter()
-    more = posterior_sample_slices(prior, [models[i] for i in up], more_settings, [seeds[i] for i in up],
-                                   device=device, progress=stage2_progress, cancel=cancel)
-    added = (time.perf_counter() - start) / len(up)
-    for i, run in zip(up, more):
-        escalated = _slice_result(prepared[i], models[i], merge_runs(runs[i], run), prior, stage2, prior_name,
-                                  escalation.stage2_nats, escalation.stage2_z, escalation.stage2_prior_fit,
-                                  sampling + added)
-        escalated.notes.append(escalation.escalated_note(results[i].z_score))
-        escalated.stage = escalation.stage(escalated=True)
-        results[i] = escalated
-    return results
+    more = posterior_sample_slices(prior, [w.model for w in waiting], more_settings, seeds,
+                                   device=waiting[0].prepared.acquisition.device, progress=progress, cancel=cancel)
+    added = (time.perf_counter() - start) / len(waiting)
+    finals = []
+    for w, run in zip(waiting, more):
+        final = _slice_result(w.prepared, w.model, merge_runs(w.run, run), prior, stage2, prior_name,
+                              escalation.stage2_nats, escalation.stage2_z, escalation.stage2_prior_fit,
+                              w.stage1.seconds + added)
+        final.notes.append(escalation.escalated_note(w.stage1.z_score))
+        final.stage = escalation.stage(escalated=True)
+        finals.append(final)
+    return finals
 
 
 def _slice_result(prepared: PreparedSlice, model: MeasurementModel, run: PosteriorRun, prior: Prior,
@@ -241,36 +277,60 @@ def _analyze_each(items: Iterable[tuple[T, PreparedSlice]], n: int, loaded: Load
                   slice_batch: int | None, progress: Callable[[int, int], None] | None,
                   cancel: threading.Event | None, escalation: Escalation | None) -> Iterator[tuple[T, SliceResult]]:
     """Analyse the items in order, up to `slice_batch` (None: `auto_slice_batch`) consecutive slices that
-    can share a batch at a time, and yield each group's results as soon as it is done. Progress counts
-    stage 1's steps for every slice, and adds the escalated slices' steps as they become known."""
+    can share a batch at a time, and yield each result, in order, as soon as it and those before it are done.
+
+    Two stages: the escalated slices of several stage-1 batches are pooled until their added chains fill a
+    forward pass of stage 1's size (or the geometry changes, or the items end), so stage 2 does not run
+    half-empty passes; the results behind a pooled slice wait for it. Progress counts stage 1's steps for
+    every slice, and adds the escalated slices' steps as they become known."""
     rule = None if escalation is None else escalation_rule(loaded.calibration, settings, escalation)
     size = auto_slice_batch(settings, loaded.device) if slice_batch is None else slice_batch
     nats_threshold = loaded.calibration.nats_threshold(settings)
     z_calibration = loaded.calibration.z_calibration(settings)
     fit_threshold = loaded.calibration.prior_fit_threshold(settings)
-    per_slice = settings.step_count
-    total = per_slice * n
+    chains_per_pass = settings.samples * size
+    total = settings.step_count * n
     done = 0
+    ordered: list[list] = []
+    """[key, result] in input order; a pooled slice's result is replaced once its chains are added."""
+    pool: list[tuple[int, _Escalating]] = []
+    """Escalated slices waiting for stage 2, with their place in `ordered`."""
 
-    def analyze(group: list[tuple[T, PreparedSlice]]) -> list[tuple[T, SliceResult]]:
+    def report(steps: int, _total: int) -> None:
+        if progress is not None:
+            progress(done + steps, total)
+
+    def add_pooled_chains() -> None:
         nonlocal done, total
-        base, stage1 = done, per_slice * len(group)
-
-        def group_progress(steps: int, group_total: int) -> None:
-            if progress is not None:
-                progress(base + steps, total + max(0, group_total - stage1))
-
-        results = analyze_prepared_batch([p for _, p in group], loaded.prior, settings, prior_name=loaded.name,
-                                         flag_threshold=nats_threshold, z_calibration=z_calibration,
-                                         prior_fit_threshold=fit_threshold, escalation=rule, progress=group_progress,
-                                         cancel=cancel)
-        added = sum(r.settings.step_count - per_slice for r in results)
-        done += stage1 + added
+        assert rule is not None
+        added = rule.added_steps * len(pool)
         total += added
-        return [(key, result) for (key, _), result in zip(group, results)]
+        finals = _add_chains([w for _, w in pool], loaded.prior, rule, loaded.name, chains_per_pass, report, cancel)
+        for (place, _), final in zip(pool, finals):
+            ordered[place][1] = final
+        done += added
+        pool.clear()
 
+    yielded = 0
     for group in batch_groups(items, size):
-        yield from analyze(group)
+        if pool and not can_share_batch(pool[0][1].prepared, group[0][1]):
+            add_pooled_chains()
+        results, waiting = _stage1([p for _, p in group], loaded.prior, settings, loaded.name, nats_threshold,
+                                   z_calibration, fit_threshold, rule, report, cancel)
+        done += settings.step_count * len(group)
+        pool.extend((len(ordered) + w.index, w) for w in waiting)
+        ordered.extend([key, result] for (key, _), result in zip(group, results))
+        if rule is not None and len(pool) * (rule.escalation.samples - settings.samples) >= chains_per_pass:
+            add_pooled_chains()
+        first_pooled = min((place for place, _ in pool), default=len(ordered))
+        while yielded < first_pooled:
+            yield ordered[yielded][0], ordered[yielded][1]
+            ordered[yielded] = [None, None]  # yielded: nothing keeps it here
+            yielded += 1
+    if pool:
+        add_pooled_chains()
+    for key, result in ordered[yielded:]:
+        yield key, result
 
 
 def analyze_slices(

@@ -28,12 +28,24 @@ class ResultKey:
     @classmethod
     def of(cls, series_uid: str, slice_index: int, prior_path: Path, settings: AnalysisSettings,
            escalation: Escalation | None = None) -> ResultKey:
-        """A run's key; a two-stage run (`escalation`) is another run than its stage 1 alone, and which slices it
-        escalates depends on the map settings too."""
-        stages = () if escalation is None else (
-            ("escalation", (escalation.samples, escalation.rate, settings.patch,
-                            None if settings.sigma_window is None else tuple(settings.sigma_window))),)
-        return cls(series_uid, slice_index, str(prior_path), sampling_key(settings) + stages)
+        return cls(series_uid, slice_index, str(prior_path), run_sampling_key(settings, escalation))
+
+
+def run_sampling_key(settings: AnalysisSettings, escalation: Escalation | None = None) -> tuple[tuple[str, Any], ...]:
+    """What a run is known by: its sampling settings; a two-stage run (`escalation`) is another run than its stage 1
+    alone, and which slices it escalates depends on the map settings too."""
+    if escalation is None:
+        return sampling_key(settings)
+    window = None if settings.sigma_window is None else tuple(settings.sigma_window)
+    return sampling_key(settings) + (("escalation", (escalation.samples, escalation.rate, settings.patch, window)),)
+
+
+def run_of(result: SliceResult) -> tuple[AnalysisSettings, Escalation | None]:
+    """The settings and escalation of the run that made `result`: a two-stage run's slices carry either stage's
+    settings, and their `stage` record names the run's stage 1 and escalation."""
+    if result.stage is None:
+        return result.settings, None
+    return result.stage.stage1(result.settings), result.stage.escalation
 
 
 @dataclass

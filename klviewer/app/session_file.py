@@ -25,6 +25,7 @@ from PySide6.QtWidgets import QFileDialog, QMessageBox
 
 from klviewer.app.display import MapSettings, WindowLevel
 from klviewer.app.measurements import Measurement
+from klviewer.app.session import run_of
 from klviewer.app.session_results import write_session_results
 from klviewer.errors import KlviewerError, KlviewerInputError
 from klviewer.io.safe_write import atomic_write_text, check_output_folder
@@ -149,10 +150,9 @@ def _load_results(w: MainWindow, results: Path) -> None:
             for entry in case.slices:
                 if entry.series_uid in w.series:
                     result = load_slice_result(entry.file)
-                    stage = result.stage  # a two-stage run's slice: keyed by that run, as when it was made
-                    run_settings = result.settings if stage is None else stage.stage1(result.settings)
+                    run_settings, escalation = run_of(result)  # keyed by the run that made it, as when it was made
                     w.model.add_result(entry.series_uid, entry.slice_index, prior_path, run_settings, result, settings,
-                                       None if stage is None else stage.escalation)
+                                       escalation)
 
 
 def _restore_cases(w: MainWindow, doc: dict[str, Any]) -> None:

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from klviewer.app.display import MapSettings
+from klviewer.app.session import run_of, run_sampling_key
 from klviewer.errors import KlviewerError
 from klviewer.inference.calibration import PriorCalibration
 from klviewer.inference.escalation import escalation_rule
 from klviewer.inference.plan import PlannedSeries, case_name
 from klviewer.inference.result import SliceResult, recut
-from klviewer.inference.settings import sampling_key
 from klviewer.inference.verdict_text import slice_label
 from klviewer.io.study import Series
 from klviewer.priors.checkpoint import prior_fingerprint
@@ -69,22 +69,13 @@ def write_session_results(slices: list[SessionSlice], out: Path, settings: MapSe
         raise KlviewerError("no analysed slices in this session: run the analysis first")
     groups: dict[tuple, list[SessionSlice]] = {}
     for item in slices:
-        groups.setdefault((str(item.prior_path), *run_key(item.result)), []).append(item)
+        groups.setdefault((str(item.prior_path), run_sampling_key(*run_of(item.result))), []).append(item)
     folders = []
     for n, members in enumerate(groups.values(), start=1):
         prior = members[0].prior_path.name
         target = out if len(groups) == 1 else out / f"{n:02d}-{_safe(prior)}"
         folders.append(_write_group(members, target, settings))
     return folders
-
-
-def run_key(result: SliceResult) -> tuple:
-    """What the run that made `result` is known by: its sampling settings, and for two stages stage 1's with the
-    escalation (the slices of one two-stage run have either stage's settings)."""
-    stage = result.stage
-    if stage is None:
-        return (sampling_key(result.settings),)
-    return (sampling_key(stage.stage1(result.settings)), stage.escalation, stage.patch, stage.sigma_window)
 
 
 def _write_group(members: list[SessionSlice], out: Path, settings: MapSettings) -> SessionFolder:
@@ -107,8 +98,7 @@ def _write_group(members: list[SessionSlice], out: Path, settings: MapSettings) 
         z_thresholds.add(shown.z_threshold)
         target = out / plan.case / f"{item.index:04d}.npz"
         write_slice_npz(shown, target)
-        row = summary_row(plan.source, plan.case, item.index, shown, target.relative_to(out),
-                          None if shown.stage is None else shown.stage.escalated)
+        row = summary_row(plan.source, plan.case, item.index, shown, target.relative_to(out))
         row.update(plan.slice_source(item.index))
         run.rows.append(row)
         if item.note.strip():

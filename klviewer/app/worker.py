@@ -110,6 +110,7 @@ class AnalysisThread(CancellableThread):
         self.request = request
         self._priors = priors
         self._last_progress = 0.0
+        self._total = request.settings.step_count * len(request.indices)
 
     def run(self) -> None:
         torch.set_num_threads(compute_threads())  # OpenMP settings are per thread: set them here
@@ -126,14 +127,13 @@ class AnalysisThread(CancellableThread):
         req = self.request
         loaded = self._priors.get(req.prior_path, resolve_device(req.settings.device))
         plan = plan_open_series([(req.series, req.indices)])
-        total = req.settings.step_count * len(req.indices)
         for item in analyze_slices(plan, loaded, req.settings, escalation=req.escalation, progress=self._report,
                                    cancel=self._cancel):
             self.slice_done.emit(req, item.index, item.result)
-            total += item.result.settings.step_count - req.settings.step_count  # an escalated slice's added chains
-        self.progress.emit(total, total)
+        self.progress.emit(self._total, self._total)
 
     def _report(self, done: int, total: int) -> None:
+        self._total = total  # the pipeline's count, which grows as two stages escalate slices
         now = time.monotonic()
         if now - self._last_progress >= PROGRESS_INTERVAL_S:
             self._last_progress = now

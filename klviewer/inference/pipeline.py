@@ -132,32 +132,15 @@ def analyze_prepared_batch(
     flag_threshold: float | None,
     z_calibration: ZCalibration | None = None,
     prior_fit_threshold: float | None = None,
-    escalation: EscalationRule | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> list[SliceResult]:
     """`analyze_prepared` for slices that `can_share_batch`: their posterior chains share every forward
     pass, and each result differs from the slice's run alone by rounding only. Each result's seconds
-    are its share of the sampling plus its own maps.
-
-    With `escalation` (two stages, `klviewer.inference.escalation`), `settings` are stage 1's and its
-    thresholds replace `z_calibration` for the slices that stay at stage 1; the escalated slices get
-    the rest of their chains, and stage 2's settings, thresholds and verdict."""
-    stage1_steps = settings.step_count * len(prepared)
-    results, waiting = _stage1(prepared, prior, settings, prior_name, flag_threshold, z_calibration,
-                               prior_fit_threshold, escalation, progress, cancel)
-    if waiting:
-        assert escalation is not None
-        more_steps = escalation.added_steps * len(waiting)
-
-        def stage2_progress(steps: int, _total: int) -> None:
-            if progress is not None:
-                progress(stage1_steps + steps, stage1_steps + more_steps)
-
-        for slice_, final in zip(waiting, _add_chains(waiting, prior, escalation, prior_name,
-                                                      settings.samples * len(prepared), stage2_progress, cancel)):
-            results[slice_.index] = final
-    return results
+    are its share of the sampling plus its own maps. (Two stages run through `analyze_slices`, which
+    pools the escalated slices of several batches.)"""
+    return _stage1(prepared, prior, settings, prior_name, flag_threshold, z_calibration, prior_fit_threshold,
+                   None, progress, cancel)[0]
 
 
 @dataclass

@@ -74,9 +74,7 @@ def analyze_plan(
                                progress=progress, cancel=cancel):
         target = out / item.planned.case / f"{item.index:04d}.npz"
         write_slice_npz(item.result, target, overwrite=overwrite)
-        stage = item.result.stage
-        row = summary_row(item.planned.source, item.planned.case, item.index, item.result, target.relative_to(out),
-                          None if stage is None else stage.escalated)
+        row = summary_row(item.planned.source, item.planned.case, item.index, item.result, target.relative_to(out))
         row.update(item.planned.slice_source(item.index))
         run.rows.append(row)
         if on_slice is not None:

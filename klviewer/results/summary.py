@@ -44,8 +44,7 @@ class AnalysisRun:
     """That rule in words, with its threshold (klviewer.inference.verdict_text.rule_text)."""
 
 
-def summary_row(source: str, case: str, index: int, result: SliceResult, file: Path,
-                escalated: bool | None = None) -> dict[str, Any]:
+def summary_row(source: str, case: str, index: int, result: SliceResult, file: Path) -> dict[str, Any]:
     """One slice's row; `escalated` says whether a two-stage run gave it stage 2's chains (None: one stage)."""
     s = result.settings
     lo, hi = result.kl_map.sigma_window
@@ -61,7 +60,7 @@ def summary_row(source: str, case: str, index: int, result: SliceResult, file: P
         "prior_fit": "uncalibrated" if result.prior_fit is None else result.prior_fit.verdict,
         "prior_fit_score": None if result.prior_fit_score is None else round(result.prior_fit_score, 6),
         "geometry_warnings": "; ".join(result.geometry_warnings),
-        "escalated": escalated,
+        "escalated": None if result.stage is None else result.stage.escalated,
         "z_threshold": result.z_threshold,
     }
 

@@ -7,6 +7,7 @@ was chosen on.
 """
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,22 @@ def test_a_cheaper_guidance_runs_above_high_sigma_only(problem) -> None:
     assert run.evaluations["denoiser"] * 2 == len(steps_from) == settings.step_count
     # a vector-Jacobian product (pigdm) on exactly the steps that start at or below 0.5
     assert run.evaluations["vjp"] * 2 == int((steps_from <= 0.5).sum()) < len(steps_from)
+
+
+def test_unguided_steps_above_high_sigma_cost_one_forward_pass_and_add_no_energy(problem) -> None:
+    """`none` above sigma 1: the prior's own step, so no vector-Jacobian product there and all the run's
+    energy in the bins at or below 1; the bins below keep the pigdm run's size (a Gaussian prior
+    forgets where the chain started)."""
+    settings = SamplerSettings(steps=40, samples=4, seed=3, high_guidance="none", high_sigma=1.0)
+    unguided = posterior_sample(problem.prior, problem.model, settings)
+    guided = posterior_sample(problem.prior, problem.model, replace(settings, high_guidance=None, high_sigma=None))
+    levels = Schedule.of(settings).trunk[:-1]
+    assert unguided.evaluations["denoiser"] == len(levels) == 40
+    assert unguided.evaluations["vjp"] == int((levels <= 1.0).sum()) < 40
+    edges = unguided.energy.sigma_edges
+    above = edges[:-1] >= 1.0
+    assert unguided.energy.energy[above].sum() == 0 and guided.energy.energy[above].sum() > 0
+    assert unguided.energy.total((0.002, 0.5)) == pytest.approx(guided.energy.total((0.002, 0.5)), rel=0.15)
 
 
 def test_two_trunks_keep_the_energy_and_halve_the_trunks_spread(problem) -> None:

@@ -19,6 +19,7 @@ from klviewer.inference.likelihood import GaussianTerms, dense_matrix, exact_gau
 from klviewer.inference.sampler import (  # noqa: E402
     ANY_PRIOR_GUIDANCES,
     GUIDANCES,
+    HIGH_GUIDANCES,
     Evaluations,
     SamplerSettings,
     _solve_notes,
@@ -98,8 +99,10 @@ def test_guidances_come_from_one_registry() -> None:
     assert set(ANY_PRIOR_GUIDANCES) == {"pigdm", "dc", "dps", "tmpd"}
     assert set(GUIDANCES) == {*ANY_PRIOR_GUIDANCES, "exact"}
     assert ANY_PRIOR_GUIDANCES[0] == SamplerSettings().guidance == "pigdm"
-    with pytest.raises(KlviewerInputError, match="guidance"):
-        SamplerSettings(guidance="nope").validate()
+    assert set(HIGH_GUIDANCES) == {*ANY_PRIOR_GUIDANCES, "none"}
+    for bad in (dict(guidance="nope"), dict(guidance="none"), dict(high_guidance="exact-ish", high_sigma=1.0)):
+        with pytest.raises(KlviewerInputError, match="guidance"):
+            SamplerSettings(**bad).validate()
 
 
 def test_exact_guidance_refuses_a_network_like_prior(tiny_prior) -> None:

@@ -37,7 +37,8 @@ def test_a_profile_is_changed_only_by_the_options_given() -> None:
     assert PROFILES["fast"] == replace(AnalysisSettings(), precision="bfloat16")
     # the options its calibration entry was made with
     assert _parse("--profile", "screening") == _parse("--profile", "fast", "--samples", "2", "--patch", "4",
-                                                      "--sigma-window", "0.01", "0.05")
+                                                      "--sigma-window", "0.01", "0.05", "--high-guidance", "dc",
+                                                      "--high-sigma", "1")
     six = _parse("--profile", "detection", "--samples", "6", "--sigma-window", "0.01", "0.04")
     assert six == replace(PROFILES["detection"], samples=6, sigma_window=(0.01, 0.04), device="auto")
     branched = _parse("--profile", "standard", "--samples", "4", "--patch", "4", "--sigma-window", "0.01", "0.05",
@@ -46,7 +47,8 @@ def test_a_profile_is_changed_only_by_the_options_given() -> None:
     assert branched == replace(BRANCHED, device="auto")
     assert _parse("--profile", "screening", "--cg-iters", "1") == replace(PROFILES["screening"], cg_iters=1, device="auto")
     assert _parse("--profile", "screening", "--samples", "4", "--trunks", "2", "--steps", "70", "--sigma-min", "0.01",
-                  "--branch-sigma", "0.1", "--branch-steps", "16") == replace(BRANCHED, trunks=2, branch_steps=16, device="auto")
+                  "--branch-sigma", "0.1", "--branch-steps", "16") == replace(BRANCHED, trunks=2, branch_steps=16, high_guidance="dc",
+                                                                              high_sigma=1.0, device="auto")
 
 
 def test_schedule_settings_enter_the_calibration_key_only_when_they_differ() -> None:

@@ -39,8 +39,9 @@ PROFILE_LABELS = {
     "fast": ("Fast (bfloat16)", "The standard settings with the denoiser in bfloat16: about 1.25x faster on a CPU "
                                 "with AVX-512 BF16, the same detection on the phantom benchmark"),
     "screening": ("Screening (2 samples)", "2 independent posterior samples of 100 steps with the denoiser in "
-                                           "bfloat16; KL z-scores over 4 px patches, noise levels 0.01-0.05. With "
-                                           "Escalate to 4: two stages, as calibrated for the shipped prior"),
+                                           "bfloat16, data-consistency guidance above noise level 1; KL z-scores "
+                                           "over 4 px patches, noise levels 0.01-0.05. With Escalate to 4: two "
+                                           "stages, as calibrated for the shipped prior"),
     "detection": ("Detection (slow)", "4 independent posterior samples of 100 steps; KL z-scores over 4 px patches"),
 }
 CUSTOM = "custom"

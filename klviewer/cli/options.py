@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.escalation import DEFAULT_RATE, Escalation
-from klviewer.inference.sampler import ANY_PRIOR_GUIDANCES, PRECISIONS
+from klviewer.inference.sampler import ANY_PRIOR_GUIDANCES, HIGH_GUIDANCES, PRECISIONS
 from klviewer.inference.settings import DEFAULT_PROFILE, EXTRA_SAMPLING_KEYS, PROFILES, AnalysisSettings
 from klviewer.priors.checkpoint import DEFAULT_PRIOR
 
@@ -72,7 +72,8 @@ def add_sampler_options(p: argparse.ArgumentParser, *, flag_help: str) -> None:
     p.add_argument("--branch-steps", type=positive_int, help="noise levels of each branch, down to --sigma-min")
     p.add_argument("--trunks", type=positive_int, metavar="N",
                    help="chains down to --branch-sigma, each branching into samples / N (default 1)")
-    p.add_argument("--high-guidance", choices=ANY_PRIOR_GUIDANCES, help="guidance of the steps above --high-sigma")
+    p.add_argument("--high-guidance", choices=HIGH_GUIDANCES,
+                   help="guidance of the steps above --high-sigma (none: the prior alone, one forward pass per step)")
     p.add_argument("--high-sigma", type=positive_float, metavar="SIGMA", help="noise level above which --high-guidance runs")
     p.add_argument("--cg-iters", type=positive_int, metavar="N",
                    help="conjugate-gradient iterations of each step's data-consistency solve (dc, pigdm)")

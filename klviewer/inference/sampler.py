@@ -128,8 +128,8 @@ class SamplerSettings:
             raise KlviewerInputError(None, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if (self.high_guidance is None) != (self.high_sigma is None):
             raise KlviewerInputError(None, "high_guidance and high_sigma go together")
-        if self.high_guidance is not None and self.high_guidance not in GUIDANCES:
-            raise KlviewerInputError(None, f"high guidance must be one of {GUIDANCES}, got {self.high_guidance!r}")
+        if self.high_guidance is not None and self.high_guidance not in HIGH_GUIDANCES:
+            raise KlviewerInputError(None, f"high guidance must be one of {HIGH_GUIDANCES}, got {self.high_guidance!r}")
 
     @property
     def step_count(self) -> int:
@@ -228,6 +228,19 @@ class DataConsistency(_Guidance):
         return x0_hat, tweedie_dc_score(self.model, x0_hat, sigma, self.prior.config.sigma_data, self.settings.cg_iters)
 
 
+class Unguided(_Guidance):
+    """`none`: the prior's own step, with no likelihood score and so no energy. Only for the steps above
+    `high_sigma`, where the prior dominates: one forward pass, no vector-Jacobian product, no solve."""
+
+    name = "none"
+    any_prior = False
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, sigma: float, dsigma2: float) -> tuple[torch.Tensor, torch.Tensor]:
+        x0_hat = self._denoise(x, sigma)
+        return x0_hat, torch.zeros_like(x0_hat)
+
+
 class PiGDM(_Guidance):
     """`pigdm` (the default): the isotropic covariance with the denoiser's own Jacobian (`pigdm_score`)."""
 
@@ -295,10 +308,13 @@ class ExactGaussian(_Guidance):
         return self._denoise(x, sigma), exact_gaussian_score(self.model, x, sigma, self.terms)
 
 
-_REGISTRY: dict[str, type[_Guidance]] = {g.name: g for g in (PiGDM, DataConsistency, DPS, TMPD, ExactGaussian)}
-GUIDANCES: tuple[str, ...] = tuple(_REGISTRY)
+_REGISTRY: dict[str, type[_Guidance]] = {g.name: g for g in (PiGDM, DataConsistency, DPS, TMPD, ExactGaussian, Unguided)}
+GUIDANCES: tuple[str, ...] = tuple(name for name in _REGISTRY if name != Unguided.name)
+"""The guidances a run can take: each gives energy; `none` serves only above `high_sigma`."""
 ANY_PRIOR_GUIDANCES: tuple[str, ...] = tuple(name for name, g in _REGISTRY.items() if g.any_prior)
 """The guidances offered to users; `exact` needs a Gaussian prior and serves the tests."""
+HIGH_GUIDANCES: tuple[str, ...] = (*ANY_PRIOR_GUIDANCES, Unguided.name)
+"""The guidances offered above `high_sigma`: any of those, or none (the prior alone)."""
 
 
 def make_guidance(prior: Denoiser, model: MeasurementModel, settings: SamplerSettings,

@@ -114,8 +114,8 @@ the same detection on the phantom benchmark (docs/screening.md)."""
 SCREENING_SETTINGS = AnalysisSettings(samples=2, patch=4, sigma_window=(0.01, 0.05), precision="bfloat16",
                                       high_guidance="dc", high_sigma=1.0)
 """Two chains with the bfloat16 denoiser and the detection map, `dc` guidance (no vector-Jacobian product) on the
-steps above sigma 1: a series costs about 2.4x the prior's 100 forward passes on this CPU, where pigdm throughout
-cost 3.1x with the same detection on the phantom benchmark (docs/screening.md)."""
+steps above sigma 1: a series costs 2.2-2.4x the prior's 100 forward passes on this CPU, where pigdm throughout
+cost 2.8-3.1x, with the same detection on the phantom benchmark within its noise (docs/screening.md)."""
 PROFILES = {"standard": AnalysisSettings(), "fast": FAST_SETTINGS, "screening": SCREENING_SETTINGS,
             "detection": DETECTION_SETTINGS}
 """Named settings a prior is calibrated for; `--profile` picks one and the other options change it."""

@@ -149,3 +149,20 @@ def test_the_shipped_prior_is_calibrated_for_every_profile() -> None:
         assert calibration.nats_threshold(settings) is not None, name
         assert calibration.z_calibration(settings) is not None, name
         assert calibration.prior_fit_threshold(settings) is not None, name
+
+
+def test_sampler_options_are_checked_before_any_input_is_read(tmp_path, capsys) -> None:
+    """More than MAX_SAMPLES chains would share one batch; that, and options that only go together, are
+    refused when the options are parsed, before the input is read, with nothing written."""
+    assert _parse("--samples", "64").samples == 64
+    out = tmp_path / "out"
+    for option in ("--samples", "--escalate"):
+        with pytest.raises(SystemExit):
+            main(["analyze", str(tmp_path / "missing.npy"), "--out", str(out), option, "65"])
+        assert "must be 1 to 64 posterior samples, got 65" in capsys.readouterr().err
+    for options in (("--high-sigma", "2"), ("--guidance", "pigdm", "--high-guidance", "none")):
+        with pytest.raises(KlviewerInputError, match="high_guidance and high_sigma go together"):
+            _parse(*options)
+        assert main(["analyze", str(tmp_path / "missing.npy"), "--out", str(out), *options]) == 2
+        assert "high_guidance and high_sigma go together" in capsys.readouterr().err
+    assert not out.exists()

@@ -29,7 +29,7 @@ from klviewer.app.messages import Notifier
 from klviewer.app.settings import Preferences
 from klviewer.errors import KlviewerError
 from klviewer.inference.escalation import Escalation
-from klviewer.inference.settings import DEFAULT_PROFILE, EXTRA_SAMPLING_KEYS, PROFILES, AnalysisSettings
+from klviewer.inference.settings import DEFAULT_PROFILE, EXTRA_SAMPLING_KEYS, MAX_SAMPLES, PROFILES, AnalysisSettings
 from klviewer.priors.checkpoint import DEFAULT_PRIOR, list_priors, load_prior, priors_dir, read_prior_config
 
 NOISE_MODES = {"none": "Noise-free", "dose": "Poisson: photons per ray (I0)", "gaussian": "Gaussian: σ of line integrals"}
@@ -97,7 +97,7 @@ class AnalysisPanel(QWidget):
         self.noise_mode.currentIndexChanged.connect(self._noise_mode_picked)
         self.noise_value.valueChanged.connect(self._noise_value_edited)
         self.steps = _spin(2, 5000, 100, "Reverse-diffusion steps per posterior sample")
-        self.samples = _spin(1, 64, 1, "Posterior samples (more: smoother KL and a posterior std)")
+        self.samples = _spin(1, MAX_SAMPLES, 1, "Posterior samples (more: smoother KL and a posterior std)")
         self.seed = _spin(0, 2**31 - 1, 0, "Random seed: same seed, same device, same result")
         self.guidance_combo = QComboBox()
         for key, (label, tip) in GUIDANCE_LABELS.items():
@@ -115,7 +115,7 @@ class AnalysisPanel(QWidget):
         next run keeps while the boxes change steps, samples and guidance."""
         for spin in (self.steps, self.samples):
             spin.valueChanged.connect(self._sampler_edited)
-        self.escalate = _spin(0, 64, 0, "Two stages: every slice gets the samples above; the slices whose KL z-score "
+        self.escalate = _spin(0, MAX_SAMPLES, 0, "Two stages: every slice gets the samples above; the slices whose KL z-score "
                                         "passes the escalation threshold (passed by half of the prior's healthy "
                                         "calibration slices) get more chains, this many in all, and their verdict. "
                                         "The others are not flagged. Needs the prior calibrated for both sample "

@@ -8,7 +8,7 @@ from dataclasses import replace
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.escalation import DEFAULT_RATE, Escalation
 from klviewer.inference.sampler import ANY_PRIOR_GUIDANCES, HIGH_GUIDANCES, PRECISIONS
-from klviewer.inference.settings import DEFAULT_PROFILE, EXTRA_SAMPLING_KEYS, PROFILES, AnalysisSettings
+from klviewer.inference.settings import DEFAULT_PROFILE, EXTRA_SAMPLING_KEYS, MAX_SAMPLES, PROFILES, AnalysisSettings
 from klviewer.priors.checkpoint import DEFAULT_PRIOR
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -23,6 +23,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def sample_count(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_SAMPLES:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_SAMPLES} posterior samples, got {value}")
     return value
 
 
@@ -61,7 +68,7 @@ def add_sampler_options(p: argparse.ArgumentParser, *, flag_help: str) -> None:
     p.add_argument("--profile", default=DEFAULT_PROFILE, choices=tuple(PROFILES),
                    help=f"named settings the shipped prior is calibrated for (default {DEFAULT_PROFILE}; {profiles})")
     p.add_argument("--steps", type=positive_int, help="sampler steps (of the shared chain when branched)")
-    p.add_argument("--samples", type=positive_int, help="posterior samples")
+    p.add_argument("--samples", type=sample_count, help=f"posterior samples (1 to {MAX_SAMPLES})")
     p.add_argument("--patch", type=positive_int, help="KL patch size in pixels")
     p.add_argument("--sigma-window", type=positive_float, nargs=2, metavar=("LO", "HI"),
                    help="noise levels summed into the KL map")
@@ -90,7 +97,7 @@ def add_analysis_options(p: argparse.ArgumentParser) -> None:
 
 def add_escalation_options(p: argparse.ArgumentParser) -> None:
     """Two-stage screening (`escalation_from_args`)."""
-    p.add_argument("--escalate", type=positive_int, metavar="SAMPLES",
+    p.add_argument("--escalate", type=sample_count, metavar="SAMPLES",
                    help="two stages: the slices whose KL z-score passes the escalation threshold get more posterior "
                         "chains, SAMPLES in all, and their verdict; the others are not flagged (e.g. --profile "
                         "screening --escalate 4). The prior must be calibrated for both sample counts")
@@ -122,5 +129,7 @@ def settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
     given = {k: getattr(args, k) for k in SAMPLER_OPTIONS if getattr(args, k, None) is not None}
     if "sigma_window" in given:
         given["sigma_window"] = tuple(given["sigma_window"])
-    return replace(base, **given, views=args.views, dose_i0=args.dose, noise_sigma=args.noise, seed=args.seed,
-                   device=args.device, flag_threshold=getattr(args, "flag_threshold", None))
+    settings = replace(base, **given, views=args.views, dose_i0=args.dose, noise_sigma=args.noise, seed=args.seed,
+                       device=args.device, flag_threshold=getattr(args, "flag_threshold", None))
+    settings.sampler(0).validate()  # refused here, before any file is read or prior loaded
+    return settings

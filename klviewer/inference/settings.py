@@ -116,6 +116,9 @@ SCREENING_SETTINGS = AnalysisSettings(samples=2, patch=4, sigma_window=(0.01, 0.
 """Two chains with the bfloat16 denoiser and the detection map, `dc` guidance (no vector-Jacobian product) on the
 steps above sigma 1: a series costs 2.2-2.4x the prior's 100 forward passes on this CPU, where pigdm throughout
 cost 2.8-3.1x, with the same detection on the phantom benchmark within its noise (docs/screening.md)."""
+MAX_SAMPLES = 64
+"""Most posterior samples per slice that the commands and the app offer. A slice's chains share one batch, so
+this bounds the memory a run's options can ask for."""
 PROFILES = {"standard": AnalysisSettings(), "fast": FAST_SETTINGS, "screening": SCREENING_SETTINGS,
             "detection": DETECTION_SETTINGS}
 """Named settings a prior is calibrated for; `--profile` picks one and the other options change it."""

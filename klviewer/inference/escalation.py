@@ -118,9 +118,14 @@ class EscalationRule:
         return self.escalation.settings(self.stage1)
 
     @property
+    def added_chains(self) -> int:
+        """Posterior chains that escalating one slice adds."""
+        return self.escalation.samples - self.stage1.samples
+
+    @property
     def added_steps(self) -> int:
         """Sampler steps that escalating one slice adds (its added chains')."""
-        return dataclasses.replace(self.stage1, samples=self.escalation.samples - self.stage1.samples).step_count
+        return dataclasses.replace(self.stage1, samples=self.added_chains).step_count
 
     def describe(self) -> str:
         """The rule in words, as results and reports give it."""

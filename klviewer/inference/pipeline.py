@@ -190,7 +190,7 @@ def _add_chains(waiting: Sequence[_Escalating], prior: Prior, escalation: Escala
     merged with their stage-1 runs, and each slice's result under stage 2's settings and thresholds."""
     stage1, stage2 = escalation.stage1, escalation.stage2
     seeds = [w.prepared.slice_seed for w in waiting]
-    more_settings = dataclasses.replace(stage2.sampler(seeds[0]), samples=stage2.samples - stage1.samples,
+    more_settings = dataclasses.replace(stage2.sampler(seeds[0]), samples=escalation.added_chains,
                                         first_sample=stage1.samples, max_batch=max_batch)
     start = time.perf_counter()
     more = posterior_sample_slices(prior, [w.model for w in waiting], more_settings, seeds,
@@ -303,7 +303,7 @@ def _analyze_each(items: Iterable[tuple[T, PreparedSlice]], n: int, loaded: Load
         done += settings.step_count * len(group)
         pool.extend((len(ordered) + w.index, w) for w in waiting)
         ordered.extend([key, result] for (key, _), result in zip(group, results))
-        if rule is not None and len(pool) * (rule.escalation.samples - settings.samples) >= chains_per_pass:
+        if rule is not None and len(pool) * rule.added_chains >= chains_per_pass:
             add_pooled_chains()
         first_pooled = min((place for place, _ in pool), default=len(ordered))
         while yielded < first_pooled:

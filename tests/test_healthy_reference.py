@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +16,18 @@ from klviewer.errors import KlviewerInputError
 from klviewer.evaluation.calibrate import calibrate_prior
 from klviewer.evaluation.detection import DetectionCase
 from klviewer.inference.calibration import CALIBRATION_FILE, z_calibration_for
-from klviewer.inference.energy import EnergyField
+from klviewer.inference.energy import EnergyField, patch_sums
 from klviewer.inference.healthy_reference import (
+    KL_FLOOR,
     MIN_PATCHES_PER_BIN,
+    NORMAL_SCORES,
     HealthyReference,
     HealthySlice,
     cross_fitted_scores,
     fit_reference,
+    patch_statistics,
     pool_for,
+    reference_of_patches,
 )
 from klviewer.inference.settings import AnalysisSettings
 from klviewer.phantoms import make_phantom
@@ -130,10 +135,45 @@ def test_reference_round_trips_and_refuses_malformed_files() -> None:
     good = ref.to_dict()
     older = {k: v for k, v in good.items() if k != "pool"}
     assert HealthyReference.from_dict(older).pool == 1, "references from before pooling scored single patches"
+    assert np.array_equal(again.quantiles, ref.quantiles) and np.array_equal(again.normal_scores, NORMAL_SCORES)
+    sick = _slice(100, lesion=True)
+    assert again.z_map(sick.energy, sick.recon_hu).score == ref.z_map(sick.energy, sick.recon_hu).score
+    # references written before quantiles standardise by each bin's mean and spread
+    gaussian = HealthyReference.from_dict({k: v for k, v in good.items() if k not in ("quantiles", "normal_scores")})
+    assert gaussian.quantiles is None
+    kl, log_edges, _inside = patch_statistics(sick.energy, sick.recon_hu, PATCH, (0.01, 5.0))
+    k = np.digitize(log_edges[10, 5], gaussian.bin_edges, right=True)
+    assert replace(gaussian, pool=1).z_map(sick.energy, sick.recon_hu).values[10, 5] == pytest.approx(
+        (np.log(kl.values[10, 5] + KL_FLOOR) - gaussian.mean[k]) / gaussian.std[k])
+    n_bins = len(good["mean"])
     for broken in ({**good, "std": [-1.0] * len(good["std"])}, {**good, "bin_edges": good["bin_edges"][::-1] + [0.0]},
-                   {k: v for k, v in good.items() if k != "mean"}, {**good, "mean": "high"}, {**good, "pool": 0}):
+                   {k: v for k, v in good.items() if k != "mean"}, {**good, "mean": "high"}, {**good, "pool": 0},
+                   {**good, "quantiles": good["quantiles"][:-1]}, {**good, "normal_scores": good["normal_scores"][::-1]},
+                   {**good, "quantiles": good["quantiles"][::-1]}, {k: v for k, v in good.items() if k != "normal_scores"},
+                   {**good, "quantiles": [float("nan")] * (n_bins * len(NORMAL_SCORES))}):
         with pytest.raises(KlviewerInputError, match="x.json"):
             HealthyReference.from_dict(broken, "x.json")
+
+
+def test_a_patch_scores_its_rank_among_healthy_patches_with_the_same_edges() -> None:
+    """A skewed bin (log KL exponential, as the bins of strong edges are): a value at the healthy 99th
+    percentile scores the normal's 99th percentile, 2.33, where standardising by mean and spread gives
+    3.6. Past every healthy value the score keeps rising, no faster than standardising would."""
+    rng = np.random.default_rng(5)
+    y = rng.exponential(1.0, 20_000)
+    ref = reference_of_patches(y, np.zeros_like(y), 1, None, n_slices=1, pool=1)
+    template = patch_sums(np.zeros((1, 4)), 1)
+
+    def z(values: list[float]) -> np.ndarray:
+        return ref.z_of(template, np.array([values]), np.zeros((1, 4)), np.ones((1, 4), bool)).values[0]
+
+    q99 = np.quantile(y, 0.99)
+    assert z([q99, 0, 0, 0])[0] == pytest.approx(2.326, abs=0.03)
+    assert (q99 - y.mean()) / y.std() == pytest.approx(3.6, abs=0.1)
+    top = ref.quantiles[0, -1]
+    far = z([top, top + 1.0, top + 2.0, top + 10.0])
+    assert far[0] == pytest.approx(3.5) and (np.diff(far) > 0).all()
+    assert far[3] - far[0] <= 10.0 / ref.std[0] + 1e-9
 
 
 def test_calibrate_stores_the_reference_and_analyze_writes_z_scores(tiny_prior: Path, tmp_path: Path) -> None:

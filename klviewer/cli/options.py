@@ -84,6 +84,8 @@ def add_sampler_options(p: argparse.ArgumentParser, *, flag_help: str) -> None:
     p.add_argument("--high-sigma", type=positive_float, metavar="SIGMA", help="noise level above which --high-guidance runs")
     p.add_argument("--cg-iters", type=positive_int, metavar="N",
                    help="conjugate-gradient iterations of each step's data-consistency solve (dc, pigdm)")
+    p.add_argument("--antithetic", action=argparse.BooleanOptionalAction,
+                   help="posterior chains in antithetic pairs: the second of each pair draws the first's noise negated")
     p.add_argument("--precision", choices=PRECISIONS, help="the denoiser's arithmetic (bfloat16: faster on CPUs with AVX-512 BF16)")
     p.add_argument("--flag-threshold", type=positive_float, metavar="NATS", help=flag_help)
 

@@ -98,8 +98,8 @@ def markdown(report: DetectionReport, settings: AnalysisSettings, meta: dict[str
               "a localisation AUROC counts only by how far it rises above the control's."]
     if "klip_z" in report.scores:
         lines += ["", f"`klip_z` is the KL z-score against a healthy reference fitted on {meta['n_reference']} other healthy "
-                  "phantoms (calibration seeds): each patch's log KL standardised among healthy patches with the same "
-                  f"edge energy in the reconstruction, then pooled (Stouffer) over windows of about {POOL_PX} px "
+                  "phantoms (calibration seeds): each patch's log KL scored by its normal score among healthy patches with "
+                  f"the same edge energy in the reconstruction, then pooled (Stouffer) over windows of about {POOL_PX} px "
                   "(larger patches stand alone). Its localisation AUROC is over those windows."]
     q = report.quality
     lines += [

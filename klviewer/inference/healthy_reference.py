@@ -8,9 +8,14 @@ patches that hold the same kind of structure.
 
 The reference is fitted on healthy slices analysed with the same prior and settings. Its one
 covariate is a patch's edge energy in the reconstruction (the sum of squared HU gradients),
-binned at healthy quantiles; per bin it keeps the mean and spread of log patch KL. A patch's
-z-score is its log KL standardised by its bin. Only patches touching the body count, because
-air carries neither KL nor edges and would otherwise fill the smoothest bins.
+binned at healthy quantiles; per bin it keeps the quantiles of healthy log patch KL at fixed
+normal scores. A patch's z-score is the normal score of its log KL among its bin's healthy
+patches: the healthy quantile function mapped onto a standard normal's, extended linearly past
+the outermost quantiles. The bins of strong edges (bowel gas, organ rims) have long upper tails
+that a mean and spread understate; standardising by them made the largest window of a healthy
+slice as unusual as a lesion's (docs/screening.md). References written before keep a mean and
+spread per bin, and are scored by them. Only patches touching the body count, because air
+carries neither KL nor edges and would otherwise fill the smoothest bins.
 
 Small patches are then pooled over windows of about POOL_PX pixels, the size of the smallest
 lesions we look for: each window's z-score is Stouffer's combination of the z-scores of the
@@ -28,6 +33,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from scipy.special import ndtr
 
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.energy import EnergyField, KLMap, patch_sums
@@ -39,6 +45,10 @@ KL_FLOOR = 1e-3
 """Nats added before the log, so that a patch without KL has a finite z-score."""
 MIN_PATCHES_PER_BIN = 20
 MAX_BINS = 10_000
+NORMAL_SCORES = np.linspace(-3.5, 3.5, 71)
+"""The standard normal scores at which a reference keeps each bin's healthy log-KL quantiles."""
+TAIL_SCORES = 0.5
+"""Past the outermost quantiles, a z-score follows the slope of the last TAIL_SCORES of normal scores."""
 POOL_PX = 8
 """Side (pixels) of the windows small patches are pooled over: 12.5 mm at the shipped prior's
 1.56 mm pixels, about the smallest lesion. Chosen on the detection benchmark's tuning split."""
@@ -61,8 +71,8 @@ def body_mask(recon_hu: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(recon_hu > BODY_HU)
 
 
-def _patch_statistics(energy: EnergyField, recon_hu: np.ndarray, patch: int,
-                      sigma_window: tuple[float, float] | None) -> tuple[KLMap, np.ndarray, np.ndarray]:
+def patch_statistics(energy: EnergyField, recon_hu: np.ndarray, patch: int,
+                     sigma_window: tuple[float, float] | None) -> tuple[KLMap, np.ndarray, np.ndarray]:
     """(KL map, log edge energy per patch, which patches touch the body)."""
     kl = energy.kl_map(patch, sigma_window)
     gy, gx = np.gradient(recon_hu.astype(np.float64))
@@ -85,13 +95,28 @@ class HealthyReference:
     n_slices: int
     pool: int = 1
     """Patches per side of the windows the z-scores are pooled over (1: each patch stands alone)."""
+    quantiles: np.ndarray | None = None
+    """(bins, scores) healthy log(KL + KL_FLOOR) of each bin at `normal_scores`, non-decreasing; None in
+    references written before, which standardise by `mean` and `std`."""
+    normal_scores: np.ndarray | None = None
 
     def z_map(self, energy: EnergyField, recon_hu: np.ndarray) -> KLMap:
         """Pooled z-scores, one per window of `pool` x `pool` patches stepping by one patch.
         Windows off the body get -inf, so they never set the slice's score."""
-        kl, log_edges, inside = _patch_statistics(energy, recon_hu, self.patch, self.sigma_window)
+        kl, log_edges, inside = patch_statistics(energy, recon_hu, self.patch, self.sigma_window)
+        return self.z_of(kl, np.log(kl.values + KL_FLOOR), log_edges, inside)
+
+    def z_of(self, kl: KLMap, log_kl: np.ndarray, log_edges: np.ndarray, inside: np.ndarray) -> KLMap:
+        """Pooled z-scores of per-patch log KL values on the patch grid of `kl` (`patch_statistics`).
+        `z_map` scores the chains' mean KL; benchmarks score other statistics of the chains with it."""
         k = np.digitize(log_edges, self.bin_edges, right=True)
-        z = np.where(inside, (np.log(kl.values + KL_FLOOR) - self.mean[k]) / self.std[k], -np.inf)
+        if self.quantiles is None:
+            z = (log_kl - self.mean[k]) / self.std[k]
+        else:
+            z = np.empty(log_kl.shape)
+            for j in np.unique(k):
+                z[k == j] = _normal_scores(log_kl[k == j], self.quantiles[j], self.normal_scores, self.std[j])
+        z = np.where(inside, z, -np.inf)
         pool = min(self.pool, *z.shape)
         if pool == 1:
             return replace(kl, values=z)
@@ -100,10 +125,13 @@ class HealthyReference:
                      image_shape=kl.image_shape, sigma_window=kl.sigma_window)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"patch": self.patch, "pool": self.pool,
-                "sigma_window": None if self.sigma_window is None else list(self.sigma_window),
-                "bin_edges": self.bin_edges.tolist(), "mean": self.mean.tolist(), "std": self.std.tolist(),
-                "n_slices": self.n_slices}
+        d = {"patch": self.patch, "pool": self.pool,
+             "sigma_window": None if self.sigma_window is None else list(self.sigma_window),
+             "bin_edges": self.bin_edges.tolist(), "mean": self.mean.tolist(), "std": self.std.tolist(),
+             "n_slices": self.n_slices}
+        if self.quantiles is not None:
+            d |= {"normal_scores": self.normal_scores.tolist(), "quantiles": self.quantiles.ravel().tolist()}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: Any = None) -> HealthyReference:
@@ -122,7 +150,15 @@ class HealthyReference:
                 or (np.diff(edges) < 0).any() or ref.patch < 1 or ref.pool < 1):
             raise KlviewerInputError(source, "healthy reference has inconsistent bins (need finite, sorted edges, "
                                              "one mean and one positive spread per bin)")
-        return ref
+        if "quantiles" not in fields and "normal_scores" not in fields:
+            return ref
+        scores = np.asarray(fields.numbers("normal_scores", max_items=1000), dtype=np.float64)
+        quantiles = np.asarray(fields.numbers("quantiles", length=mean.size * scores.size,
+                                              max_items=MAX_BINS * 1000), dtype=np.float64).reshape(mean.size, -1)
+        if scores.size < 2 or (np.diff(scores) <= 0).any() or (np.diff(quantiles, axis=1) < 0).any():
+            raise KlviewerInputError(source, "healthy reference has inconsistent quantiles (need at least two increasing "
+                                             "normal scores and, per bin, one non-decreasing quantile for each)")
+        return replace(ref, quantiles=quantiles, normal_scores=scores)
 
 
 def _stouffer(z: np.ndarray, pool: int) -> np.ndarray:
@@ -164,10 +200,16 @@ def fit_reference(slices: Sequence[HealthySlice], patch: int, sigma_window: tupl
     `pool` defaults to `pool_for(patch)`."""
     log_kl, log_edges = [], []
     for s in slices:
-        kl, edges, inside = _patch_statistics(s.energy, s.recon_hu, patch, sigma_window)
+        kl, edges, inside = patch_statistics(s.energy, s.recon_hu, patch, sigma_window)
         log_kl.append(np.log(kl.values[inside] + KL_FLOOR))
         log_edges.append(edges[inside])
     y, x = np.concatenate(log_kl) if log_kl else np.empty(0), np.concatenate(log_edges) if log_edges else np.empty(0)
+    return reference_of_patches(y, x, patch, sigma_window, len(slices), bins, pool)
+
+
+def reference_of_patches(y: np.ndarray, x: np.ndarray, patch: int, sigma_window: tuple[float, float] | None,
+                         n_slices: int, bins: int = 20, pool: int | None = None) -> HealthyReference:
+    """`fit_reference` on healthy body patches' log KL `y` and log edge energy `x`, however the KL was taken."""
     bins = min(bins, x.size // MIN_PATCHES_PER_BIN)
     if bins < 1:
         raise KlviewerInputError(None, f"a healthy reference needs at least {MIN_PATCHES_PER_BIN} body patches, "
@@ -179,18 +221,37 @@ def fit_reference(slices: Sequence[HealthySlice], patch: int, sigma_window: tupl
     counts = np.bincount(k, minlength=inner.size + 1)
     mean = np.full(inner.size + 1, np.nan)
     std = np.full(inner.size + 1, np.nan)
+    quantiles = np.full((inner.size + 1, NORMAL_SCORES.size), np.nan)
+    levels = ndtr(NORMAL_SCORES)
     for j in np.flatnonzero(counts > 1):
         mean[j], std[j] = y[k == j].mean(), y[k == j].std()
+        quantiles[j] = np.quantile(y[k == j], levels)
     # A bin that ties left (nearly) empty borrows its nearest neighbour's statistics.
-    mean, std = _fill_empty(mean), _fill_empty(std)
-    return HealthyReference(patch, sigma_window, inner, mean, np.maximum(std, 1e-6), len(slices),
-                            pool_for(patch) if pool is None else pool)
+    mean, std, quantiles = _fill_empty(mean), _fill_empty(std), _fill_empty(quantiles)
+    return HealthyReference(patch, sigma_window, inner, mean, np.maximum(std, 1e-6), n_slices,
+                            pool_for(patch) if pool is None else pool, quantiles, NORMAL_SCORES.copy())
 
 
 def _fill_empty(values: np.ndarray) -> np.ndarray:
-    good = np.flatnonzero(np.isfinite(values))
-    nearest = good[np.abs(np.arange(values.size)[:, None] - good[None, :]).argmin(axis=1)]
+    """Rows (bins) holding NaN take their nearest good row."""
+    good = np.flatnonzero(np.isfinite(values.reshape(len(values), -1)).all(axis=1))
+    nearest = good[np.abs(np.arange(len(values))[:, None] - good[None, :]).argmin(axis=1)]
     return values[nearest]
+
+
+def _normal_scores(values: np.ndarray, quantiles: np.ndarray, scores: np.ndarray, std: float) -> np.ndarray:
+    """The normal score of each value among one bin's healthy quantiles (at `scores`): interpolated between
+    them, and past either end along the outermost TAIL_SCORES' slope, so a value far above every healthy
+    patch keeps rising instead of stopping at the last score. That slope is at least the bin's spread
+    `std`: the outermost quantiles of a bin with few patches rest on a handful, and a steep guess there
+    would give healthy patches just past them huge scores; past the quantiles a score never rises
+    faster than standardising by the spread would make it."""
+    z = np.interp(values, quantiles, scores)
+    tail = max(1, int(np.searchsorted(scores, scores[0] + TAIL_SCORES + 1e-9)) - 1)
+    for end, inner, beyond in ((-1, -1 - tail, values > quantiles[-1]), (0, tail, values < quantiles[0])):
+        slope = max(abs(quantiles[end] - quantiles[inner]) / abs(scores[end] - scores[inner]), std)
+        z[beyond] = scores[end] + (values[beyond] - quantiles[end]) / slope
+    return z
 
 
 def cross_fitted_scores(slices: Sequence[HealthySlice], patch: int, sigma_window: tuple[float, float] | None,

@@ -12,6 +12,9 @@ of its own, so its energy keeps its expectation; but the branches share the trun
 and on the phantom benchmark they average out much less of the KL map's noise than independent
 chains do (docs/screening.md).
 
+Independent chains may also run in antithetic pairs (`antithetic`): the second of each pair
+draws the first's noise negated.
+
 `posterior_sample_slices` runs several slices measured with one geometry at once: their chains
 share every forward pass, and each slice keeps its own measurement, random streams and energy.
 
@@ -99,6 +102,12 @@ class SamplerSettings:
     first_sample: int = 0
     """The stream of the run's first posterior sample: a run with `first_sample` k draws samples k, k+1, ...
     of the seed, so it adds chains to an earlier run of k samples (`merge_runs`). Independent chains only."""
+    antithetic: bool = False
+    """Chains in antithetic pairs: sample 2i + 1 draws sample 2i's noise negated, at the start and at every
+    step. Each chain is still a posterior chain, so the mean energy keeps its expectation. The pair's
+    fluctuations cancel only where a step's energy is linear in the noise (high noise levels); in the
+    detection window it is quadratic and a pair varies more than two independent chains (docs/screening.md).
+    Independent chains only."""
 
     def validate(self) -> None:
         if self.steps < 2:
@@ -128,6 +137,8 @@ class SamplerSettings:
             raise KlviewerInputError(None, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if (self.high_guidance is None) != (self.high_sigma is None):
             raise KlviewerInputError(None, "high_guidance and high_sigma go together")
+        if self.antithetic and self.branch_sigma is not None:
+            raise KlviewerInputError(None, "antithetic chains are independent chains: not with branch_sigma")
         if self.high_guidance is not None and self.high_guidance not in HIGH_GUIDANCES:
             raise KlviewerInputError(None, f"high guidance must be one of {HIGH_GUIDANCES}, got {self.high_guidance!r}")
 
@@ -351,10 +362,26 @@ def run_guidance(prior: Denoiser, model: MeasurementModel, settings: SamplerSett
 
 # ---- the sampler ----------------------------------------------------------------------------------
 
-def _noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    # Drawn on the CPU whatever the device, so a seed gives the same noise on CPU and GPU and
-    # the two differ only by rounding; the copy is tiny next to one denoiser call.
-    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+@dataclass
+class Streams:
+    """The random streams of a batch of chains: chain i draws from generators[i], times signs[i]."""
+
+    generators: list[torch.Generator]
+    signs: list[float]
+
+    @classmethod
+    def of(cls, chains: Sequence[tuple[int, int]], antithetic: bool) -> Streams:
+        """Stream k of seed s for each (s, k); antithetic, stream 2i + 1 is stream 2i negated."""
+        def paired(k: int) -> tuple[int, float]:
+            return (k - k % 2, -1.0 if k % 2 else 1.0) if antithetic else (k, 1.0)
+
+        drawn = [(seed, *paired(k)) for seed, k in chains]
+        return cls([torch.Generator().manual_seed(sample_seed(seed, k)) for seed, k, _ in drawn], [sign for *_, sign in drawn])
+
+    def noise(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        # Drawn on the CPU whatever the device, so a seed gives the same noise on CPU and GPU and
+        # the two differ only by rounding; the copy is tiny next to one denoiser call.
+        return torch.stack([sign * torch.randn(shape, generator=g) for g, sign in zip(self.generators, self.signs)]).to(device)
 
 
 FINAL_STEP_SPAN = 10.0
@@ -403,8 +430,8 @@ def _bins(sigmas: np.ndarray, edges: np.ndarray, lowest: int, highest: int) -> n
 
 
 def _run_steps(guidance: Guidance, x: torch.Tensor, sigmas: np.ndarray, bins: np.ndarray, energy: torch.Tensor,
-               owners: torch.Tensor, generators: list[torch.Generator], tick: Callable[[int], None]) -> torch.Tensor:
-    """Take one chain per generator from sigmas[0] to sigmas[-1], adding each step's energy to its bin of
+               owners: torch.Tensor, streams: Streams, tick: Callable[[int], None]) -> torch.Tensor:
+    """Take one chain per stream from sigmas[0] to sigmas[-1], adding each step's energy to its bin of
     `energy` (bins, slices, H, W), summed over the chains of each slice (chain i belongs to slice
     owners[i]); return the chains' last states."""
     shape = tuple(x.shape[1:])
@@ -417,8 +444,8 @@ def _run_steps(guidance: Guidance, x: torch.Tensor, sigmas: np.ndarray, bins: np
         energy[bins[i]].index_add_(0, owners, (0.5 * dx_lik**2 / dsigma2).sum(dim=1))
         x = x + dsigma2 * prior_score + dx_lik
         if sigma_next > 0:
-            x = x + np.sqrt(dsigma2) * _noise(generators, shape, x.device)
-        tick(len(generators))
+            x = x + np.sqrt(dsigma2) * streams.noise(shape, x.device)
+        tick(len(streams.generators))
     return x
 
 
@@ -594,11 +621,11 @@ def _sample_all(prior: Denoiser, models: Sequence[MeasurementModel], seeds: Sequ
         for first in range(0, len(chains), batch):
             part = chains[first:first + batch]
             owners = [j for j, _ in part]
-            generators = [torch.Generator().manual_seed(sample_seed(seeds[j], k)) for j, k in part]
-            x = _noise(generators, shape, device) * float(sigmas[0]) if starts is None else starts[first:first + batch]
+            streams = Streams.of([(seeds[j], k) for j, k in part], settings.antithetic)
+            x = streams.noise(shape, device) * float(sigmas[0]) if starts is None else starts[first:first + batch]
             guidances.append(run_guidance(prior, stack_models(models, owners), settings))
             owner_index = torch.tensor(owners, device=device)
-            finals.append(_run_steps(guidances[-1], x, sigmas, bins, energy, owner_index, generators, tick))
+            finals.append(_run_steps(guidances[-1], x, sigmas, bins, energy, owner_index, streams, tick))
         return torch.cat(finals)
 
     chains = [(j, k) for j in range(n_slices) for k in range(settings.first_sample, settings.first_sample + samples)]

@@ -42,12 +42,15 @@ class AnalysisSettings:
     """The denoiser's arithmetic (SamplerSettings.precision)."""
     cg_iters: int = SamplerSettings.cg_iters
     """Conjugate-gradient iterations of each step's data-consistency solve (`dc`, `pigdm`)."""
+    antithetic: bool = SamplerSettings.antithetic
+    """Chains in antithetic pairs (SamplerSettings.antithetic)."""
 
     def sampler(self, slice_seed: int) -> SamplerSettings:
         return SamplerSettings(steps=self.steps, samples=self.samples, seed=slice_seed, guidance=self.guidance,  # type: ignore[arg-type]
                                dps_step=self.dps_step, sigma_min=self.sigma_min, branch_sigma=self.branch_sigma,
                                branch_steps=self.branch_steps, trunks=self.trunks, high_guidance=self.high_guidance,
-                               high_sigma=self.high_sigma, precision=self.precision, cg_iters=self.cg_iters)
+                               high_sigma=self.high_sigma, precision=self.precision, cg_iters=self.cg_iters,
+                               antithetic=self.antithetic)
 
     @property
     def step_count(self) -> int:
@@ -57,7 +60,8 @@ class AnalysisSettings:
     def describe_chains(self) -> str:
         """The posterior chains and the denoiser's arithmetic, e.g. "4 independent sample(s) x 100 steps"."""
         if self.branch_sigma is None:
-            chains = f"{self.samples} independent sample(s) x {self.steps} steps"
+            kind = "antithetic" if self.antithetic else "independent"
+            chains = f"{self.samples} {kind} sample(s) x {self.steps} steps"
         else:
             trunk = f"{self.steps} steps" if self.trunks == 1 else f"{self.trunks} chains x {self.steps} steps"
             chains = (f"{trunk} to sigma {self.branch_sigma:g}, then {self.samples} branches x "
@@ -95,7 +99,7 @@ class AnalysisSettings:
 
 
 EXTRA_SAMPLING_KEYS = ("sigma_min", "branch_sigma", "branch_steps", "trunks", "high_guidance", "high_sigma", "precision",
-                       "cg_iters")
+                       "cg_iters", "antithetic")
 _EXTRA_DEFAULTS = {k: getattr(AnalysisSettings, k) for k in EXTRA_SAMPLING_KEYS}
 MAP_ONLY_KEYS = ("patch", "sigma_window", "flag_threshold")
 

@@ -163,6 +163,8 @@ def checked_settings(doc: Any, source: Path, prefix: str = "settings.") -> Analy
     for key in ("sigma_min", "branch_sigma", "high_sigma"):
         if key in record:
             values[key] = record.number(key, positive=True, optional=key != "sigma_min")
+    if "antithetic" in record:
+        values["antithetic"] = record.boolean("antithetic")
     for key in ("device", "guidance", "high_guidance", "precision"):
         if key in record:
             values[key] = record.text(key, max_chars=64, optional=key == "high_guidance")

@@ -61,3 +61,10 @@ def gaussian_problem(prior: GaussianPrior, operator, relative_noise: float, seed
     y = clean + variance**0.5 * torch.randn(clean.shape, generator=g)
     model = MeasurementModel(dense, y, 1.0, torch.tensor(variance))
     return GaussianProblem(prior, model, gaussian_posterior_kl(prior.mean, prior.cov, model, shape))
+
+
+def sparse_ct_problem() -> GaussianProblem:
+    """A 10 x 10 Matérn prior measured by 6-view CT at 3 % noise (seeds 35, 36): the problem the sampler's
+    chain-structure tests (branches, trunks, antithetic pairs) share; no screening setting was chosen on it."""
+    prior = matern_prior(10, (2.0, 3.5), 0.15, 2.5, 0.2, seed=35, nugget=2e-3)
+    return gaussian_problem(prior, ct(10, 6), 0.03, seed=36)

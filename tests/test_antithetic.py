@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from gaussian_problems import ct, gaussian_problem, matern_prior  # noqa: E402
+from gaussian_problems import sparse_ct_problem  # noqa: E402
 
 from klviewer.errors import KlviewerInputError  # noqa: E402
 from klviewer.inference.sampler import SamplerSettings, merge_runs, posterior_sample  # noqa: E402
@@ -27,8 +27,7 @@ EXACT = dict(steps=100, guidance="exact")
 
 @pytest.fixture(scope="module")
 def problem():
-    prior = matern_prior(10, (2.0, 3.5), 0.15, 2.5, 0.2, seed=35, nugget=2e-3)
-    return gaussian_problem(prior, ct(10, 6), 0.03, seed=36)
+    return sparse_ct_problem()
 
 
 def test_a_pairs_mean_is_the_noise_free_path_on_a_gaussian_problem(problem) -> None:

@@ -15,19 +15,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from gaussian_problems import ct, gaussian_problem, matern_prior  # noqa: E402
+from gaussian_problems import sparse_ct_problem  # noqa: E402
 
 from klviewer.errors import KlviewerInputError  # noqa: E402
 from klviewer.inference.sampler import SamplerSettings, Schedule, posterior_sample  # noqa: E402
 
-N = 10
 BRANCHED = dict(steps=400, branch_sigma=0.05, branch_steps=40, sigma_min=0.002, guidance="exact")
 
 
 @pytest.fixture(scope="module")
 def problem():
-    prior = matern_prior(N, (2.0, 3.5), 0.15, 2.5, 0.2, seed=35, nugget=2e-3)
-    return gaussian_problem(prior, ct(N, 6), 0.03, seed=36)
+    return sparse_ct_problem()
 
 
 def test_branched_energy_matches_the_closed_form_on_average(problem) -> None:

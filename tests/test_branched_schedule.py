@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gaussian_problems import sparse_ct_problem  # noqa: E402
 
 from klviewer.errors import KlviewerInputError  # noqa: E402
+from klviewer.inference.energy import log_sigma_edges  # noqa: E402
 from klviewer.inference.sampler import SamplerSettings, Schedule, posterior_sample  # noqa: E402
 
 BRANCHED = dict(steps=400, branch_sigma=0.05, branch_steps=40, sigma_min=0.002, guidance="exact")
@@ -70,6 +71,22 @@ def test_schedule_levels_bins_and_progress() -> None:
     for bad in (dict(branch_sigma=0.005), dict(branch_sigma=20.0), dict(branch_steps=1), dict(high_guidance="nope", high_sigma=0.5), dict(high_sigma=0.5)):
         with pytest.raises(KlviewerInputError):
             SamplerSettings(**{**dict(branch_sigma=0.05, branch_steps=6, sigma_min=0.01), **bad}).validate()
+
+
+def test_a_run_that_stops_at_the_window_keeps_its_last_step_out_of_it(problem) -> None:
+    """Unbranched too, the last step (sigma_min -> 0, all the energy below sigma_min in one go) has a bin of its
+    own below sigma_min, so a window starting at sigma_min holds the steps above it only."""
+    settings = SamplerSettings(steps=30, samples=2, seed=4, sigma_min=0.05, guidance="exact")
+    schedule = Schedule.of(settings)
+    assert schedule.edges[1] == 0.05 and schedule.trunk[-2] == pytest.approx(0.05) and schedule.trunk[-1] == 0
+    assert schedule.trunk_bins[-1] == 0 and (schedule.trunk_bins[:-1] >= 1).all()
+    run = posterior_sample(problem.prior, problem.model, settings)
+    last = float(run.energy.energy[0].sum())
+    assert last > 0.01 * run.energy.total()
+    assert run.energy.total((0.05, 10.0)) == pytest.approx(run.energy.total() - last, rel=1e-5)
+    # a run to sigma 0.002 keeps the edges it had above its lowest bin, so windows from 0.01 hold what they held
+    standard = Schedule.of(SamplerSettings())
+    assert standard.edges[1] == 0.002 and np.array_equal(standard.edges[2:], log_sigma_edges(0.002, 10.0, 10)[1:])
 
 
 def test_a_cheaper_guidance_runs_above_high_sigma_only(problem) -> None:

@@ -25,6 +25,7 @@ from klviewer.inference.escalation import Escalation, Stage, escalation_rule
 from klviewer.inference.measurements import collect_measurements, ct_measurement_model
 from klviewer.inference.pipeline import LoadedPrior, analyze_measurements
 from klviewer.inference.sampler import SamplerSettings, merge_runs, posterior_sample_slices
+from klviewer.inference.scoring import MISMATCH
 from klviewer.inference.settings import AnalysisSettings
 from klviewer.phantoms import make_phantom
 from klviewer.results.reader import read_results
@@ -115,6 +116,35 @@ def test_escalated_slices_get_their_all_chain_verdict_and_the_others_stay(calibr
     done, total = seen[-1]
     assert done == total == len(up) * STAGE1.step_count + sum(up) * 2 * STAGE1.steps
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_a_slice_the_prior_does_not_fit_stays_at_stage_one(calibrated: Path, study: Path, tmp_path: Path) -> None:
+    prior = Path(shutil.copytree(calibrated, tmp_path / "prior"))
+    loaded = LoadedPrior.load(prior, "cpu")
+    measurements = collect_measurements([study], loaded.prior, STAGE1)
+    rule = escalation_rule(loaded.calibration, STAGE1, ESCALATION)
+    stage1 = [r for _m, r in analyze_measurements(measurements, loaded, STAGE1, slice_batch=3)]
+    up = [r.z_score > rule.threshold for r in stage1]
+    # A run judges prior fit by stage 2's threshold; put it just under the highest-scoring escalating slice's score.
+    threshold = 0.999 * max(r.prior_fit_score for r, u in zip(stage1, up) if u)
+    doc = json.loads((prior / CALIBRATION_FILE).read_text())
+    [entry] = [e for e in doc["calibrations"] if e["settings"]["samples"] == ESCALATION.samples]
+    entry["prior_fit"] = {**entry.get("prior_fit", {}), "threshold": threshold}
+    (prior / CALIBRATION_FILE).write_text(json.dumps(doc))
+    loaded = LoadedPrior.load(prior, "cpu")
+    seen: list[tuple[int, int]] = []
+    two = [r for _m, r in analyze_measurements(measurements, loaded, STAGE1, slice_batch=3, escalation=ESCALATION,
+                                               progress=lambda d, t: seen.append((d, t)))]
+    mismatched = [r.prior_fit_score > threshold for r in stage1]
+    assert any(u and m for u, m in zip(up, mismatched)), "an escalating slice must be a mismatch"
+    for u, m, r1, result in zip(up, mismatched, stage1, two):
+        assert result.stage is not None and result.stage.escalated == (u and not m)
+        if m:
+            assert result.settings == r1.settings and result.z_score == pytest.approx(r1.z_score, rel=1e-5)
+            assert not result.prior_fit.fits and not result.flagged and result.verdict().status == MISMATCH
+            assert "the prior does not fit this slice" in result.notes[-1] and "stayed at 1 chain" in result.notes[-1]
+    escalated = sum(u and not m for u, m in zip(up, mismatched))
+    assert seen[-1] == (len(up) * STAGE1.step_count + escalated * 2 * STAGE1.steps,) * 2
 
 
 def test_escalation_is_refused_without_what_it_needs(calibrated: Path, tiny_prior: Path) -> None:

@@ -38,7 +38,7 @@ def test_a_profile_is_changed_only_by_the_options_given() -> None:
     # the options its calibration entry was made with
     assert _parse("--profile", "screening") == _parse("--profile", "fast", "--samples", "2", "--patch", "4",
                                                       "--sigma-window", "0.01", "0.05", "--high-guidance", "dc",
-                                                      "--high-sigma", "1")
+                                                      "--high-sigma", "1", "--steps", "89", "--sigma-min", "0.01")
     six = _parse("--profile", "detection", "--samples", "6", "--sigma-window", "0.01", "0.04")
     assert six == replace(PROFILES["detection"], samples=6, sigma_window=(0.01, 0.04), device="auto")
     branched = _parse("--profile", "standard", "--samples", "4", "--patch", "4", "--sigma-window", "0.01", "0.05",
@@ -70,6 +70,21 @@ def test_schedule_settings_enter_the_calibration_key_only_when_they_differ() -> 
     assert calibration_key(two) == {**calibration_key(BRANCHED), "trunks": 2}
     assert two.sampler(0).trunks == 2 and two.step_count == 2 * 69 + 4 * 12
     assert two.describe_chains().startswith("2 chains x 70 steps to sigma 0.1, then 4 branches x 12 steps")
+
+
+def test_where_the_chains_start_and_stop_is_a_setting_of_its_own(tmp_path: Path) -> None:
+    screening = PROFILES["screening"]
+    assert "89 steps to sigma 0.01" in screening.describe_chains() and "from sigma" not in screening.describe_chains()
+    later = _parse("--profile", "screening", "--sigma-max", "2", "--steps", "60")
+    assert later == replace(screening, sigma_max=2.0, steps=60, device="auto")
+    assert later.sampler(0).sigma_max == 2.0 and "60 steps from sigma 2 to sigma 0.01" in later.describe_chains()
+    assert calibration_key(later) == {**calibration_key(screening), "sigma_max": 2.0, "steps": 60}
+    assert "sigma_max" not in calibration_key(screening), "entries written before --sigma-max match"
+    assert checked_settings(later.to_dict(), tmp_path / "summary.json") == later
+    with pytest.raises(KlviewerInputError, match="sigma_max"):
+        checked_settings({**later.to_dict(), "sigma_max": -1.0}, tmp_path / "summary.json")
+    with pytest.raises(KlviewerInputError, match="sigma_min < sigma_max"):
+        _parse("--sigma-max", "0.001")
 
 
 def test_calibration_entries_of_one_schedule_do_not_serve_another(tmp_path: Path) -> None:

@@ -74,6 +74,7 @@ def add_sampler_options(p: argparse.ArgumentParser, *, flag_help: str) -> None:
                    help="noise levels summed into the KL map")
     p.add_argument("--guidance", choices=ANY_PRIOR_GUIDANCES, help="likelihood guidance")
     p.add_argument("--sigma-min", type=positive_float, metavar="SIGMA", help="noise level the sampler stops at")
+    p.add_argument("--sigma-max", type=positive_float, metavar="SIGMA", help="noise level the sampler starts from")
     p.add_argument("--branch-sigma", type=positive_float, metavar="SIGMA",
                    help="samples share one chain down to this noise level and branch there")
     p.add_argument("--branch-steps", type=positive_int, help="noise levels of each branch, down to --sigma-min")

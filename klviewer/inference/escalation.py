@@ -4,7 +4,8 @@ Stage 1 samples each slice with the run's settings. A slice whose stage-1 KL z-s
 escalation threshold gets more posterior chains: the run continues with the next random streams
 (`SamplerSettings.first_sample`), so the escalated slice's run is the run of all its chains at once
 (`sampler.merge_runs`), and it is scored and judged as a run of the escalated settings alone would be.
-The other slices stay at stage 1 and are not flagged.
+The other slices stay at stage 1 and are not flagged. Neither is a slice that stage 1 judges a prior
+mismatch: it stays whatever its z-score, because a mismatched slice is never flagged.
 
 The escalation threshold is the KL z-score that a fraction `rate` of the prior's healthy calibration
 slices pass (their cross-fitted stage-1 scores, kept in calibration.json), but never above either
@@ -19,13 +20,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.calibration import PriorCalibration, threshold_at_fpr
 from klviewer.inference.healthy_reference import ZCalibration
 from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.json_input import Fields
+
+if TYPE_CHECKING:  # result.py records a slice's Stage, so it imports this module
+    from klviewer.inference.result import SliceResult
 
 DEFAULT_RATE = 0.5
 """The smallest rate at which two stages (2 then 4 bfloat16 chains) reached a dataset AUROC of 0.90 on the
@@ -134,10 +138,22 @@ class EscalationRule:
                 f"{self.escalation.samples} chains and are flagged above z {self.stage2_z.threshold:.3g}; "
                 f"the others are not flagged")
 
-    def stayed_note(self, z: float | None) -> str:
+    def escalates(self, stage1: SliceResult) -> bool:
+        """Whether a slice gets the added chains: its stage-1 KL z-score passes the escalation threshold and the
+        prior fits it. A slice the prior does not describe is never flagged, so more chains cannot change its
+        verdict (on real CT under the phantom prior, every slice: docs/screening.md)."""
+        fits = stage1.prior_fit is None or stage1.prior_fit.fits
+        return fits and stage1.z_score is not None and stage1.z_score > self.threshold
+
+    def stayed_note(self, stage1: SliceResult) -> str:
+        """Why a slice stayed at stage 1, for its notes."""
+        z, fit, chains = stage1.z_score, stage1.prior_fit, f"stayed at {self.stage1.samples} chain(s)"
+        if fit is not None and not fit.fits:
+            return (f"two stages: the prior does not fit this slice (prior fit {fit.score:.3g} > {fit.threshold:.3g} "
+                    f"nats per body pixel at stage 1), so more chains cannot flag it and it {chains}")
         shown = "none" if z is None else f"{z:.3g}"
         return (f"two stages: stage-1 KL z-score {shown} <= {self.threshold:.3g} (escalation threshold), so this slice "
-                f"stayed at {self.stage1.samples} chain(s) and is not flagged")
+                f"{chains} and is not flagged")
 
     def escalated_note(self, z: float | None) -> str:
         shown = "none" if z is None else f"{z:.3g}"

@@ -175,10 +175,10 @@ def _stage1(prepared: Sequence[PreparedSlice], prior: Prior, settings: AnalysisS
         return results, []
     waiting = []
     for i, result in enumerate(results):
-        if result.z_score is not None and result.z_score > escalation.threshold:
+        if escalation.escalates(result):
             waiting.append(_Escalating(i, prepared[i], models[i], runs[i], result))
         else:
-            result.notes.append(escalation.stayed_note(result.z_score))
+            result.notes.append(escalation.stayed_note(result))
             result.stage = escalation.stage(escalated=False)
     return results, waiting
 

@@ -385,7 +385,7 @@ class Streams:
 
 
 FINAL_STEP_SPAN = 10.0
-"""A branched run's last step (sigma_min -> 0) is binned from sigma_min / FINAL_STEP_SPAN to sigma_min."""
+"""A run's last step (sigma_min -> 0) is binned from sigma_min / FINAL_STEP_SPAN to sigma_min."""
 
 
 @dataclass
@@ -394,7 +394,11 @@ class Schedule:
 
     Unbranched, `trunk` runs every sample from sigma_max to 0 and `branch` is empty. Branched,
     `trunk` ends at branch_sigma and `branch` runs from there to 0; the bin edges then pass
-    through branch_sigma, so a sigma window ending there holds branch energy only.
+    through branch_sigma, so a sigma window ending there holds branch energy only. Either way the
+    last step, sigma_min -> 0, denoises in one go: its energy is all the energy below sigma_min, so it
+    gets a bin of its own under sigma_min (nominally down to sigma_min / FINAL_STEP_SPAN), and a window
+    starting at sigma_min leaves it out. (A run that stops at the window's low end would otherwise put
+    it into the window, where it swamps the lesions.)
     """
 
     trunk: np.ndarray
@@ -408,20 +412,30 @@ class Schedule:
         s = settings
         if s.branch_sigma is None:
             trunk = karras_sigmas(s.steps, s.sigma_min, s.sigma_max, s.rho).numpy()
-            edges = log_sigma_edges(s.sigma_min, s.sigma_max, s.energy_bins)
-            return cls(trunk, np.zeros(0), edges, _bins(trunk[:-1], edges, 0, len(edges) - 2), np.zeros(0, int))
+            edges = _with_final_bin(log_sigma_edges(s.sigma_min, s.sigma_max, s.energy_bins), s.sigma_min)
+            return cls(trunk, np.zeros(0), edges, _final_step_bins(trunk, edges, len(edges) - 2), np.zeros(0, int))
         trunk = karras_sigmas(s.steps, s.branch_sigma, s.sigma_max, s.rho).numpy()[:-1]
         branch = np.append(np.geomspace(s.branch_sigma, s.sigma_min, s.branch_steps), 0.0)
         share = np.log(s.branch_sigma / s.sigma_min) / np.log(s.sigma_max / s.sigma_min)
         below = int(np.clip(round(s.energy_bins * share), 1, s.energy_bins - 1))
-        # The last step, sigma_min -> 0, denoises in one go: its energy is all the energy below sigma_min,
-        # so it gets a bin of its own under sigma_min (nominally down to sigma_min / 10) and a window
-        # starting at sigma_min leaves it out.
-        edges = np.concatenate([[s.sigma_min / FINAL_STEP_SPAN], log_sigma_edges(s.sigma_min, s.branch_sigma, below)[:-1],
-                                log_sigma_edges(s.branch_sigma, s.sigma_max, s.energy_bins - below)])
-        edges[1], edges[below + 1] = s.sigma_min, s.branch_sigma
-        branch_bins = np.append(_bins(branch[:-2], edges, 1, below), 0)
-        return cls(trunk, branch, edges, _bins(trunk[:-1], edges, below + 1, len(edges) - 2), branch_bins)
+        edges = _with_final_bin(np.concatenate([log_sigma_edges(s.sigma_min, s.branch_sigma, below)[:-1],
+                                                log_sigma_edges(s.branch_sigma, s.sigma_max, s.energy_bins - below)]),
+                                s.sigma_min)
+        edges[below + 1] = s.branch_sigma
+        return cls(trunk, branch, edges, _bins(trunk[:-1], edges, below + 1, len(edges) - 2),
+                   _final_step_bins(branch, edges, below))
+
+
+def _with_final_bin(edges: np.ndarray, sigma_min: float) -> np.ndarray:
+    """Bin edges from sigma_min up, with the last step's bin below them and sigma_min exactly on an edge."""
+    out = np.concatenate([[sigma_min / FINAL_STEP_SPAN], edges])
+    out[1] = sigma_min
+    return out
+
+
+def _final_step_bins(sigmas: np.ndarray, edges: np.ndarray, highest: int) -> np.ndarray:
+    """The bins of the steps from sigmas[0] to the final 0: the last step's own bin 0, the others from bin 1 up."""
+    return np.append(_bins(sigmas[:-2], edges, 1, highest), 0)
 
 
 def _bins(sigmas: np.ndarray, edges: np.ndarray, lowest: int, highest: int) -> np.ndarray:

@@ -160,9 +160,9 @@ def checked_settings(doc: Any, source: Path, prefix: str = "settings.") -> Analy
             values[key] = record.number(key, positive=key != "noise_sigma", lo=0, optional=True)
     if "dps_step" in record:
         values["dps_step"] = record.number("dps_step")
-    for key in ("sigma_min", "branch_sigma", "high_sigma"):
+    for key in ("sigma_min", "sigma_max", "branch_sigma", "high_sigma"):
         if key in record:
-            values[key] = record.number(key, positive=True, optional=key != "sigma_min")
+            values[key] = record.number(key, positive=True, optional=key in ("branch_sigma", "high_sigma"))
     if "antithetic" in record:
         values["antithetic"] = record.boolean("antithetic")
     for key in ("device", "guidance", "high_guidance", "precision"):

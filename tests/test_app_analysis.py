@@ -261,6 +261,10 @@ def test_a_profile_sets_the_sampler_and_the_map_and_survives_a_restart(window) -
     assert (settings.steps, settings.samples, settings.patch, settings.sigma_window) == \
         (detection.steps, detection.samples, detection.patch, detection.sigma_window)
     assert "4 independent" in panel.profile_combo.toolTip()
+    pick("screening")
+    screening = panel.settings(window.map_controls.settings())
+    assert (screening.steps, screening.sigma_min, screening.samples) == (89, 0.01, 2) and panel.profile() == "screening"
+    assert "89 steps to sigma 0.01" in panel.profile_combo.toolTip()
     pick("fast")
     assert panel.settings(window.map_controls.settings()).precision == "bfloat16"
     assert "bfloat16" in panel.profile_combo.toolTip()

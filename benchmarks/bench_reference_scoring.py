@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from klviewer.evaluation.detection import (
-    CALIBRATION_SEED_BASE,
-    EVAL_SEED_BASE,
     healthy_slices,
     load_cached_cases,
     score_z,
+    split_of,
 )
 from klviewer.evaluation.metrics import auroc
 from klviewer.inference.healthy_reference import fit_reference
@@ -38,9 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="markdown table (a .json beside it)")
     args = p.parse_args(argv)
     cases = load_cached_cases(args.cache)
-    reference_cases = [c for c in cases if c.seed >= CALIBRATION_SEED_BASE]
-    splits = {s: [c for c in cases if c.seed < CALIBRATION_SEED_BASE and (c.seed - EVAL_SEED_BASE) // 10_000 == s]
-              for s in args.splits}
+    reference_cases = [c for c in cases if split_of(c.seed) is None]
+    splits = {s: [c for c in cases if split_of(c.seed) == s] for s in args.splits}
     if not reference_cases or not all(splits.values()):
         p.error(f"{args.cache} lacks the reference slices or a split's slices")
     settings = reference_cases[0].result.settings

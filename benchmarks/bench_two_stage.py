@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_screening import bare_forwards_seconds, settings_of  # noqa: E402
 
-from klviewer.evaluation.detection import EVAL_SEED_BASE, DetectionCase, localisation_auroc  # noqa: E402
+from klviewer.evaluation.detection import DetectionCase, localisation_auroc, split_plan  # noqa: E402
 from klviewer.evaluation.metrics import auroc  # noqa: E402
 from klviewer.inference.escalation import Escalation, escalation_rule  # noqa: E402
 from klviewer.inference.pipeline import LoadedPrior, analyze_slices  # noqa: E402
@@ -41,9 +41,7 @@ from klviewer.priors.checkpoint import DEFAULT_PRIOR  # noqa: E402
 
 def split_phantoms(seed: int, n: int, size: int) -> list:
     """The phantoms of `evaluate detect --n-id n --n-ood n --seed seed`, in its order."""
-    plan = [("healthy", EVAL_SEED_BASE + seed * 10_000 + i) for i in range(n)]
-    plan += [("lesion", EVAL_SEED_BASE + seed * 10_000 + 5_000 + i) for i in range(n)]
-    return [make_phantom(kind, size, phantom_seed) for kind, phantom_seed in plan]
+    return [make_phantom(kind, size, phantom_seed) for kind, phantom_seed in split_plan(seed, n, n)]
 
 
 def run_split(loaded: LoadedPrior, settings, escalation: Escalation, seed: int, n: int) -> dict:

@@ -32,11 +32,10 @@ import numpy as np
 
 from klviewer.evaluation.calibrate import threshold_at_fpr
 from klviewer.evaluation.detection import (
-    CALIBRATION_SEED_BASE,
-    EVAL_SEED_BASE,
     DetectionCase,
     load_cached_cases,
     localisation_auroc,
+    split_of,
 )
 from klviewer.evaluation.metrics import auroc
 from klviewer.inference.healthy_reference import HealthySlice, cross_fitted_scores, fit_reference
@@ -57,18 +56,11 @@ class Stage:
     healthy_calibration_z: np.ndarray
 
 
-def _split_of(case: DetectionCase) -> int | None:
-    """The `--seed` of the evaluation split a phantom belongs to (None for calibration slices)."""
-    if case.seed >= CALIBRATION_SEED_BASE:
-        return None
-    return (case.seed - EVAL_SEED_BASE) // 10_000
-
-
 def load_stage(cache: Path, split: int, patch: int, window: tuple[float, float]) -> tuple[list[DetectionCase], Stage]:
     cases = load_cached_cases(cache)
     calibration = [HealthySlice(c.result.energy, c.result.recon_hu) for c in cases
-                   if _split_of(c) is None and c.kind == "healthy"]
-    scored = sorted((c for c in cases if _split_of(c) == split), key=lambda c: (c.kind, c.seed))
+                   if split_of(c.seed) is None and c.kind == "healthy"]
+    scored = sorted((c for c in cases if split_of(c.seed) == split), key=lambda c: (c.kind, c.seed))
     if not calibration or not scored:
         raise SystemExit(f"{cache}: needs calibration-range healthy slices and split {split}, "
                          f"found {len(calibration)} and {len(scored)}")

@@ -44,6 +44,21 @@ EVAL_SEED_BASE = 1_000_000
 """Phantom seeds for evaluation start here, far from the seeds priors are trained on."""
 CALIBRATION_SEED_BASE = 2_000_000
 """Healthy slices for flag thresholds: disjoint from training and from evaluation."""
+SPLIT_SPAN = 10_000
+"""Phantom seeds per evaluation split (`--seed`): its healthy phantoms first, its OOD ones from half-way."""
+
+
+def split_plan(seed: int, n_id: int, n_ood: int, ood_kind: str = "lesion",
+               seed_base: int = EVAL_SEED_BASE) -> list[tuple[str, int]]:
+    """(kind, phantom seed) of split `seed`'s healthy then OOD phantoms, in `run_cases`' order."""
+    first = seed_base + seed * SPLIT_SPAN
+    return ([("healthy", first + i) for i in range(n_id)]
+            + [(ood_kind, first + SPLIT_SPAN // 2 + i) for i in range(n_ood)])
+
+
+def split_of(phantom_seed: int) -> int | None:
+    """The evaluation split (`--seed`) a phantom seed belongs to; None for calibration-range seeds."""
+    return None if phantom_seed >= CALIBRATION_SEED_BASE else (phantom_seed - EVAL_SEED_BASE) // SPLIT_SPAN
 
 
 @dataclass
@@ -88,9 +103,8 @@ def run_cases(
 ) -> list[DetectionCase]:
     """Healthy and OOD phantoms at the prior's size, analysed (or read back from `cache`)."""
     size = prior.config.image_size[0]
-    plan = [("healthy", seed_base + seed * 10_000 + i) for i in range(n_id)]
-    plan += [(ood_kind, seed_base + seed * 10_000 + 5_000 + i) for i in range(n_ood)]
-    phantoms = [make_phantom(kind, size, phantom_seed) for kind, phantom_seed in plan]
+    phantoms = [make_phantom(kind, size, phantom_seed)
+                for kind, phantom_seed in split_plan(seed, n_id, n_ood, ood_kind, seed_base)]
 
     def item(phantom: Phantom) -> CachedSlice:
         cached = _cache_file(cache, phantom.kind, phantom.seed) if cache is not None else None

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.calibration import PriorCalibration, threshold_at_fpr
 from klviewer.inference.healthy_reference import ZCalibration
+from klviewer.inference.scoring import mismatch_rule
 from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.json_input import Fields
 
@@ -149,8 +150,8 @@ class EscalationRule:
         """Why a slice stayed at stage 1, for its notes."""
         z, fit, chains = stage1.z_score, stage1.prior_fit, f"stayed at {self.stage1.samples} chain(s)"
         if fit is not None and not fit.fits:
-            return (f"two stages: the prior does not fit this slice (prior fit {fit.score:.3g} > {fit.threshold:.3g} "
-                    f"nats per body pixel at stage 1), so more chains cannot flag it and it {chains}")
+            return (f"two stages: the prior does not fit this slice at stage 1 ({mismatch_rule(fit)}), so more chains "
+                    f"cannot flag it and it {chains}")
         shown = "none" if z is None else f"{z:.3g}"
         return (f"two stages: stage-1 KL z-score {shown} <= {self.threshold:.3g} (escalation threshold), so this slice "
                 f"{chains} and is not flagged")

@@ -115,7 +115,8 @@ class HealthyReference:
         else:
             z = np.empty(log_kl.shape)
             for j in np.unique(k):
-                z[k == j] = _normal_scores(log_kl[k == j], self.quantiles[j], self.normal_scores, self.std[j])
+                in_bin = k == j
+                z[in_bin] = _normal_scores(log_kl[in_bin], self.quantiles[j], self.normal_scores, self.std[j])
         z = np.where(inside, z, -np.inf)
         pool = min(self.pool, *z.shape)
         if pool == 1:

@@ -12,6 +12,7 @@ from html import escape
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QLabel, QWidget
 
+from klviewer.inference.prior_fit import is_mismatch
 from klviewer.inference.result import SliceResult
 
 MISMATCH_STYLE = "background: #7a1f12; color: white; padding: 6px 10px; font-weight: 600;"
@@ -24,7 +25,7 @@ def banner_html(result: SliceResult | None) -> tuple[str, str] | None:
         return None
     warnings = "".join(f"<br>• {escape(w)}" for w in result.geometry_warnings)
     fit = result.prior_fit
-    if fit is not None and not fit.fits:
+    if is_mismatch(fit):
         text = (f"Prior mismatch: {escape(result.prior_name)} does not describe this study (prior fit {fit.score:.3g} "
                 f"&gt; {fit.threshold:.3g} nats per body pixel). Its KL maps, z-scores and flags are not meaningful "
                 f"here; adapt a prior to your site's healthy studies (Analysis → Adapt prior to my studies…).")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.calibration import PriorCalibration, threshold_at_fpr
 from klviewer.inference.healthy_reference import ZCalibration
+from klviewer.inference.prior_fit import is_mismatch
 from klviewer.inference.scoring import mismatch_rule
 from klviewer.inference.settings import AnalysisSettings
 from klviewer.io.json_input import Fields
@@ -143,13 +144,12 @@ class EscalationRule:
         """Whether a slice gets the added chains: its stage-1 KL z-score passes the escalation threshold and the
         prior fits it. A slice the prior does not describe is never flagged, so more chains cannot change its
         verdict (on real CT under the phantom prior, every slice: docs/screening.md)."""
-        fits = stage1.prior_fit is None or stage1.prior_fit.fits
-        return fits and stage1.z_score is not None and stage1.z_score > self.threshold
+        return not is_mismatch(stage1.prior_fit) and stage1.z_score is not None and stage1.z_score > self.threshold
 
     def stayed_note(self, stage1: SliceResult) -> str:
         """Why a slice stayed at stage 1, for its notes."""
         z, fit, chains = stage1.z_score, stage1.prior_fit, f"stayed at {self.stage1.samples} chain(s)"
-        if fit is not None and not fit.fits:
+        if is_mismatch(fit):
             return (f"two stages: the prior does not fit this slice at stage 1 ({mismatch_rule(fit)}), so more chains "
                     f"cannot flag it and it {chains}")
         shown = "none" if z is None else f"{z:.3g}"

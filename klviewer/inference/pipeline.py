@@ -34,7 +34,7 @@ from klviewer.inference.measurements import (
     prepare_slice,
 )
 from klviewer.inference.plan import PlannedSeries, SeriesPlan
-from klviewer.inference.prior_fit import judge, prior_fit_score
+from klviewer.inference.prior_fit import is_mismatch, judge, prior_fit_score
 from klviewer.inference.result import SliceResult
 from klviewer.inference.sampler import PosteriorRun, merge_runs, posterior_sample_slices
 from klviewer.inference.scoring import score_slice
@@ -232,7 +232,7 @@ def _slice_result(prepared: PreparedSlice, model: MeasurementModel, run: Posteri
         score=scored.score,
         total_kl=scored.kl_map.total,
         total_kl_all_sigma=run.energy.total(),
-        flagged=scored.flagged and (prior_fit is None or prior_fit.fits),
+        flagged=scored.flagged and not is_mismatch(prior_fit),
         flag_threshold=scored.nats_threshold,
         pixel_spacing_mm=prepared.pixel_spacing_mm,
         settings=settings,

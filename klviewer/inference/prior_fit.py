@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -60,6 +60,12 @@ class PriorFit:
         if fit.verdict not in (FITS, MISMATCH) or not (np.isfinite(fit.score) and np.isfinite(fit.threshold)):
             raise KlviewerInputError(source, f"prior_fit must be fits or mismatch with finite numbers, got {doc!r}")
         return fit
+
+
+def is_mismatch(fit: PriorFit | None) -> TypeGuard[PriorFit]:
+    """Whether a slice's prior-fit verdict is a mismatch. Without a verdict (no prior-fit threshold for the
+    settings) nothing is ruled out, so every view, flag and escalation rule reads an absent verdict as a fit."""
+    return fit is not None and not fit.fits
 
 
 def judge(score: float, threshold: float) -> PriorFit:

@@ -12,7 +12,7 @@ import numpy as np
 
 from klviewer.inference.energy import EnergyField, KLMap
 from klviewer.inference.healthy_reference import ZCalibration, slice_z_score
-from klviewer.inference.prior_fit import PriorFit
+from klviewer.inference.prior_fit import PriorFit, is_mismatch
 
 
 def flag_rule(flag_threshold: float | None, z_threshold: float | None, forced_nats: float | None) -> str | None:
@@ -107,7 +107,7 @@ def mismatch_rule(prior_fit: PriorFit) -> str:
 
 def verdict_of(scored: SliceScore, prior_fit: PriorFit | None) -> Verdict:
     """The prior-fit verdict first (a mismatch is never "not flagged"), then the flag rule of `scored`."""
-    if prior_fit is not None and not prior_fit.fits:
+    if is_mismatch(prior_fit):
         return Verdict(MISMATCH, mismatch_rule(prior_fit))
     rule = scored.rule
     if rule == "z":

@@ -32,3 +32,10 @@ def tiny_prior(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep the demo study and other cached files out of the user's real cache directory."""
     os.environ["KLVIEWER_CACHE_DIR"] = str(tmp_path_factory.mktemp("klviewer-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _bfloat16_in_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test sees a device with bfloat16 in hardware, so a profile's settings do not depend on the CPU that
+    runs the tests; the tests of the float32 fallback patch it off."""
+    monkeypatch.setattr("klviewer.inference.precision.bfloat16_is_native", lambda device: True)

@@ -276,3 +276,17 @@ def test_a_profile_sets_the_sampler_and_the_map_and_survives_a_restart(window) -
     assert panel.profile() == "fast" and panel.samples.value() == 1
     pick("standard")
     assert panel.settings(window.map_controls.settings()).precision == "float32"
+
+
+def test_a_profile_runs_in_float32_where_the_device_lacks_bfloat16(window, monkeypatch) -> None:
+    """The app's profiles run as the command line's do: a device without bfloat16 in hardware runs the
+    denoiser in float32, and the profile box says so."""
+    monkeypatch.setattr("klviewer.inference.precision.bfloat16_is_native", lambda device: False)
+    panel = window.panel
+    panel.device_combo.setCurrentIndex(panel.device_combo.findData("cpu"))
+    panel.profile_combo.setCurrentIndex(panel.profile_combo.findData("screening"))
+    panel.profile_combo.activated.emit(panel.profile_combo.currentIndex())
+    settings = panel.settings(window.map_controls.settings())
+    assert (settings.precision, settings.samples, settings.steps) == ("float32", 2, 89)
+    assert panel.profile() == "screening", "still the screening profile, as this device runs it"
+    assert "bfloat16 is not native on this CPU" in panel.profile_combo.toolTip()

@@ -156,14 +156,35 @@ def test_bfloat16_runs_the_denoiser_only_in_bfloat16(tiny_prior: Path) -> None:
 
 def test_the_shipped_prior_is_calibrated_for_every_profile() -> None:
     """`--profile` promises settings the shipped prior is calibrated for: a nats threshold, a healthy
-    reference with its z threshold, and a prior-fit threshold for each."""
+    reference with its z threshold, and a prior-fit threshold for each, in bfloat16 and as they run in float32
+    where the device lacks it, and for screening's second stage (4 chains) in both."""
     from klviewer.priors.checkpoint import DEFAULT_PRIOR, resolve_prior_path
 
     calibration = PriorCalibration.read(resolve_prior_path(DEFAULT_PRIOR))
-    for name, settings in PROFILES.items():
-        assert calibration.nats_threshold(settings) is not None, name
-        assert calibration.z_calibration(settings) is not None, name
-        assert calibration.prior_fit_threshold(settings) is not None, name
+    stage2 = replace(PROFILES["screening"], samples=4)
+    for name, profile in {**PROFILES, "screening stage 2": stage2}.items():
+        for settings in (profile, replace(profile, precision="float32")):
+            assert calibration.nats_threshold(settings) is not None, (name, settings.precision)
+            assert calibration.z_calibration(settings) is not None, (name, settings.precision)
+            assert calibration.prior_fit_threshold(settings) is not None, (name, settings.precision)
+
+
+def test_a_profile_runs_its_bfloat16_denoiser_in_float32_where_the_device_lacks_it(monkeypatch, capsys) -> None:
+    """On a CPU without bfloat16 in hardware autocast falls back to a slow reference path (a `screening` slice
+    13x its float32 time), so a profile's bfloat16 becomes float32 there, with a notice; --precision
+    still asks for it, and settings already in float32 are left alone."""
+    monkeypatch.setattr("klviewer.inference.precision.bfloat16_is_native", lambda device: device.type == "cuda")
+    assert _parse("--profile", "screening", "--device", "cpu") == replace(PROFILES["screening"], precision="float32",
+                                                                          device="cpu")
+    assert "bfloat16 is not native on this CPU" in capsys.readouterr().err
+    assert _parse("--profile", "fast", "--device", "cpu") == replace(PROFILES["standard"], device="cpu")
+    assert "bfloat16 is not native" in capsys.readouterr().err
+    assert _parse("--profile", "screening", "--device", "cpu", "--precision", "bfloat16") == \
+        replace(PROFILES["screening"], device="cpu")
+    assert _parse("--profile", "detection", "--device", "cpu") == replace(PROFILES["detection"], device="cpu")
+    assert capsys.readouterr().err == "", "only the fallback says anything"
+    monkeypatch.setattr("klviewer.inference.precision.bfloat16_is_native", lambda device: True)
+    assert _parse("--profile", "screening", "--device", "cpu") == replace(PROFILES["screening"], device="cpu")
 
 
 def test_sampler_options_are_checked_before_any_input_is_read(tmp_path, capsys) -> None:

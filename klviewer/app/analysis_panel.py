@@ -29,6 +29,7 @@ from klviewer.app.messages import Notifier
 from klviewer.app.settings import Preferences
 from klviewer.errors import KlviewerError
 from klviewer.inference.escalation import Escalation
+from klviewer.inference.precision import precision_for_device
 from klviewer.inference.settings import DEFAULT_PROFILE, EXTRA_SAMPLING_KEYS, MAX_SAMPLES, PROFILES, AnalysisSettings
 from klviewer.priors.checkpoint import DEFAULT_PRIOR, list_priors, load_prior, priors_dir, read_prior_config
 
@@ -37,9 +38,11 @@ NOISE_DEFAULTS = {"none": 0.0, "dose": 1e5, "gaussian": 0.01}
 PROFILE_LABELS = {
     "standard": ("Standard", "1 posterior sample of 100 steps; KL over 8 px patches, noise levels 0.01-0.5"),
     "fast": ("Fast (bfloat16)", "The standard settings with the denoiser in bfloat16: about 1.25x faster on a CPU "
-                                "with AVX-512 BF16, the same detection on the phantom benchmark"),
-    "screening": ("Screening (2 samples)", "2 independent posterior samples of 100 steps with the denoiser in "
-                                           "bfloat16, data-consistency guidance above noise level 1; KL z-scores "
+                                "with AVX-512 BF16, the same detection on the phantom benchmark; on a device without "
+                                "bfloat16 in hardware they are the standard settings"),
+    "screening": ("Screening (2 samples)", "2 independent posterior samples of 89 steps, down to noise level 0.01, "
+                                           "with the denoiser in bfloat16 (float32 on a device without bfloat16 in "
+                                           "hardware), data-consistency guidance above noise level 1; KL z-scores "
                                            "over 4 px patches, noise levels 0.01-0.05. With Escalate to 4: two "
                                            "stages, as calibrated for the shipped prior"),
     "detection": ("Detection (slow)", "4 independent posterior samples of 100 steps; KL z-scores over 4 px patches"),
@@ -122,6 +125,7 @@ class AnalysisPanel(QWidget):
                                         "counts (e.g. Screening, then 4)")
         self.escalate.setSpecialValueText("Off")
         self.guidance_combo.currentIndexChanged.connect(self._sampler_edited)
+        self.device_combo.currentIndexChanged.connect(self._sampler_edited)  # the arithmetic depends on the device
 
         self.run_slice_button = QPushButton("Run slice")
         self.run_slice_button.setToolTip("Analyse the slice on screen")
@@ -280,13 +284,14 @@ class AnalysisPanel(QWidget):
     def settings(self, map_settings: MapSettings) -> AnalysisSettings:
         mode = self.noise_mode.currentData()
         value = float(self.noise_value.value())
-        return replace(
+        settings = replace(
             self._schedule,
             views=self.views.value(), dose_i0=value if mode == "dose" else None,
             noise_sigma=value if mode == "gaussian" else None, steps=self.steps.value(),
             samples=self.samples.value(), patch=map_settings.patch, sigma_window=map_settings.sigma_window,
             seed=self.seed.value(), device=self.device_combo.currentData(), guidance=self.guidance_combo.currentData(),
         )
+        return precision_for_device(settings)[0]
 
     def escalation(self) -> Escalation | None:
         """Two stages when the Escalate box is on: the slices whose KL z-score passes the escalation threshold get
@@ -323,8 +328,10 @@ class AnalysisPanel(QWidget):
         keys = ("steps", "samples", "guidance", *EXTRA_SAMPLING_KEYS)
         name = next((n for n, p in PROFILES.items() if all(getattr(p, k) == getattr(current, k) for k in keys)), CUSTOM)
         self.profile_combo.setCurrentIndex(self.profile_combo.findData(name))
+        _runs, notice = precision_for_device(replace(current, device=self.device_combo.currentData()))
         self.profile_combo.setToolTip(f"{current.describe_chains()}. Named settings the prior is calibrated for; "
-                                      "changing steps, samples or guidance makes them custom")
+                                      "changing steps, samples or guidance makes them custom"
+                                      + ("" if notice is None else f". Here {notice}"))
         shared = "the shared chain" if current.trunks == 1 else "each shared chain"
         self.steps.setToolTip("Reverse-diffusion steps " + ("per posterior sample" if current.branch_sigma is None
                                                              else f"of {shared} down to σ {current.branch_sigma:g}"))

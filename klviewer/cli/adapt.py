@@ -12,6 +12,7 @@ from klviewer.cli.options import INPUT_HELP, add_measurement_options, positive_f
 from klviewer.cli.progress import StageBars, interrupt_cancels
 from klviewer.evaluation import adapt as adapt_service
 from klviewer.evaluation.adapt import HELD_OUT_FRACTION, AdaptConfig, AdaptProgress
+from klviewer.inference.precision import precision_for_device
 from klviewer.inference.settings import NAMED_SETTINGS, AnalysisSettings
 from klviewer.priors.adapters import ADAPTER_MODES
 
@@ -26,8 +27,9 @@ def _fraction(text: str) -> float:
 def _cmd_adapt(args: argparse.Namespace) -> int:
     acquisition = settings_from_args(args)
     settings: list[AnalysisSettings] = [
-        dataclasses.replace(NAMED_SETTINGS[name], views=acquisition.views, dose_i0=acquisition.dose_i0,
-                            noise_sigma=acquisition.noise_sigma, seed=acquisition.seed)
+        precision_for_device(dataclasses.replace(NAMED_SETTINGS[name], views=acquisition.views,
+                                                 dose_i0=acquisition.dose_i0, noise_sigma=acquisition.noise_sigma,
+                                                 seed=acquisition.seed, device=args.device))[0]
         for name in dict.fromkeys(args.calibrate)]
     cfg = AdaptConfig(
         base=args.prior, inputs=args.healthy, out=Path(args.out), mode=args.mode, steps=args.steps, lr=args.lr,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import replace
 
 from klviewer.errors import KlviewerInputError
 from klviewer.inference.escalation import DEFAULT_RATE, Escalation
+from klviewer.inference.precision import precision_for_device
 from klviewer.inference.sampler import ANY_PRIOR_GUIDANCES, HIGH_GUIDANCES, PRECISIONS
 from klviewer.inference.settings import DEFAULT_PROFILE, EXTRA_SAMPLING_KEYS, MAX_SAMPLES, PROFILES, AnalysisSettings
 from klviewer.priors.checkpoint import DEFAULT_PRIOR
@@ -87,7 +89,9 @@ def add_sampler_options(p: argparse.ArgumentParser, *, flag_help: str) -> None:
                    help="conjugate-gradient iterations of each step's data-consistency solve (dc, pigdm)")
     p.add_argument("--antithetic", action=argparse.BooleanOptionalAction,
                    help="posterior chains in antithetic pairs: the second of each pair draws the first's noise negated")
-    p.add_argument("--precision", choices=PRECISIONS, help="the denoiser's arithmetic (bfloat16: faster on CPUs with AVX-512 BF16)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="the denoiser's arithmetic (a profile's bfloat16 runs in float32 on a device without bfloat16 "
+                        "in hardware; this option asks for it anyway)")
     p.add_argument("--flag-threshold", type=positive_float, metavar="NATS", help=flag_help)
 
 
@@ -127,7 +131,8 @@ def add_quiet_option(p: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
     """The analysis settings of the parsed options: the profile, changed by each sampler option given;
-    options a command lacks keep the profile's values."""
+    options a command lacks keep the profile's values. A profile's bfloat16 denoiser runs in float32 on a
+    device without bfloat16 in hardware, unless --precision asks for it."""
     base = PROFILES[getattr(args, "profile", DEFAULT_PROFILE)]
     given = {k: getattr(args, k) for k in SAMPLER_OPTIONS if getattr(args, k, None) is not None}
     if "sigma_window" in given:
@@ -135,4 +140,9 @@ def settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
     settings = replace(base, **given, views=args.views, dose_i0=args.dose, noise_sigma=args.noise, seed=args.seed,
                        device=args.device, flag_threshold=getattr(args, "flag_threshold", None))
     settings.sampler(0).validate()  # refused here, before any file is read or prior loaded
+    if "precision" in given:
+        return settings
+    settings, notice = precision_for_device(settings)
+    if notice:
+        print(f"klviewer: {notice}", file=sys.stderr)
     return settings

@@ -127,8 +127,9 @@ SCREENING_SETTINGS = AnalysisSettings(samples=2, patch=4, sigma_window=(0.01, 0.
 """Two chains with the bfloat16 denoiser and the detection map, `dc` guidance (no vector-Jacobian product) on the
 steps above sigma 1, and no steps below the detection window: the chains stop at sigma 0.01 and denoise from there
 in one step (the standard schedule's first 89 of 100 noise levels). A series costs about 2.4x the prior's 100
-forward passes on this CPU, 0.87 of the same chains to sigma 0.002, with the dataset AUROC of those within the
-phantom benchmark's noise and the localisation about 0.008 lower (docs/screening.md)."""
+forward passes on a CPU with AVX-512 BF16 (where bfloat16 is not native: `klviewer.inference.precision`), 0.87
+of the same chains to sigma 0.002, with the dataset AUROC of those within the phantom benchmark's noise and the
+localisation about 0.008 lower (docs/screening.md)."""
 MAX_SAMPLES = 64
 """Most posterior samples per slice that the commands and the app offer. A slice's chains share one batch, so
 this bounds the memory a run's options can ask for."""

@@ -35,5 +35,7 @@ def bfloat16_is_native(device: torch.device) -> bool:
     15 s (docs/screening.md)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    # The check oneDNN's bfloat16 convolution itself is gated on (AVX-512 or ARM BF16).
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    try:  # the check PyTorch gates oneDNN's bfloat16 convolution on (AVX-512 or ARM BF16); private, so guarded
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")

@@ -26,4 +26,3 @@ def precision_for_device(settings: AnalysisSettings) -> tuple[AnalysisSettings, 
     return (dataclasses.replace(settings, precision="float32"),
             f"bfloat16 is not native on {where}, so the denoiser runs in float32, many times faster here; "
             "the thresholds are the prior's float32 calibration")
-

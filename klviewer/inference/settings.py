@@ -105,8 +105,8 @@ class AnalysisSettings:
         return cls(**d)
 
 
-EXTRA_SAMPLING_KEYS = ("sigma_min", "sigma_max", "branch_sigma", "branch_steps", "trunks", "high_guidance", "high_sigma", "precision",
-                       "cg_iters", "antithetic")
+EXTRA_SAMPLING_KEYS = ("sigma_min", "sigma_max", "branch_sigma", "branch_steps", "trunks", "high_guidance", "high_sigma",
+                       "precision", "cg_iters", "antithetic")
 _EXTRA_DEFAULTS = {k: getattr(AnalysisSettings, k) for k in EXTRA_SAMPLING_KEYS}
 MAP_ONLY_KEYS = ("patch", "sigma_window", "flag_threshold")
 

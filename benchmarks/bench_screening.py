@@ -12,7 +12,9 @@ the start and end. `table` joins those costs with the `klip_z` AUROCs of `klview
 detect` runs (their `detection_lesion.json`), one column pair per split. `series` analyses one
 series of `--slices` healthy phantoms with each setting and each slice batch (slices whose chains
 share a forward pass, `analyze_slices(slice_batch=...)`): series throughput, and how far each
-slice's numbers moved from the unbatched run (rounding only, if batching is right).
+slice's numbers moved from the unbatched run (rounding only, if batching is right). A setting's
+OPTIONS may name its own `--prior` (a smaller one, say); the ratio is always to the 100 forward
+passes of `series --prior`.
 """
 
 from __future__ import annotations
@@ -49,13 +51,19 @@ LAYOUTS = {"loaded": torch.preserve_format, "channels_last": torch.channels_last
 """Memory orders `series --layouts` can put the network's weights in."""
 
 
-def options_of(options: str, device: str = "cpu") -> tuple[AnalysisSettings, Escalation | None]:
-    """The analysis settings and escalation (two stages, or None) that these `klviewer analyze` options give."""
+def parsed_options(options: str, device: str = "cpu") -> argparse.Namespace:
+    """These `klviewer analyze` options (sampler, measurement, escalation and `--prior`), parsed."""
     p = argparse.ArgumentParser()
     add_measurement_options(p)
     add_sampler_options(p, flag_help="")
     add_escalation_options(p)
-    args = p.parse_args(shlex.split(options) + ["--device", device])
+    p.add_argument("--prior")
+    return p.parse_args(shlex.split(options) + ["--device", device])
+
+
+def options_of(options: str, device: str = "cpu") -> tuple[AnalysisSettings, Escalation | None]:
+    """The analysis settings and escalation (two stages, or None) that these `klviewer analyze` options give."""
+    args = parsed_options(options, device)
     return settings_from_args(args), escalation_from_args(args)
 
 
@@ -124,9 +132,11 @@ def cost(args: argparse.Namespace) -> int:
 
 def series(args: argparse.Namespace) -> int:
     """Series throughput per setting and slice batch, with the largest change of any slice's score and
-    total KL against slice batch 1 (the first batch given)."""
+    total KL against slice batch 1 (the first batch given). A setting may run another prior (`--prior P`
+    in its options, e.g. a distilled one); the ratio is always to `--prior`'s forward passes."""
     torch.set_num_threads(args.threads)
-    loaded = LoadedPrior.load(args.prior, args.device)
+    reference = LoadedPrior.load(args.prior, args.device)
+    loaded = reference
     size = loaded.prior.config.image_size[0]
     phantoms = [make_phantom("healthy", size, seed=args.phantom_seed + i) for i in range(args.slices)]
     spacing = phantoms[0].pixel_spacing_mm
@@ -142,6 +152,8 @@ def series(args: argparse.Namespace) -> int:
     for spec in args.settings:
         name, options = spec.split("=", 1)
         settings, escalation = options_of(options, args.device)
+        own_prior = parsed_options(options, args.device).prior
+        loaded = LoadedPrior.load(own_prior, args.device) if own_prior else reference
         first: list | None = None
         for layout in args.layouts:
             loaded.prior.to(memory_format=LAYOUTS[layout])
@@ -162,6 +174,7 @@ def series(args: argparse.Namespace) -> int:
                 print(f"{label} slice batch {batch}: {seconds:.1f} s for {args.slices} slices, "
                       f"{args.slices / seconds:.2f} slices/s, numbers moved {moved:.1e}, escalated {escalated}",
                       flush=True)
+    loaded = reference
     if cpu:
         loaded.prior.to(memory_format=CPU_MEMORY_FORMAT)
     after = [bare_forwards_seconds(loaded.prior) for _ in range(3)] if cpu else []

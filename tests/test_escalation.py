@@ -251,9 +251,12 @@ def test_the_series_benchmark_times_two_stages(calibrated: Path, tmp_path: Path)
     out = tmp_path / "series.md"
     stage1 = "--views 12 --noise 0.02 --steps 6 --samples 1 --patch 4 --sigma-window 0.01 0.5"
     assert bench.main(["series", "--slices", "4", "--batches", "2", "--prior", str(calibrated), "--out", str(out),
-                       f"one={stage1}", f"two={stage1} --escalate 3"]) == 0
+                       f"one={stage1}", f"two={stage1} --escalate 3", f"own prior={stage1} --prior {calibrated}"]) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| one") or line.startswith("| two")]
     assert len(rows) == 2 and rows[0].endswith("| – |")
+    # A setting may run its own prior (a smaller one, say); its row is timed like the others.
+    assert any(line.startswith(f"| own prior `{stage1} --prior {calibrated}` | 2 |") for line in out.read_text().splitlines())
+    assert bench.parsed_options(f"{stage1} --prior {calibrated}").prior == str(calibrated)
     escalated = int(rows[1].rsplit("|", 2)[1].split(" of ")[0])
     settings, escalation = bench.options_of(f"{stage1} --escalate 3")
     assert escalation == Escalation(3) and settings == STAGE1

@@ -20,7 +20,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr, warmup=args.warmup, device=args.device, resume=args.resume, seed=args.seed,
         n_phantoms=args.n_phantoms, ema=args.ema, p_mean=args.p_mean, p_std=args.p_std, arch=dict(ARCH_PRESETS[args.arch]), name=args.name,
         checkpoint_every=args.checkpoint_every, report=not args.no_report, init_from=args.init_from,
-        workers=args.workers,
+        workers=args.workers, distill_from=args.distill_from,
         command=shlex.join(["klviewer", *sys.argv[1:]]),
     )
     with StageBars() as bars:
@@ -58,4 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-report", action="store_true", help="skip TRAINING.md (samples and held-out denoising error)")
     p.add_argument("--init-from", metavar="PRIOR",
                    help="start from this prior's weights (name or folder, same architecture), e.g. to train a shipped prior further")
+    p.add_argument("--distill-from", metavar="PRIOR",
+                   help="distil this prior (name or folder): its denoised images are the targets, e.g. to train a "
+                        "smaller, faster prior (--arch half) that samples like it")
     p.set_defaults(func=_cmd_train)

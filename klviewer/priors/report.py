@@ -143,6 +143,8 @@ def _markdown(prior: Prior, mse: list[SigmaMSE], heldout_seeds: list[int], n_sam
         "```",
         "",
         f"- data: `{json.dumps(data)}` (phantom seeds {seed_range})",
+        *([f"- distilled from `{t['distill_from']}`: the targets were its denoised images, not the clean ones"]
+          if t.get("distill_from") else []),
         f"- steps {t.get('steps')}, batch {t.get('batch')}, patch {t.get('patch')}, lr {t.get('lr')}, "
         f"EMA {t.get('ema')}, ln sigma ~ N({t.get('p_mean')}, {t.get('p_std')}^2)",
         f"- wall time {t.get('seconds')} s on {t.get('device')} (torch {t.get('torch_version')}, "

@@ -2,6 +2,10 @@
 
 Loss (Karras et al. 2022): ``ln sigma ~ N(p_mean, p_std^2)``, weight
 ``(sigma^2 + sd^2) / (sigma sd)^2``, so each noise level contributes a loss of order one.
+With a teacher (``distill_from``) the target is the teacher's denoised image instead of the clean
+one: both have the same minimiser, the posterior mean E[x | x + n], but the teacher's output
+carries none of the clean image's randomness given the noisy one, so a smaller network learns
+the teacher's denoiser from far fewer images than the teacher needed.
 The saved model is the EMA of the weights. Training is resumable: every ``checkpoint_every``
 steps the model, EMA, Adam state and the data RNG state go to ``OUT/resume/`` and a resumed
 run replays the same random stream, so it ends where an uninterrupted run would.
@@ -32,6 +36,7 @@ from klviewer.priors.checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     check_state_dict,
+    load_prior,
     read_weights,
     resolve_prior_path,
     save_prior,
@@ -51,7 +56,7 @@ RESUME_STATE = "state.json"
 TRAINING_DIR = "training"
 # Settings that must not change when a run is resumed (steps may grow, to train longer).
 FIXED_ON_RESUME = ("data", "size", "patch", "batch", "lr", "seed", "n_phantoms", "ema", "warmup",
-                   "p_mean", "p_std", "sigma_data", "hu_offset", "hu_scale", "arch", "init_from")
+                   "p_mean", "p_std", "sigma_data", "hu_offset", "hu_scale", "arch", "init_from", "distill_from")
 
 
 class TrainingError(KlviewerError):
@@ -103,6 +108,9 @@ class TrainConfig:
     shipped prior can be trained further without its resume state."""
     workers: int = 1
     """Processes that build the phantom pool; the pool does not depend on it."""
+    distill_from: str | None = None
+    """A prior (name or folder) whose denoised images are the targets: a distilled prior. It must
+    share the image size, HU units and sigma_data; its architecture may differ."""
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -151,6 +159,17 @@ def _new_prior(cfg: TrainConfig, pool: ImagePool) -> EDMUNetPrior:
         return EDMUNetPrior(config)
 
 
+def _load_teacher(cfg: TrainConfig, device: torch.device) -> EDMUNetPrior:
+    teacher = load_prior(cfg.distill_from, device)
+    c = teacher.config
+    mine = ((cfg.size, cfg.size), cfg.hu_offset, cfg.hu_scale, cfg.sigma_data)
+    theirs = (tuple(c.image_size), c.hu_offset, c.hu_scale, c.sigma_data)
+    if mine != theirs or not isinstance(teacher, EDMUNetPrior):
+        raise TrainingError(f"cannot distil from {cfg.distill_from}: its image size, HU units and sigma_data "
+                            f"{theirs} differ from this run's {mine}, or it is not an EDM UNet")
+    return teacher.eval().requires_grad_(False)
+
+
 def _load_initial_weights(model: EDMUNetPrior, name_or_path: str) -> None:
     folder = resolve_prior_path(name_or_path)
     weights_path = folder / WEIGHTS_FILE
@@ -179,6 +198,7 @@ class _Trainer:
         if device.type == "cuda":
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.teacher = _load_teacher(cfg, device) if cfg.distill_from is not None else None
 
     def lr_at(self, step: int) -> float:
         return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup))
@@ -186,19 +206,19 @@ class _Trainer:
     def train_step(self) -> float:
         cfg = self.cfg
         # All randomness comes from one CPU generator, so a run is reproducible on any device.
-        y, pos = self.pool.sample_patches(cfg.batch, cfg.patch, self.gen)
+        y, grid = self.pool.sample_patches(cfg.batch, cfg.patch, self.gen)
         sigma = torch.exp(cfg.p_mean + cfg.p_std * torch.randn(cfg.batch, generator=self.gen))
         noise = torch.randn(y.shape, generator=self.gen) * sigma[:, None, None, None]
-        y, pos, sigma, noise = (t.to(self.device) for t in (y, pos, sigma, noise))
-        if not self.model.net.pos_channels:
-            pos = None
+        y, grid, sigma, noise = (t.to(self.device) for t in (y, grid, sigma, noise))
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
+        noisy = y + noise
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            denoised = self.model.precondition(y + noise, sigma, pos)
+            target = y if self.teacher is None else self._teacher_denoised(noisy, sigma, grid)
+            denoised = self.model.precondition(noisy, sigma, grid if self.model.net.pos_channels else None)
         weight = (sigma**2 + cfg.sigma_data**2) / (sigma * cfg.sigma_data) ** 2
-        loss = (weight[:, None, None, None] * (denoised.float() - y) ** 2).mean()
+        loss = (weight[:, None, None, None] * (denoised.float() - target) ** 2).mean()
         if not torch.isfinite(loss):
             raise TrainingError(f"training diverged at step {self.step} (loss {loss.item()}); lower --lr")
         self.opt.zero_grad(set_to_none=True)
@@ -210,6 +230,11 @@ class _Trainer:
         value = float(loss.item())
         self.losses.append(value)
         return value
+
+    @torch.no_grad()
+    def _teacher_denoised(self, noisy: torch.Tensor, sigma: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        assert self.teacher is not None
+        return self.teacher.precondition(noisy, sigma, grid if self.teacher.net.pos_channels else None).float()
 
     # --- resume checkpoints -------------------------------------------------------------------
 
@@ -292,6 +317,7 @@ def train_prior(cfg: TrainConfig, progress: Callable[[TrainProgress], None] | No
     final.config.training = {
         "command": cfg.command,
         "init_from": cfg.init_from,
+        "distill_from": cfg.distill_from,
         # Every invocation that contributed, in order (a resumed run lists the original first).
         "commands": trainer.commands,
         "data": pool.description,
@@ -305,7 +331,8 @@ def train_prior(cfg: TrainConfig, progress: Callable[[TrainProgress], None] | No
         "p_std": cfg.p_std,
         "seed": cfg.seed,
         "final_loss": float(sum(tail) / len(tail)),
-        "final_loss_note": f"mean EDM-weighted loss over the last {len(tail)} steps (online weights)",
+        "final_loss_note": f"mean EDM-weighted loss over the last {len(tail)} steps (online weights)"
+                           + (", against the teacher's denoised images" if cfg.distill_from else ""),
         "seconds": round(trainer.elapsed_s, 1),
         "device": str(device),
         "torch_version": torch.__version__,

@@ -34,6 +34,9 @@ DEFAULT_ARCH: dict[str, Any] = {
 
 ARCH_PRESETS: dict[str, dict[str, Any]] = {
     "default": DEFAULT_ARCH,
+    # Half the channels at every level: a quarter of the convolutions' work, 2.5x faster per
+    # network evaluation on a 2-core AVX2 CPU. Meant to be distilled from a default-size prior.
+    "half": {**DEFAULT_ARCH, "channels": [16, 32, 64, 64]},
     # For tests and smoke runs: same structure, a fraction of the cost.
     "tiny": {**DEFAULT_ARCH, "channels": [8, 16], "emb_dim": 32, "fourier_features": 16, "groups": 4},
 }

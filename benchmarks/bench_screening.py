@@ -136,24 +136,23 @@ def series(args: argparse.Namespace) -> int:
     in its options, e.g. a distilled one); the ratio is always to `--prior`'s forward passes."""
     torch.set_num_threads(args.threads)
     reference = LoadedPrior.load(args.prior, args.device)
-    loaded = reference
-    size = loaded.prior.config.image_size[0]
+    size = reference.prior.config.image_size[0]
     phantoms = [make_phantom("healthy", size, seed=args.phantom_seed + i) for i in range(args.slices)]
     spacing = phantoms[0].pixel_spacing_mm
     volume = Series(uid="phantom-series", modality="CT", source_kind="array", description="healthy phantoms",
                     slices=[Slice(hu=p.hu) for p in phantoms], pixel_spacing_mm=(spacing, spacing))
     plan = plan_open_series([(volume, range(args.slices))])
     load_start = os.getloadavg()
-    cpu = loaded.device.type == "cpu"
+    cpu = reference.device.type == "cpu"
     # 100 forward passes drifted by up to 40 % within one process on this machine, so they are timed before and
     # after the series and the ratio is to the median of all six.
-    before = [bare_forwards_seconds(loaded.prior) for _ in range(3)] if cpu else []
+    before = [bare_forwards_seconds(reference.prior) for _ in range(3)] if cpu else []
     rows = []
     for spec in args.settings:
         name, options = spec.split("=", 1)
-        settings, escalation = options_of(options, args.device)
-        own_prior = parsed_options(options, args.device).prior
-        loaded = LoadedPrior.load(own_prior, args.device) if own_prior else reference
+        parsed = parsed_options(options, args.device)  # once: settings_from_args may print a notice
+        settings, escalation = settings_from_args(parsed), escalation_from_args(parsed)
+        loaded = LoadedPrior.load(parsed.prior, args.device) if parsed.prior else reference
         first: list | None = None
         for layout in args.layouts:
             loaded.prior.to(memory_format=LAYOUTS[layout])
@@ -174,19 +173,18 @@ def series(args: argparse.Namespace) -> int:
                 print(f"{label} slice batch {batch}: {seconds:.1f} s for {args.slices} slices, "
                       f"{args.slices / seconds:.2f} slices/s, numbers moved {moved:.1e}, escalated {escalated}",
                       flush=True)
-    loaded = reference
     if cpu:
-        loaded.prior.to(memory_format=CPU_MEMORY_FORMAT)
-    after = [bare_forwards_seconds(loaded.prior) for _ in range(3)] if cpu else []
+        reference.prior.to(memory_format=CPU_MEMORY_FORMAT)
+    after = [bare_forwards_seconds(reference.prior) for _ in range(3)] if cpu else []
     forwards = statistics.median(before + after) if cpu else None
-    device = torch.cuda.get_device_name(0) if loaded.device.type == "cuda" else f"CPU, {args.threads} torch threads"
+    device = torch.cuda.get_device_name(0) if reference.device.type == "cuda" else f"CPU, {args.threads} torch threads"
     base = (f"; 100 bare forward passes at batch 1 (weights as loaded) took {forwards:.2f} s (median of 3 before the "
             f"series, {', '.join(f'{t:.2f}' for t in before)} s, and 3 after, {', '.join(f'{t:.2f}' for t in after)} s)"
             if forwards else "")
     lines = [
         "# Series throughput: slices batched into one forward pass",
         "",
-        f"Command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`; {device}, prior {loaded.name} at {size}²; "
+        f"Command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`; {device}, prior {reference.name} at {size}²; "
         f"one series of {args.slices} healthy phantoms{base}; load average {' '.join(f'{v:.2f}' for v in load_start)} "
         f"at the start, {' '.join(f'{v:.2f}' for v in os.getloadavg())} at the end. Seconds are the whole series "
         "through `analyze_slices` (measurement, sampling, maps). *Moved* is the largest relative change of any "
